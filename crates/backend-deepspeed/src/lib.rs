@@ -1,0 +1,1 @@
+//! backend-deepspeed: placeholder, built in issue 6.

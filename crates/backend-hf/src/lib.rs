@@ -1,0 +1,1 @@
+//! backend-hf: placeholder, built in issue 6.

@@ -1,0 +1,45 @@
+//! The `Backend` impl that lets the orchestrator run native cases through `flexbench-native run-case`.
+
+use std::process::Command;
+
+use bench_core::{Backend, Case, RunContext};
+
+/// Name of the runner binary (built by `cargo build --release -p backend-native`).
+pub const RUNNER_BIN: &str = "flexbench-native";
+
+pub struct NativeBackend;
+
+impl Backend for NativeBackend {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+    fn frameworks(&self) -> &'static [&'static str] {
+        &["native"]
+    }
+    fn probe(&self, ctx: &RunContext) -> Result<(), String> {
+        let bin = ctx.bin_dir.join(RUNNER_BIN);
+        if bin.is_file() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} not found: run `cargo build --release -p backend-native`",
+                bin.display()
+            ))
+        }
+    }
+    fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
+        match case.device {
+            bench_core::Device::Cpu => Ok(()),
+            bench_core::Device::Cuda => Err("the native CUDA device is not built yet".into()),
+        }
+    }
+    fn command(&self, _case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(ctx.bin_dir.join(RUNNER_BIN));
+        cmd.arg("run-case")
+            .arg("--case")
+            .arg(&ctx.case_file)
+            .arg("--offload-dir")
+            .arg(&ctx.work_dir);
+        Ok(cmd)
+    }
+}

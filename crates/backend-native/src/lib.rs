@@ -1,0 +1,7 @@
+//! backend-native: flexbench's own OPT inference engine (fp16 weights, a CPU device and a CUDA
+//! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
+
+pub mod backend;
+pub mod dummy;
+
+pub use backend::NativeBackend;

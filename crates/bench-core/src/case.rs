@@ -1,0 +1,417 @@
+//! One benchmark case: what to run (model, framework, shape, placement) and how (device, weights, timing).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model;
+
+/// The frameworks a suite may name. A backend crate serves one or more of them.
+pub const FRAMEWORKS: &[&str] = &["native", "hf", "deepspeed"];
+
+/// Where the model lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Gpu,
+    Cpu,
+    Disk,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::Cpu => "cpu",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
+/// FlexLLMGen's offloading policy. `percent` is `--percent`: weight GPU%, weight CPU%, cache GPU%,
+/// cache CPU%, activation GPU%, activation CPU%; disk gets the rest of each pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub percent: [u8; 6],
+    #[serde(default = "yes")]
+    pub overlap: bool,
+    #[serde(default = "yes")]
+    pub sep_layer: bool,
+    #[serde(default = "yes")]
+    pub pin_weight: bool,
+    #[serde(default)]
+    pub cpu_attention: bool,
+    #[serde(default = "one")]
+    pub attn_sparsity: f64,
+    #[serde(default)]
+    pub compress_weight: bool,
+    #[serde(default)]
+    pub compress_cache: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> f64 {
+    1.0
+}
+
+impl Policy {
+    pub fn new(percent: [u8; 6]) -> Policy {
+        Policy {
+            percent,
+            overlap: true,
+            sep_layer: true,
+            pin_weight: true,
+            cpu_attention: false,
+            attn_sparsity: 1.0,
+            compress_weight: false,
+            compress_cache: false,
+        }
+    }
+    /// (gpu, cpu, disk) percent of the weights.
+    pub fn weights(&self) -> (u8, u8, u8) {
+        split(self.percent[0], self.percent[1])
+    }
+    /// (gpu, cpu, disk) percent of the KV cache.
+    pub fn cache(&self) -> (u8, u8, u8) {
+        split(self.percent[2], self.percent[3])
+    }
+    /// (gpu, cpu, disk) percent of the activations.
+    pub fn activations(&self) -> (u8, u8, u8) {
+        split(self.percent[4], self.percent[5])
+    }
+
+    /// The slowest tier holding any weights or cache.
+    pub fn lowest_tier(&self) -> Tier {
+        let (_, wc, wd) = self.weights();
+        let (_, cc, cd) = self.cache();
+        if wd > 0 || cd > 0 {
+            Tier::Disk
+        } else if wc > 0 || cc > 0 {
+            Tier::Cpu
+        } else {
+            Tier::Gpu
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let names = ["weight", "cache", "activation"];
+        for (i, name) in names.iter().enumerate() {
+            let (g, c) = (self.percent[2 * i] as u32, self.percent[2 * i + 1] as u32);
+            if g + c > 100 {
+                return Err(format!(
+                    "{name} percents sum to {} (gpu {g} + cpu {c}); they may sum to at most 100, disk gets the rest",
+                    g + c
+                ));
+            }
+        }
+        let (ag, ac, ad) = self.activations();
+        if ![ag, ac, ad].contains(&100) {
+            return Err(format!(
+                "activations must be 100% on one tier (got gpu {ag}, cpu {ac}, disk {ad})"
+            ));
+        }
+        if !(self.attn_sparsity > 0.0 && self.attn_sparsity <= 1.0) {
+            return Err(format!("attn_sparsity must be in (0, 1], got {}", self.attn_sparsity));
+        }
+        Ok(())
+    }
+
+    /// Short label for tables and filters, e.g. `100/0/100/0/100/0+cpu_attn`.
+    pub fn label(&self) -> String {
+        let p = self.percent.map(|x| x.to_string()).join("/");
+        let mut s = p;
+        if self.cpu_attention {
+            s.push_str("+cpu_attn");
+        }
+        if self.compress_weight {
+            s.push_str("+cw");
+        }
+        if self.compress_cache {
+            s.push_str("+cc");
+        }
+        if self.attn_sparsity < 1.0 {
+            s.push_str(&format!("+sparse{}", self.attn_sparsity));
+        }
+        if !self.overlap {
+            s.push_str("+no_overlap");
+        }
+        s
+    }
+}
+
+fn split(gpu: u8, cpu: u8) -> (u8, u8, u8) {
+    (gpu, cpu, 100u8.saturating_sub(gpu.saturating_add(cpu)))
+}
+
+/// Placement: a tier preset (how the process-wrapper frameworks are configured) or a full policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    Gpu,
+    Cpu,
+    Disk,
+    Policy(Policy),
+}
+
+impl Placement {
+    /// The policy the native engine runs for this placement. Presets mean: the whole model on the
+    /// tier, cache and activations on the compute device.
+    pub fn policy(&self) -> Policy {
+        match self {
+            Placement::Gpu => Policy::new([100, 0, 100, 0, 100, 0]),
+            Placement::Cpu => Policy::new([0, 100, 100, 0, 100, 0]),
+            Placement::Disk => Policy::new([0, 0, 100, 0, 100, 0]),
+            Placement::Policy(p) => p.clone(),
+        }
+    }
+    pub fn lowest_tier(&self) -> Tier {
+        match self {
+            Placement::Gpu => Tier::Gpu,
+            Placement::Cpu => Tier::Cpu,
+            Placement::Disk => Tier::Disk,
+            Placement::Policy(p) => p.lowest_tier(),
+        }
+    }
+    pub fn label(&self) -> String {
+        match self {
+            Placement::Gpu => "gpu".into(),
+            Placement::Cpu => "cpu".into(),
+            Placement::Disk => "disk".into(),
+            Placement::Policy(p) => p.label(),
+        }
+    }
+}
+
+/// The compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    Cuda,
+    Cpu,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cuda => "cuda",
+            Device::Cpu => "cpu",
+        }
+    }
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weights {
+    /// Deterministic pseudo-random fp16 weights (FlexLLMGen's benchmarking mode).
+    Dummy,
+    /// A HuggingFace checkpoint directory (config.json + safetensors).
+    Checkpoint(PathBuf),
+}
+
+/// One benchmark case. Serialized as JSON it is what the child process receives and what
+/// every result record carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub model: String,
+    pub framework: String,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    /// Decode steps actually run; the rest of `gen_len` is projected. `None` = all.
+    #[serde(default)]
+    pub cut_gen_len: Option<usize>,
+    pub gpu_batch_size: usize,
+    #[serde(default = "one_usize")]
+    pub num_gpu_batches: usize,
+    pub placement: Placement,
+    #[serde(default = "default_device")]
+    pub device: Device,
+    #[serde(default = "default_weights")]
+    pub weights: Weights,
+    #[serde(default = "one_usize")]
+    pub num_nodes: usize,
+    #[serde(default = "one_usize")]
+    pub num_gpus_per_node: usize,
+    /// Warm-up generations (one token each, as FlexLLMGen) before the measured ones.
+    #[serde(default = "one_usize")]
+    pub warmup: usize,
+    #[serde(default = "one_usize")]
+    pub repetitions: usize,
+    /// Per-case timeout in seconds; `None` = the run's default. Not part of the case id.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn default_device() -> Device {
+    Device::Cuda
+}
+fn default_weights() -> Weights {
+    Weights::Dummy
+}
+
+impl Case {
+    /// Sequences per generation: gpu_batch_size x num_gpu_batches.
+    pub fn batch_size(&self) -> usize {
+        self.gpu_batch_size * self.num_gpu_batches
+    }
+
+    /// Tokens generated per sequence in the measured run (prefill's token included).
+    pub fn measured_gen_len(&self) -> usize {
+        self.cut_gen_len.unwrap_or(self.gen_len).min(self.gen_len)
+    }
+
+    /// Stable identity: a hash of the normalized case (the timeout is not part of it), so renaming
+    /// a suite or reordering its axes keeps ids.
+    pub fn id(&self) -> String {
+        let mut norm = self.clone();
+        norm.timeout_s = None;
+        norm.model = norm.model.rsplit('/').next().unwrap_or(&norm.model).to_string();
+        if norm.cut_gen_len == Some(norm.gen_len) {
+            norm.cut_gen_len = None;
+        }
+        let json = serde_json::to_string(&norm).expect("a case always serializes");
+        format!("{:016x}", fnv1a64(json.as_bytes()))
+    }
+
+    /// Checks everything that does not need a backend. The message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if !FRAMEWORKS.contains(&self.framework.as_str()) {
+            return Err(format!(
+                "unknown framework `{}`; known: {}",
+                self.framework,
+                FRAMEWORKS.join(", ")
+            ));
+        }
+        let cfg = match (&self.weights, model::lookup(&self.model)) {
+            (_, Some(cfg)) => Some(cfg),
+            (Weights::Checkpoint(_), None) => None,
+            (Weights::Dummy, None) => {
+                return Err(format!(
+                    "unknown model `{}`; known: {}",
+                    self.model,
+                    model::names().join(", ")
+                ))
+            }
+        };
+        if self.prompt_len == 0 || self.gen_len == 0 {
+            return Err("prompt_len and gen_len must be at least 1".into());
+        }
+        if self.gpu_batch_size == 0 || self.num_gpu_batches == 0 {
+            return Err("gpu_batch_size and num_gpu_batches must be at least 1".into());
+        }
+        if self.repetitions == 0 {
+            return Err("repetitions must be at least 1".into());
+        }
+        if let Some(cut) = self.cut_gen_len {
+            if cut < 4 {
+                return Err(format!(
+                    "cut_gen_len {cut} is below 4: projection needs at least 4 measured steps"
+                ));
+            }
+            if cut > self.gen_len {
+                return Err(format!("cut_gen_len {cut} exceeds gen_len {}", self.gen_len));
+            }
+        }
+        if let Some(cfg) = cfg {
+            if self.prompt_len + self.gen_len > cfg.max_position_embeddings {
+                return Err(format!(
+                    "prompt_len + gen_len = {} exceeds {}'s {} positions",
+                    self.prompt_len + self.gen_len,
+                    cfg.name,
+                    cfg.max_position_embeddings
+                ));
+            }
+        }
+        if self.num_nodes == 0 || self.num_gpus_per_node == 0 {
+            return Err("num_nodes and num_gpus_per_node must be at least 1".into());
+        }
+        if let Placement::Policy(p) = &self.placement {
+            if self.framework != "native" {
+                return Err(format!(
+                    "framework `{}` takes a preset placement (gpu, cpu or disk), not a policy",
+                    self.framework
+                ));
+            }
+            p.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// 64-bit FNV-1a: tiny, stable across Rust versions and platforms (std's hashers are not).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case() -> Case {
+        Case {
+            model: "opt-125m".into(),
+            framework: "native".into(),
+            prompt_len: 128,
+            gen_len: 32,
+            cut_gen_len: None,
+            gpu_batch_size: 4,
+            num_gpu_batches: 1,
+            placement: Placement::Gpu,
+            device: Device::Cpu,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 1,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn id_is_stable_and_ignores_timeout() {
+        let a = case();
+        let mut b = case();
+        b.timeout_s = Some(5);
+        b.model = "facebook/opt-125m".into();
+        assert_eq!(a.id(), b.id());
+        b.prompt_len = 256;
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.id().len(), 16);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut c = case();
+        c.placement = Placement::Policy(Policy::new([20, 80, 0, 100, 0, 100]));
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Case>(&j).unwrap(), c);
+    }
+
+    #[test]
+    fn policy_rules() {
+        assert!(Policy::new([60, 50, 100, 0, 100, 0]).validate().unwrap_err().contains("110"));
+        assert!(Policy::new([100, 0, 100, 0, 50, 50]).validate().unwrap_err().contains("activations"));
+        assert_eq!(Policy::new([0, 50, 0, 0, 0, 100]).lowest_tier(), Tier::Disk);
+        assert_eq!(Policy::new([20, 80, 0, 100, 0, 100]).lowest_tier(), Tier::Cpu);
+        let mut c = case();
+        c.cut_gen_len = Some(3);
+        assert!(c.validate().unwrap_err().contains("below 4"));
+        c.cut_gen_len = Some(5);
+        assert!(c.validate().is_ok());
+        c.framework = "hf".into();
+        c.placement = Placement::Policy(Policy::new([100, 0, 100, 0, 100, 0]));
+        assert!(c.validate().is_err());
+    }
+}
