@@ -34,6 +34,11 @@ pub trait Backend {
     fn check_case(&self, _case: &Case, _ctx: &RunContext) -> Result<(), String> {
         Ok(())
     }
+    /// Work done once before a case's process starts, in the orchestrator (e.g. writing the shared
+    /// dummy checkpoint into `ctx.cache_dir`). Its error becomes the case's `error` outcome.
+    fn prepare(&self, _case: &Case, _ctx: &RunContext) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// The child process for one case. The orchestrator adds the case file to its environment,
     /// its own process group, pipes and the timeout.
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command>;
