@@ -1,0 +1,274 @@
+//! The result record: one JSON line per case run in `<out>/<suite>/results.jsonl`.
+//!
+//! Versioned by [`SCHEMA`]; a reader refuses records of a newer schema rather than misread them.
+
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::case::Case;
+use crate::metrics::Metrics;
+use crate::protocol::RawResult;
+
+/// Version of the record layout; bump it when a field changes meaning or goes away.
+pub const SCHEMA: u32 = 1;
+
+/// How a case ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit 0 with a valid result line; metrics computed.
+    Ok,
+    /// Out of memory, host or GPU (exit 3, an out-of-memory message, or the kernel's OOM killer).
+    Oom,
+    /// Still running at the timeout; its process group was killed.
+    Timeout,
+    /// Killed by a signal (detail names it).
+    Crashed,
+    /// Any other failure: non-zero exit, missing or malformed result line (detail says which).
+    Error,
+    /// Not run on purpose.
+    Skipped,
+    /// Cannot run here: no backend, backend not available, or the runner said so (exit 4).
+    Unavailable,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Ok,
+        Outcome::Oom,
+        Outcome::Timeout,
+        Outcome::Crashed,
+        Outcome::Error,
+        Outcome::Skipped,
+        Outcome::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Oom => "oom",
+            Outcome::Timeout => "timeout",
+            Outcome::Crashed => "crashed",
+            Outcome::Error => "error",
+            Outcome::Skipped => "skipped",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+
+    /// Outcomes that make `bench` exit non-zero and that `--rerun-failed` reruns.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Outcome::Oom | Outcome::Timeout | Outcome::Crashed | Outcome::Error)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A case with its id: the object `--dry-run --json` prints and every record carries. In JSON it
+/// is the [`Case`]'s fields plus `id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentifiedCase {
+    pub id: String,
+    pub case: Case,
+}
+
+impl IdentifiedCase {
+    pub fn new(case: Case) -> IdentifiedCase {
+        IdentifiedCase { id: case.id(), case }
+    }
+
+    /// The JSON object: `id` first, then the case's fields.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        map.insert("id".into(), serde_json::Value::String(self.id.clone()));
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(&self.case).expect("a case always serializes")
+        {
+            map.extend(fields);
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+impl Serialize for IdentifiedCase {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentifiedCase {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut v = serde_json::Value::deserialize(d)?;
+        let id = v
+            .as_object_mut()
+            .and_then(|m| m.remove("id"))
+            .and_then(|id| id.as_str().map(String::from))
+            .ok_or_else(|| serde::de::Error::custom("case object without a string `id`"))?;
+        let case = Case::deserialize(v).map_err(serde::de::Error::custom)?;
+        Ok(IdentifiedCase { id, case })
+    }
+}
+
+/// One line of results.jsonl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub schema: u32,
+    pub case: IdentifiedCase,
+    pub outcome: Outcome,
+    /// Why, in words: the reason for unavailable, the signal, the exit code and stderr tail, ...
+    #[serde(default)]
+    pub detail: String,
+    /// Present for `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// The runner's raw result when it printed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawResult>,
+    /// The child's exit code, or the signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// UTC, RFC 3339.
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_s: f64,
+    /// The case's output, relative to the suite's results directory (`logs/<id>.log`); later runs
+    /// of the same case overwrite it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    /// Names the environment file `<env_id>.json` beside results.jsonl.
+    pub env_id: String,
+}
+
+impl Record {
+    /// Parses one line, refusing records newer than this build understands.
+    pub fn from_line(line: &str) -> Result<Record> {
+        let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
+        let schema = v.get("schema").and_then(|s| s.as_u64()).context("no `schema` number")?;
+        if schema > SCHEMA as u64 {
+            bail!("record schema {schema} is newer than this build's {SCHEMA}; update flexbench");
+        }
+        serde_json::from_value(v).context("not a flexbench record")
+    }
+
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("records always serialize")
+    }
+}
+
+/// UTC time helpers without a date crate: RFC 3339 text and a file-name-safe stamp.
+pub mod time {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// `2026-11-28T01:27:42.123Z`
+    pub fn rfc3339(t: SystemTime) -> String {
+        let (y, mo, d, h, mi, s, ms) = parts(t);
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+    }
+
+    /// `20261128T012742Z`
+    pub fn stamp(t: SystemTime) -> String {
+        let (y, mo, d, h, mi, s, _) = parts(t);
+        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+    }
+
+    fn parts(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
+        let dur = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = dur.as_secs() as i64;
+        let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+        let (y, m, d) = civil_from_days(days);
+        (
+            y,
+            m,
+            d,
+            (rem / 3600) as u32,
+            (rem % 3600 / 60) as u32,
+            (rem % 60) as u32,
+            dur.subsec_millis(),
+        )
+    }
+
+    /// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+    fn civil_from_days(z: i64) -> (i64, u32, u32) {
+        let z = z + 719468;
+        let era = z.div_euclid(146097);
+        let doe = z.rem_euclid(146097);
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+        let y = yoe + era * 400;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        (if m <= 2 { y + 1 } else { y }, m, d)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::time::Duration;
+
+        #[test]
+        fn known_dates() {
+            let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // 2024-02-29 12:34:56.789
+            assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
+            assert_eq!(stamp(UNIX_EPOCH), "19700101T000000Z");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::{Device, Placement, Weights};
+
+    #[test]
+    fn record_round_trip_and_case_object() {
+        let case = Case {
+            model: "opt-125m".into(),
+            framework: "native".into(),
+            prompt_len: 8,
+            gen_len: 4,
+            cut_gen_len: None,
+            gpu_batch_size: 2,
+            num_gpu_batches: 1,
+            placement: Placement::Disk,
+            device: Device::Cpu,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 1,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: Some(10),
+        };
+        let r = Record {
+            schema: SCHEMA,
+            case: IdentifiedCase::new(case.clone()),
+            outcome: Outcome::Unavailable,
+            detail: "no disk tier yet".into(),
+            metrics: None,
+            raw: None,
+            exit_code: Some(4),
+            signal: None,
+            started_at: "2026-01-01T00:00:00.000Z".into(),
+            finished_at: "2026-01-01T00:00:01.000Z".into(),
+            duration_s: 1.0,
+            log: Some("logs/x.log".into()),
+            env_id: "env-x".into(),
+        };
+        let line = r.to_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["case"]["id"], case.id());
+        assert_eq!(v["case"]["prompt_len"], 8);
+        assert_eq!(v["case"]["placement"], "disk");
+        assert_eq!(v["outcome"], "unavailable");
+        assert_eq!(Record::from_line(&line).unwrap(), r);
+        let newer = line.replacen("\"schema\":1", "\"schema\":99", 1);
+        assert!(Record::from_line(&newer).unwrap_err().to_string().contains("newer"));
+    }
+}

@@ -1,0 +1,168 @@
+//! The durable results store of one suite: `<out>/<suite>/results.jsonl` plus its lock.
+//!
+//! Durability rules: a record is one line, written with a single `write_all` and fsynced before the
+//! next case starts, so a kill -9 of the orchestrator loses at most the case that was running. The
+//! only damage a kill can leave is a torn last line; readers skip it with a warning, and the writer
+//! cuts it off before appending, so a torn line never ends up mid-file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::record::Record;
+
+pub const RESULTS_FILE: &str = "results.jsonl";
+pub const LOCK_FILE: &str = ".lock";
+
+/// An open, locked results directory. The lock is released when this is dropped (or the process
+/// dies: it is an OS file lock).
+pub struct Store {
+    dir: PathBuf,
+    results: File,
+    _lock: File,
+}
+
+impl Store {
+    /// Creates `dir` if needed, takes its lock and repairs a torn tail. Fails with a clear message
+    /// if the directory cannot be written or another bench holds the lock.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create results directory {}; choose another with --out or fix its permissions",
+                dir.display()
+            )
+        })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| {
+                format!(
+                    "cannot write in results directory {} (creating {}); choose another with --out or fix its permissions",
+                    dir.display(),
+                    lock_path.display()
+                )
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "another `cargo xtask bench` is running on {} (it holds {}); wait for it to finish, \
+                 or give this run another --out directory",
+                dir.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()))
+            }
+        }
+        let path = dir.join(RESULTS_FILE);
+        let mut results = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        repair_tail(&mut results).with_context(|| format!("repairing the end of {}", path.display()))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            results,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn results_path(&self) -> PathBuf {
+        self.dir.join(RESULTS_FILE)
+    }
+
+    /// Appends one record as one line and fsyncs it.
+    pub fn append(&mut self, record: &Record) -> Result<()> {
+        let mut line = record.to_line();
+        line.push('\n');
+        self.results
+            .write_all(line.as_bytes())
+            .and_then(|_| self.results.sync_data())
+            .with_context(|| format!("appending to {}", self.results_path().display()))
+    }
+}
+
+/// Cuts the file back to its last complete line: what follows the last '\n' is what a killed
+/// writer left half-written.
+fn repair_tail(f: &mut File) -> Result<()> {
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    // Scan backwards in chunks for the last newline.
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    let keep = loop {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(pos) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            break start + pos as u64 + 1;
+        }
+        if start == 0 {
+            break 0;
+        }
+        end = start;
+    };
+    if keep < len {
+        eprintln!(
+            "warning: results file ended in a torn line ({} bytes, from an interrupted run); removed it",
+            len - keep
+        );
+        f.set_len(keep)?;
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+/// What [`read`] found: the records in file order, and warnings about lines it skipped.
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    pub records: Vec<Record>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads a results file without taking the lock (a report may run beside a bench). A missing file
+/// is empty. A line that does not parse is skipped with a warning: the torn last line of a run
+/// killed while writing, or a line from a newer schema.
+pub fn read(path: &Path) -> Result<ReadResult> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ReadResult::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out = ReadResult::default();
+    let ends_clean = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match Record::from_line(line) {
+            Ok(r) => out.records.push(r),
+            Err(e) => {
+                let torn = i + 1 == lines.len() && !ends_clean;
+                out.warnings.push(format!(
+                    "{}:{}: skipped {}: {e:#}",
+                    path.display(),
+                    i + 1,
+                    if torn { "a torn last line (an interrupted write)" } else { "a line" }
+                ));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,569 @@
+//! Suites: RON files declaring grids and explicit cases, validated at load and expanded into
+//! [`Case`]s in a deterministic order.
+//!
+//! A suite file (see `suites/*.ron` for real ones):
+//! ```ron
+//! (
+//!     description: "what this suite measures",
+//!     defaults: (device: cuda, weights: dummy, warmup: 1, repetitions: 1, timeout_s: 3600),
+//!     grids: [(
+//!         name: "s512",
+//!         models: ["opt-6.7b", "opt-30b"],
+//!         prompt_lens: [512],
+//!         gen_lens: [32],
+//!         frameworks: ["hf"],
+//!         cut_gen_len: {"opt-30b": 5},
+//!         cells: [
+//!             (model: "opt-6.7b", gpu_batch_size: 2, placement: gpu),
+//!             (model: "opt-30b", gpu_batch_size: 8, placement: cpu),
+//!         ],
+//!     )],
+//!     cases: [(model: "opt-125m", framework: "native", prompt_len: 8, gen_len: 8,
+//!              gpu_batch_size: 1, placement: policy(percent: (100, 0, 100, 0, 100, 0)))],
+//!     excludes: [(model: "opt-30b", prompt_len: 1024)],
+//! )
+//! ```
+//! Options may be written bare (`cut_gen_len: 5`, not `Some(5)`); a policy's `percent` is a tuple.
+//!
+//! Grid expansion: for every (model, prompt_len, gen_len, framework) in that order, the first cell
+//! whose given keys (framework, model, prompt_len) match supplies the batch size, placement,
+//! num_gpu_batches and cut_gen_len; what a cell leaves out comes from the grid's `gpu_batch_sizes`
+//! and `placements` axes (expanded in that order) and the grid's per-model `cut_gen_len` table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+
+use crate::case::{Case, Device, Placement, Weights, FRAMEWORKS};
+use crate::model;
+
+/// File extension of suite files.
+pub const SUITE_EXT: &str = "ron";
+
+/// A loaded, validated suite and its expanded cases.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    /// The file stem: results go to `<out>/<name>/`.
+    pub name: String,
+    pub path: PathBuf,
+    pub description: String,
+    cases: Vec<SuiteCase>,
+}
+
+/// One expanded case and where in the file it came from (for error messages and `--dry-run`).
+#[derive(Debug, Clone)]
+pub struct SuiteCase {
+    pub case: Case,
+    pub origin: String,
+}
+
+impl Suite {
+    /// Reads, parses and validates a suite file.
+    pub fn load(path: &Path) -> Result<Suite> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading suite file {}", path.display()))?;
+        Suite::parse(path, &text)
+    }
+
+    /// Parses and validates suite text; `path` names the file in errors and gives the suite name.
+    pub fn parse(path: &Path, text: &str) -> Result<Suite> {
+        let file: SuiteFile = ron_options().from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}:{}: {}\n  fix: {}",
+                path.display(),
+                e.position.line,
+                e.position.col,
+                e.code,
+                hint(&e.code)
+            )
+        })?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .with_context(|| format!("{}: a suite file needs a UTF-8 file name", path.display()))?
+            .to_string();
+        let cases = file
+            .expand()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Suite {
+            name,
+            path: path.to_path_buf(),
+            description: file.description,
+            cases,
+        })
+    }
+
+    /// The cases in expansion order: grids in file order, then explicit cases, minus excludes.
+    pub fn expand(&self) -> Vec<Case> {
+        self.cases.iter().map(|c| c.case.clone()).collect()
+    }
+
+    /// The cases with their origins.
+    pub fn cases(&self) -> &[SuiteCase] {
+        &self.cases
+    }
+}
+
+/// Resolves `smoke` to `<suites_dir>/smoke.ron`, or takes an existing path as is. An unknown name
+/// lists the available suites.
+pub fn resolve(suites_dir: &Path, name_or_path: &str) -> Result<PathBuf> {
+    let as_path = Path::new(name_or_path);
+    if as_path.is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    let looks_like_path = name_or_path.contains('/') || name_or_path.ends_with(".ron");
+    if !looks_like_path {
+        let candidate = suites_dir.join(format!("{name_or_path}.{SUITE_EXT}"));
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let available = available(suites_dir);
+    let list = if available.is_empty() {
+        format!("none found in {}", suites_dir.display())
+    } else {
+        available.join(", ")
+    };
+    if looks_like_path {
+        bail!("suite file {name_or_path} not found; available suites: {list}")
+    }
+    bail!(
+        "unknown suite `{name_or_path}`; available suites: {list} (or give a path to a .ron file)"
+    )
+}
+
+/// Names of the suite files in `suites_dir`, sorted.
+pub fn available(suites_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(suites_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == SUITE_EXT).then(|| p.file_stem()?.to_str().map(String::from))?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn ron_options() -> ron::Options {
+    ron::Options::default()
+        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+        .with_default_extension(ron::extensions::Extensions::UNWRAP_VARIANT_NEWTYPES)
+}
+
+/// What to do about a parse error, in words.
+fn hint(code: &ron::Error) -> &'static str {
+    use ron::Error as E;
+    match code {
+        E::NoSuchStructField { .. } => {
+            "remove or rename the key; the keys of each section are listed in crates/bench-core/src/suite.rs"
+        }
+        E::MissingStructField { .. } => "add the missing key",
+        E::DuplicateStructField { .. } => "keep one of the two entries",
+        E::Eof => "the file ends early: check for an unclosed `(`, `[` or `{`",
+        E::ExpectedComma | E::ExpectedArrayEnd | E::ExpectedStructLikeEnd | E::ExpectedMapEnd => {
+            "check the commas and brackets just before this position"
+        }
+        E::NoSuchEnumVariant { .. } => "use one of the expected values listed above",
+        E::IntegerOutOfBounds => "percents are 0..=100 and sizes are non-negative integers",
+        E::Message(_) => "change the value at this position as the message says",
+        E::ExpectedString => "quote the value: \"like this\"",
+        _ => "see the suite format at the top of crates/bench-core/src/suite.rs and suites/*.ron",
+    }
+}
+
+// ---- the file format ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    defaults: Defaults,
+    #[serde(default)]
+    grids: Vec<Grid>,
+    #[serde(default)]
+    cases: Vec<CaseSpec>,
+    #[serde(default)]
+    excludes: Vec<Exclude>,
+}
+
+/// Settings shared by cases; a grid's or case's own value wins over the suite's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    device: Option<Device>,
+    weights: Option<Weights>,
+    warmup: Option<usize>,
+    repetitions: Option<usize>,
+    timeout_s: Option<u64>,
+    num_nodes: Option<usize>,
+    num_gpus_per_node: Option<usize>,
+    num_gpu_batches: Option<usize>,
+}
+
+impl Defaults {
+    /// `self` where set, else `base`.
+    fn over(&self, base: &Defaults) -> Defaults {
+        Defaults {
+            device: self.device.or(base.device),
+            weights: self.weights.clone().or_else(|| base.weights.clone()),
+            warmup: self.warmup.or(base.warmup),
+            repetitions: self.repetitions.or(base.repetitions),
+            timeout_s: self.timeout_s.or(base.timeout_s),
+            num_nodes: self.num_nodes.or(base.num_nodes),
+            num_gpus_per_node: self.num_gpus_per_node.or(base.num_gpus_per_node),
+            num_gpu_batches: self.num_gpu_batches.or(base.num_gpu_batches),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grid {
+    /// Shown in errors and `--dry-run`'s origin column; defaults to `grids[i]`.
+    #[serde(default)]
+    name: Option<String>,
+    models: Vec<ModelName>,
+    prompt_lens: Vec<usize>,
+    gen_lens: Vec<usize>,
+    frameworks: Vec<FrameworkName>,
+    #[serde(default)]
+    placements: Vec<CheckedPlacement>,
+    #[serde(default)]
+    gpu_batch_sizes: Vec<usize>,
+    /// Decode steps actually run, per model; other models run the full gen_len.
+    #[serde(default)]
+    cut_gen_len: BTreeMap<ModelName, CutGenLen>,
+    #[serde(default)]
+    cells: Vec<Cell>,
+    /// Overrides the suite's defaults for this grid.
+    #[serde(default)]
+    defaults: Defaults,
+}
+
+/// One row of a grid's lookup table: keys left out match anything.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cell {
+    framework: Option<FrameworkName>,
+    model: Option<ModelName>,
+    prompt_len: Option<usize>,
+    gpu_batch_size: Option<usize>,
+    num_gpu_batches: Option<usize>,
+    placement: Option<CheckedPlacement>,
+    cut_gen_len: Option<CutGenLen>,
+}
+
+impl Cell {
+    fn matches(&self, framework: &str, model: &str, prompt_len: usize) -> bool {
+        self.framework.as_ref().is_none_or(|f| f.0 == framework)
+            && self.model.as_ref().is_none_or(|m| m.0 == model)
+            && self.prompt_len.is_none_or(|p| p == prompt_len)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseSpec {
+    model: ModelName,
+    framework: FrameworkName,
+    prompt_len: usize,
+    gen_len: usize,
+    cut_gen_len: Option<CutGenLen>,
+    gpu_batch_size: usize,
+    num_gpu_batches: Option<usize>,
+    placement: CheckedPlacement,
+    device: Option<Device>,
+    weights: Option<Weights>,
+    warmup: Option<usize>,
+    repetitions: Option<usize>,
+    timeout_s: Option<u64>,
+    num_nodes: Option<usize>,
+    num_gpus_per_node: Option<usize>,
+}
+
+/// Removes every expanded case matching all the keys given.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Exclude {
+    model: Option<ModelName>,
+    framework: Option<FrameworkName>,
+    prompt_len: Option<usize>,
+    gen_len: Option<usize>,
+    gpu_batch_size: Option<usize>,
+    placement: Option<CheckedPlacement>,
+    device: Option<Device>,
+}
+
+impl Exclude {
+    fn matches(&self, c: &Case) -> bool {
+        self.model.as_ref().is_none_or(|m| m.0 == c.model)
+            && self.framework.as_ref().is_none_or(|f| f.0 == c.framework)
+            && self.prompt_len.is_none_or(|p| p == c.prompt_len)
+            && self.gen_len.is_none_or(|g| g == c.gen_len)
+            && self.gpu_batch_size.is_none_or(|b| b == c.gpu_batch_size)
+            && self.placement.as_ref().is_none_or(|p| p.0 == c.placement)
+            && self.device.is_none_or(|d| d == c.device)
+    }
+}
+
+// Values checked while parsing, so that ron reports the line and column of a bad one.
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ModelName(String);
+
+impl<'de> Deserialize<'de> for ModelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        // A name with an owner (`org/model`) may be a checkpoint the registry does not know.
+        if model::lookup(&s).is_none() && !s.contains('/') {
+            return Err(serde::de::Error::custom(format!(
+                "unknown model `{s}`; known: {}",
+                model::names().join(", ")
+            )));
+        }
+        Ok(ModelName(s))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FrameworkName(String);
+
+impl<'de> Deserialize<'de> for FrameworkName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !FRAMEWORKS.contains(&s.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "unknown framework `{s}`; known: {}",
+                FRAMEWORKS.join(", ")
+            )));
+        }
+        Ok(FrameworkName(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CutGenLen(usize);
+
+impl<'de> Deserialize<'de> for CutGenLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = usize::deserialize(d)?;
+        if n < 4 {
+            return Err(serde::de::Error::custom(format!(
+                "cut_gen_len {n} is below 4: the projection needs the prefill, two warm-up decode steps \
+                 and at least one more; use 4 or more (or leave it out to run the full gen_len)"
+            )));
+        }
+        Ok(CutGenLen(n))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CheckedPlacement(Placement);
+
+impl<'de> Deserialize<'de> for CheckedPlacement {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let p = Placement::deserialize(d)?;
+        if let Placement::Policy(policy) = &p {
+            policy.validate().map_err(serde::de::Error::custom)?;
+        }
+        Ok(CheckedPlacement(p))
+    }
+}
+
+// ---- expansion ----
+
+/// Built-in values for what neither the case, its grid nor the suite's defaults set.
+fn resolve_case(
+    d: &Defaults,
+    model: &str,
+    framework: &str,
+    prompt_len: usize,
+    gen_len: usize,
+    cut: Option<usize>,
+    gpu_batch_size: usize,
+    placement: Placement,
+) -> Case {
+    Case {
+        model: model.to_string(),
+        framework: framework.to_string(),
+        prompt_len,
+        gen_len,
+        // Cutting at the full length is the same as not cutting (and keeps the id).
+        cut_gen_len: cut.filter(|&c| c != gen_len),
+        gpu_batch_size,
+        num_gpu_batches: d.num_gpu_batches.unwrap_or(1),
+        placement,
+        device: d.device.unwrap_or(Device::Cuda),
+        weights: d.weights.clone().unwrap_or(Weights::Dummy),
+        num_nodes: d.num_nodes.unwrap_or(1),
+        num_gpus_per_node: d.num_gpus_per_node.unwrap_or(1),
+        warmup: d.warmup.unwrap_or(1),
+        repetitions: d.repetitions.unwrap_or(1),
+        timeout_s: d.timeout_s,
+    }
+}
+
+struct Origin(String);
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl SuiteFile {
+    fn expand(&self) -> Result<Vec<SuiteCase>> {
+        let mut out = Vec::new();
+        for (gi, grid) in self.grids.iter().enumerate() {
+            let gname = match &grid.name {
+                Some(n) => format!("grid `{n}` (grids[{gi}])"),
+                None => format!("grids[{gi}]"),
+            };
+            self.expand_grid(grid, &gname, &mut out)?;
+        }
+        for (ci, spec) in self.cases.iter().enumerate() {
+            let d = Defaults {
+                device: spec.device,
+                weights: spec.weights.clone(),
+                warmup: spec.warmup,
+                repetitions: spec.repetitions,
+                timeout_s: spec.timeout_s,
+                num_nodes: spec.num_nodes,
+                num_gpus_per_node: spec.num_gpus_per_node,
+                num_gpu_batches: spec.num_gpu_batches,
+            }
+            .over(&self.defaults);
+            let case = resolve_case(
+                &d,
+                &spec.model.0,
+                &spec.framework.0,
+                spec.prompt_len,
+                spec.gen_len,
+                spec.cut_gen_len.map(|c| c.0),
+                spec.gpu_batch_size,
+                spec.placement.0.clone(),
+            );
+            out.push(SuiteCase {
+                case,
+                origin: format!("cases[{ci}] ({} {} prompt {})", spec.model.0, spec.framework.0, spec.prompt_len),
+            });
+        }
+
+        for (ei, ex) in self.excludes.iter().enumerate() {
+            if !out.iter().any(|c| ex.matches(&c.case)) {
+                bail!("excludes[{ei}] matches no case\n  fix: correct or remove it");
+            }
+        }
+        out.retain(|c| !self.excludes.iter().any(|ex| ex.matches(&c.case)));
+
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for c in &out {
+            c.case
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}\n  fix: change that case's values", c.origin))?;
+            if let Some(first) = seen.insert(c.case.id(), c.origin.clone()) {
+                bail!(
+                    "{} is the same case as {first} (id {})\n  fix: remove one of them, or add an exclude",
+                    c.origin,
+                    c.case.id()
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn expand_grid(&self, grid: &Grid, gname: &str, out: &mut Vec<SuiteCase>) -> Result<()> {
+        for (axis, empty) in [
+            ("models", grid.models.is_empty()),
+            ("prompt_lens", grid.prompt_lens.is_empty()),
+            ("gen_lens", grid.gen_lens.is_empty()),
+            ("frameworks", grid.frameworks.is_empty()),
+        ] {
+            if empty {
+                bail!("{gname}: the `{axis}` axis is empty\n  fix: list at least one value");
+            }
+        }
+        for (ki, cell) in grid.cells.iter().enumerate() {
+            if cell.placement.is_some() && !grid.placements.is_empty() {
+                bail!(
+                    "{gname}: cells[{ki}] sets a placement but the grid also has a `placements` axis\n  \
+                     fix: give placements either per cell or as the axis, not both"
+                );
+            }
+            if !grid.models.is_empty() && cell.model.as_ref().is_some_and(|m| !grid.models.contains(m)) {
+                bail!(
+                    "{gname}: cells[{ki}] names model `{}`, which is not on the `models` axis\n  fix: add it to `models` or remove the cell",
+                    cell.model.as_ref().unwrap().0
+                );
+            }
+        }
+        for (m, _) in &grid.cut_gen_len {
+            if !grid.models.contains(m) {
+                bail!(
+                    "{gname}: cut_gen_len names model `{}`, which is not on the `models` axis\n  fix: add it to `models` or remove the entry",
+                    m.0
+                );
+            }
+        }
+        let d = grid.defaults.over(&self.defaults);
+        for model in &grid.models {
+            for &prompt_len in &grid.prompt_lens {
+                for &gen_len in &grid.gen_lens {
+                    for fw in &grid.frameworks {
+                        let cell = grid.cells.iter().find(|c| c.matches(&fw.0, &model.0, prompt_len));
+                        let where_ = || {
+                            Origin(format!(
+                                "{gname} cell (framework {}, model {}, prompt_len {prompt_len})",
+                                fw.0, model.0
+                            ))
+                        };
+                        let batches: Vec<usize> = match cell.and_then(|c| c.gpu_batch_size) {
+                            Some(b) => vec![b],
+                            None if !grid.gpu_batch_sizes.is_empty() => grid.gpu_batch_sizes.clone(),
+                            None => bail!(
+                                "{}: no batch size\n  fix: add a cell with gpu_batch_size for it, or a `gpu_batch_sizes` axis",
+                                where_()
+                            ),
+                        };
+                        let placements: Vec<Placement> = match cell.and_then(|c| c.placement.clone()) {
+                            Some(p) => vec![p.0],
+                            None if !grid.placements.is_empty() => {
+                                grid.placements.iter().map(|p| p.0.clone()).collect()
+                            }
+                            None => bail!(
+                                "{}: no placement\n  fix: add a cell with a placement for it, or a `placements` axis",
+                                where_()
+                            ),
+                        };
+                        let cut = cell
+                            .and_then(|c| c.cut_gen_len)
+                            .or_else(|| grid.cut_gen_len.get(model).copied())
+                            .map(|c| c.0);
+                        let mut cd = d.clone();
+                        if let Some(n) = cell.and_then(|c| c.num_gpu_batches) {
+                            cd.num_gpu_batches = Some(n);
+                        }
+                        for &bs in &batches {
+                            for p in &placements {
+                                let case = resolve_case(&cd, &model.0, &fw.0, prompt_len, gen_len, cut, bs, p.clone());
+                                out.push(SuiteCase {
+                                    origin: format!("{} bs {bs} {}", where_(), p.label()),
+                                    case,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
