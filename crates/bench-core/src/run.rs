@@ -679,3 +679,36 @@ fn install_interrupt_handler() {
         }
     }
 }
+
+/// Prints the end of a run to stderr and gives the process exit code: 0 when nothing failed,
+/// 1 when a case failed (oom, timeout, crashed, error), 130 when interrupted, 2 when the run
+/// itself could not proceed.
+pub fn finish(result: Result<Summary>) -> i32 {
+    match result {
+        Ok(s) => {
+            let counts: Vec<String> = s.counts.iter().map(|(o, n)| format!("{n} {o}")).collect();
+            let ran = if counts.is_empty() { "nothing run".to_string() } else { counts.join(", ") };
+            eprintln!(
+                "{} case(s): {ran}; {} skipped. Results: {} (environment {})",
+                s.total,
+                s.skipped,
+                s.results_path.display(),
+                s.env_id
+            );
+            if s.failed() > 0 {
+                eprintln!("{} case(s) failed; see `detail` in results.jsonl and the logs beside it", s.failed());
+                1
+            } else {
+                0
+            }
+        }
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("{e}");
+            130
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The repository's suite files expand to exactly the cases of the reference, and bad suite files
+//! fail with the file, position and a fix.
+
+use std::path::{Path, PathBuf};
+
+use bench_core::suite::{self, Suite};
+use bench_core::{Device, Placement, Weights};
+
+fn suites_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../suites")
+}
+
+fn load(name: &str) -> Suite {
+    Suite::load(&suite::resolve(&suites_dir(), name).unwrap()).unwrap()
+}
+
+#[test]
+fn hf_ds_is_the_reference_grid() {
+    let s = load("hf_ds");
+    assert_eq!(s.name, "hf_ds");
+    // (framework, model, prompt) -> (batch, placement), from the reference table.
+    let table = [
+        ("hf", "opt-6.7b", 256, 4, Placement::Gpu),
+        ("hf", "opt-6.7b", 512, 2, Placement::Gpu),
+        ("hf", "opt-6.7b", 1024, 1, Placement::Gpu),
+        ("hf", "opt-30b", 256, 16, Placement::Cpu),
+        ("hf", "opt-30b", 512, 8, Placement::Cpu),
+        ("hf", "opt-30b", 1024, 4, Placement::Cpu),
+        ("hf", "opt-175b", 256, 4, Placement::Disk),
+        ("hf", "opt-175b", 512, 2, Placement::Disk),
+        ("hf", "opt-175b", 1024, 1, Placement::Disk),
+        ("deepspeed", "opt-6.7b", 256, 32, Placement::Cpu),
+        ("deepspeed", "opt-6.7b", 512, 16, Placement::Cpu),
+        ("deepspeed", "opt-6.7b", 1024, 8, Placement::Cpu),
+        ("deepspeed", "opt-30b", 256, 8, Placement::Cpu),
+        ("deepspeed", "opt-30b", 512, 4, Placement::Cpu),
+        ("deepspeed", "opt-30b", 1024, 2, Placement::Cpu),
+        ("deepspeed", "opt-175b", 256, 2, Placement::Disk),
+        ("deepspeed", "opt-175b", 512, 1, Placement::Disk),
+        ("deepspeed", "opt-175b", 1024, 1, Placement::Disk),
+    ];
+    let cases = s.expand();
+    assert_eq!(cases.len(), 18);
+    for (fw, model, prompt, bs, placement) in table {
+        let matching: Vec<_> = cases
+            .iter()
+            .filter(|c| c.framework == fw && c.model == model && c.prompt_len == prompt)
+            .collect();
+        assert_eq!(matching.len(), 1, "{fw} {model} {prompt}");
+        let c = matching[0];
+        assert_eq!(c.gpu_batch_size, bs, "{fw} {model} {prompt}");
+        assert_eq!(c.num_gpu_batches, 1);
+        assert_eq!(c.placement, placement, "{fw} {model} {prompt}");
+        assert_eq!(c.gen_len, 32);
+        let cut = if model == "opt-6.7b" { None } else { Some(5) };
+        assert_eq!(c.cut_gen_len, cut, "{model}");
+        assert_eq!(c.device, Device::Cuda);
+        assert_eq!(c.weights, Weights::Dummy);
+        assert_eq!((c.num_nodes, c.num_gpus_per_node), (1, 1));
+    }
+    // Expansion is deterministic: loading twice gives the same ids in the same order.
+    let again: Vec<String> = load("hf_ds").expand().iter().map(|c| c.id()).collect();
+    assert_eq!(again, cases.iter().map(|c| c.id()).collect::<Vec<_>>());
+}
+
+#[test]
+fn flexllmgen_1x1_mirrors_bench_suite() {
+    let cases = load("flexllmgen_1x1").expand();
+    assert_eq!(cases.len(), 18);
+    let find = |model: &str, prompt: usize, compressed: bool| {
+        cases
+            .iter()
+            .find(|c| {
+                c.model == model
+                    && c.prompt_len == prompt
+                    && c.placement.policy().compress_cache == compressed
+            })
+            .unwrap_or_else(|| panic!("{model} {prompt} {compressed}"))
+    };
+    let c = find("opt-6.7b", 256, false);
+    assert_eq!((c.gpu_batch_size, c.num_gpu_batches), (4, 1));
+    assert_eq!(c.placement.policy().percent, [100, 0, 100, 0, 100, 0]);
+    assert!(!c.placement.policy().overlap);
+    assert_eq!(find("opt-6.7b", 1024, true).gpu_batch_size, 28);
+    let c = find("opt-30b", 512, false);
+    assert_eq!((c.gpu_batch_size, c.num_gpu_batches, c.cut_gen_len), (48, 3, Some(5)));
+    assert!(c.placement.policy().cpu_attention);
+    let c = find("opt-175b", 512, false);
+    assert_eq!((c.gpu_batch_size, c.num_gpu_batches), (32, 8));
+    assert_eq!(c.placement.policy().percent, [0, 50, 0, 0, 0, 100]);
+    assert!(!c.placement.policy().pin_weight);
+    let c = find("opt-175b", 512, true);
+    assert_eq!((c.gpu_batch_size, c.num_gpu_batches), (48, 3));
+    assert!(c.placement.policy().compress_weight);
+}
+
+#[test]
+fn smoke_runs_on_the_cpu() {
+    let cases = load("smoke").expand();
+    assert!(cases.iter().all(|c| c.device == Device::Cpu && c.framework == "native" && c.model == "opt-125m"));
+    let has = |bs: usize, prompt: usize| {
+        cases.iter().any(|c| c.gpu_batch_size == bs && c.prompt_len == prompt && c.gen_len == 32 && c.placement == Placement::Gpu)
+    };
+    assert!(has(4, 128) && has(16, 256));
+    let policies: Vec<_> = cases.iter().map(|c| c.placement.policy()).collect();
+    assert!(policies.iter().any(|p| p.weights().2 == 100), "a weights-on-disk case");
+    assert!(policies.iter().any(|p| p.cache().2 == 100), "a cache-on-disk case");
+}
+
+/// Parses `text` as a suite at a fake path and returns the error message.
+fn error_of(text: &str) -> String {
+    match Suite::parse(Path::new("suites/bad.ron"), text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+const GOOD_CASE: &str = r#"(model: "opt-125m", framework: "native", prompt_len: 8, gen_len: 8, gpu_batch_size: 1, placement: gpu)"#;
+
+#[test]
+fn malformed_ron_names_line_and_column() {
+    let e = error_of("(\n  cases: [\n    (model: \"opt-125m\" framework: \"native\")\n  ],\n)");
+    assert!(e.starts_with("suites/bad.ron:3:"), "{e}");
+    assert!(e.contains("fix:"), "{e}");
+    let e = error_of("(\n  cases: [\n");
+    assert!(e.starts_with("suites/bad.ron:"), "{e}");
+    assert!(e.contains("unclosed") || e.contains("fix:"), "{e}");
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let e = error_of("(\n  defaults: (device: cpu),\n  grids: [],\n  casez: [],\n)");
+    assert!(e.starts_with("suites/bad.ron:4:"), "{e}");
+    assert!(e.contains("casez"), "{e}");
+    assert!(e.contains("remove or rename"), "{e}");
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gen_len: 8", "gen_len: 8, batch: 3")));
+    assert!(e.contains("batch") && e.starts_with("suites/bad.ron:1:"), "{e}");
+}
+
+#[test]
+fn percents_over_100_are_refused() {
+    let text = format!(
+        "(\n cases: [\n  {}\n ],\n)",
+        GOOD_CASE.replace("placement: gpu", "placement: policy(percent: (60, 50, 100, 0, 100, 0))")
+    );
+    let e = error_of(&text);
+    assert!(e.starts_with("suites/bad.ron:3:"), "{e}");
+    assert!(e.contains("110"), "{e}");
+    // A single value over 255 does not even fit.
+    let bad = GOOD_CASE.replace("placement: gpu", "placement: policy(percent: (300, 0, 100, 0, 100, 0))");
+    let e = error_of(&format!("(cases: [{bad}])"));
+    assert!(e.starts_with("suites/bad.ron:1:"), "{e}");
+}
+
+#[test]
+fn cut_gen_len_below_4_is_refused() {
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gen_len: 8", "gen_len: 8, cut_gen_len: 3")));
+    assert!(e.starts_with("suites/bad.ron:1:"), "{e}");
+    assert!(e.contains("cut_gen_len 3 is below 4"), "{e}");
+    let grid = r#"(grids: [(models: ["opt-125m"], prompt_lens: [8], gen_lens: [32], frameworks: ["native"],
+        placements: [gpu], gpu_batch_sizes: [1],
+        cut_gen_len: {"opt-125m": 2})])"#;
+    let e = error_of(grid);
+    assert!(e.starts_with("suites/bad.ron:3:") && e.contains("below 4"), "{e}");
+}
+
+#[test]
+fn duplicate_cases_are_refused() {
+    let e = error_of(&format!("(cases: [{GOOD_CASE}, {GOOD_CASE}])"));
+    assert!(e.contains("cases[1]") && e.contains("same case as cases[0]"), "{e}");
+    assert!(e.starts_with("suites/bad.ron: "), "{e}");
+    // A grid cell and an explicit case can collide too.
+    let text = format!(
+        r#"(grids: [(name: "g", models: ["opt-125m"], prompt_lens: [8], gen_lens: [8], frameworks: ["native"],
+            placements: [gpu], gpu_batch_sizes: [1])], cases: [{GOOD_CASE}])"#
+    );
+    let e = error_of(&text);
+    assert!(e.contains("grid `g`") && e.contains("cases[0]"), "{e}");
+}
+
+#[test]
+fn unknown_names_and_missing_cells() {
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("opt-125m", "opt-7b")));
+    assert!(e.contains("unknown model `opt-7b`") && e.contains("opt-6.7b"), "{e}");
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("native", "vllm")));
+    assert!(e.contains("unknown framework `vllm`"), "{e}");
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gpu)", "tape)")));
+    assert!(e.contains("tape"), "{e}");
+    let grid = r#"(grids: [(models: ["opt-125m"], prompt_lens: [8, 16], gen_lens: [8], frameworks: ["native"],
+        cells: [(prompt_len: 8, gpu_batch_size: 1, placement: gpu)])])"#;
+    let e = error_of(grid);
+    assert!(e.contains("prompt_len 16") && e.contains("no batch size") && e.contains("fix:"), "{e}");
+    // Cases that only fail the whole-case checks name where they came from.
+    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("prompt_len: 8", "prompt_len: 4000")));
+    assert!(e.contains("cases[0]") && e.contains("positions"), "{e}");
+    let e = error_of(&format!("(cases: [{}], excludes: [(model: \"opt-30b\")])", GOOD_CASE));
+    assert!(e.contains("excludes[0] matches no case"), "{e}");
+}
+
+#[test]
+fn excludes_and_defaults() {
+    let text = r#"(
+        defaults: (device: cpu, repetitions: 3, timeout_s: 9),
+        grids: [(models: ["opt-125m", "opt-tiny"], prompt_lens: [8, 16], gen_lens: [8], frameworks: ["native"],
+                 placements: [gpu, disk], gpu_batch_sizes: [1, 2], defaults: (repetitions: 2))],
+        excludes: [(model: "opt-tiny", placement: disk)],
+    )"#;
+    let s = Suite::parse(Path::new("x.ron"), text).unwrap();
+    let cases = s.expand();
+    assert_eq!(cases.len(), 2 * 2 * 2 * 2 - 4);
+    assert!(cases.iter().all(|c| c.repetitions == 2 && c.device == Device::Cpu && c.timeout_s == Some(9)));
+    assert!(!cases.iter().any(|c| c.model == "opt-tiny" && c.placement == Placement::Disk));
+    // Order: models, then prompt lengths, then batch sizes, then placements.
+    let first: Vec<_> = cases.iter().take(4).map(|c| (c.prompt_len, c.gpu_batch_size, c.placement.label())).collect();
+    assert_eq!(first, [(8, 1, "gpu".into()), (8, 1, "disk".into()), (8, 2, "gpu".into()), (8, 2, "disk".into())]);
+}
+
+#[test]
+fn suite_lookup() {
+    let dir = suites_dir();
+    assert!(suite::resolve(&dir, "smoke").unwrap().ends_with("smoke.ron"));
+    let path = dir.join("hf_ds.ron");
+    assert_eq!(suite::resolve(&dir, path.to_str().unwrap()).unwrap(), path);
+    let e = suite::resolve(&dir, "smokey").unwrap_err().to_string();
+    assert!(e.contains("unknown suite `smokey`") && e.contains("hf_ds") && e.contains("smoke"), "{e}");
+    let e = suite::resolve(&dir, "nowhere/x.ron").unwrap_err().to_string();
+    assert!(e.contains("not found"), "{e}");
+}
