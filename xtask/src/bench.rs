@@ -1,8 +1,176 @@
-//! Not built yet.
+//! `cargo xtask bench`: load a suite, select cases, and either show them (`--dry-run`) or run them
+//! through bench-core's orchestrator.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bench_core::filter::{self, Filter};
+use bench_core::run::{self, Rerun, RunOptions};
+use bench_core::{suite, Case, IdentifiedCase, Suite};
 
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "Examples:\n  \
+    cargo xtask bench smoke\n  \
+    cargo xtask bench hf_ds --dry-run\n  \
+    cargo xtask bench hf_ds --filter framework=hf --filter prompt_len=512\n  \
+    cargo xtask bench suites/smoke.ron --filter placement=gpu --timeout 60 --out /tmp/results")]
+pub struct Args {
+    /// Suite name (a file in suites/, e.g. `smoke`) or path to a .ron suite file.
+    pub suite: String,
+    /// Print the expanded cases instead of running them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print a JSON array of cases (the same objects as the records' `case`).
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// Run only cases whose field KEY equals VALUE. KEY is a field of the --dry-run --json objects
+    /// (model, framework, prompt_len, gen_len, cut_gen_len, gpu_batch_size, num_gpu_batches,
+    /// placement, device, id, ...), `batch_size`, `tier`, or a dotted path into the placement
+    /// policy (placement.cpu_attention). `placement` compares the label (gpu, cpu, disk, or
+    /// e.g. 20/80/0/100/0/100+cpu_attn); `none` matches an unset value. A comma list matches any
+    /// of its values; repeated filters must all match.
+    #[arg(long = "filter", value_name = "KEY=VALUE")]
+    pub filters: Vec<String>,
+    /// Rerun every selected case, even those with an `ok` record.
+    #[arg(long, conflicts_with = "rerun_failed")]
+    pub force: bool,
+    /// Rerun only the cases whose latest record failed (oom, timeout, crashed, error).
+    #[arg(long)]
+    pub rerun_failed: bool,
+    /// Per-case timeout in seconds, replacing the suite's (default 3600 when the suite sets none).
+    /// At the timeout the case's whole process group is killed.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Results root; the suite's results go to <OUT>/<suite>/ [default: results/ in the repository].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Do not build the native runner (`cargo build --release -p backend-native`) first.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Where the runner binaries are [default: target/release].
+    #[arg(long, value_name = "DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Python interpreter for the hf and deepspeed runners.
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("this command is not built yet")
+pub fn run(args: Args) -> Result<()> {
+    let path = suite::resolve(&crate::suites_dir(), &args.suite)?;
+    let suite = Suite::load(&path)?;
+    let cases = select(&suite, &args.filters)?;
+
+    if args.dry_run {
+        if args.json {
+            let list: Vec<serde_json::Value> =
+                cases.iter().map(|(c, _)| IdentifiedCase::new(c.clone()).to_json()).collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            print_table(&suite, &cases);
+        }
+        return Ok(());
+    }
+
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::release_bin_dir);
+    if !args.no_build && cases.iter().any(|(c, _)| c.framework == "native") {
+        build_native_runner()?;
+    }
+    let opts = RunOptions {
+        out_dir: args.out.clone().unwrap_or_else(crate::default_results_dir),
+        project_root: crate::project_root(),
+        cache_dir: crate::cache_dir(),
+        bin_dir,
+        python: args.python.clone(),
+        timeout_override: args.timeout.map(Duration::from_secs),
+        rerun: if args.force {
+            Rerun::All
+        } else if args.rerun_failed {
+            Rerun::Failed
+        } else {
+            Rerun::Pending
+        },
+        progress: true,
+    };
+    let cases: Vec<Case> = cases.into_iter().map(|(c, _)| c).collect();
+    let backends = crate::backends::registry();
+    let code = run::finish(run::run_suite(&suite.name, &cases, &backends, &opts));
+    std::process::exit(code);
+}
+
+/// The suite's cases that pass every filter, with their origins.
+fn select(suite: &Suite, filter_args: &[String]) -> Result<Vec<(Case, String)>> {
+    let filters = filter_args
+        .iter()
+        .map(|f| Filter::parse(f))
+        .collect::<Result<Vec<_>>>()?;
+    let cases: Vec<(Case, String)> = suite
+        .cases()
+        .iter()
+        .filter(|c| filter::matches_all(&filters, &c.case))
+        .map(|c| (c.case.clone(), c.origin.clone()))
+        .collect();
+    if cases.is_empty() {
+        if filters.is_empty() {
+            bail!("suite {} has no cases", suite.path.display());
+        }
+        bail!(
+            "no case of suite {} matches {}; see them all with `cargo xtask bench {} --dry-run`",
+            suite.name,
+            filter_args.join(" and "),
+            suite.name
+        );
+    }
+    Ok(cases)
+}
+
+fn print_table(suite: &Suite, cases: &[(Case, String)]) {
+    let header = [
+        "id", "model", "framework", "device", "prompt", "gen", "cut", "batch", "placement", "origin",
+    ];
+    let rows: Vec<Vec<String>> = cases
+        .iter()
+        .map(|(c, origin)| {
+            vec![
+                c.id(),
+                c.model.clone(),
+                c.framework.clone(),
+                c.device.as_str().to_string(),
+                c.prompt_len.to_string(),
+                c.gen_len.to_string(),
+                c.cut_gen_len.map_or("-".into(), |x| x.to_string()),
+                format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches),
+                c.placement.label(),
+                origin.clone(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    println!("{} case(s) from {}", rows.len(), suite.path.display());
+}
+
+/// Builds the native runner so a run never measures a stale binary.
+fn build_native_runner() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the native runner: cargo build --release -p backend-native");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "backend-native"])
+        .current_dir(crate::project_root())
+        .status()
+        .context("running cargo to build the native runner")?;
+    if !status.success() {
+        bail!("building the native runner failed ({status}); fix the build, or pass --no-build to run with what is in target/release");
+    }
+    Ok(())
 }
