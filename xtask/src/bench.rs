@@ -64,8 +64,10 @@ pub fn run(args: Args) -> Result<()> {
 
     if args.dry_run {
         if args.json {
-            let list: Vec<serde_json::Value> =
-                cases.iter().map(|(c, _)| IdentifiedCase::new(c.clone()).to_json()).collect();
+            let list: Vec<serde_json::Value> = cases
+                .iter()
+                .map(|(c, _)| IdentifiedCase::new(c.clone()).to_json())
+                .collect();
             println!("{}", serde_json::to_string_pretty(&list)?);
         } else {
             print_table(&suite, &cases);
@@ -127,7 +129,16 @@ fn select(suite: &Suite, filter_args: &[String]) -> Result<Vec<(Case, String)>> 
 
 fn print_table(suite: &Suite, cases: &[(Case, String)]) {
     let header = [
-        "id", "model", "framework", "device", "prompt", "gen", "cut", "batch", "placement", "origin",
+        "id",
+        "model",
+        "framework",
+        "device",
+        "prompt",
+        "gen",
+        "cut",
+        "batch",
+        "placement",
+        "origin",
     ];
     let rows: Vec<Vec<String>> = cases
         .iter()
@@ -147,10 +158,20 @@ fn print_table(suite: &Suite, cases: &[(Case, String)]) {
         })
         .collect();
     let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());

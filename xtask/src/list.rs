@@ -21,8 +21,15 @@ pub fn run(args: Args) -> Result<()> {
     let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
     for name in &names {
         match Suite::load(&dir.join(format!("{name}.{}", suite::SUITE_EXT))) {
-            Ok(s) => println!("  {name:<width$}  {:>3} cases  {}", s.expand().len(), s.description),
-            Err(e) => println!("  {name:<width$}  INVALID: {}", format!("{e:#}").replace('\n', " ")),
+            Ok(s) => println!(
+                "  {name:<width$}  {:>3} cases  {}",
+                s.expand().len(),
+                s.description
+            ),
+            Err(e) => println!(
+                "  {name:<width$}  INVALID: {}",
+                format!("{e:#}").replace('\n', " ")
+            ),
         }
     }
 
@@ -41,7 +48,11 @@ pub fn run(args: Args) -> Result<()> {
             Ok(()) => "available".to_string(),
             Err(why) => format!("unavailable: {why}"),
         };
-        println!("  {:<10} frameworks: {:<20} {status}", b.name(), b.frameworks().join(", "));
+        println!(
+            "  {:<10} frameworks: {:<20} {status}",
+            b.name(),
+            b.frameworks().join(", ")
+        );
     }
     let unserved: Vec<&str> = FRAMEWORKS
         .iter()

@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "flexbench: benchmark LLM inference with offloading")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "flexbench: benchmark LLM inference with offloading"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -64,7 +68,9 @@ pub fn project_root() -> PathBuf {
     let dir = std::env::var("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    dir.parent().expect("xtask lives in the repo root").to_path_buf()
+    dir.parent()
+        .expect("xtask lives in the repo root")
+        .to_path_buf()
 }
 
 /// Where suite files live.
@@ -83,7 +89,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLEXBENCH_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("flexbench")
 }
 

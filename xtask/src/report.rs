@@ -30,7 +30,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let root = args.results_root.clone().unwrap_or_else(crate::default_results_dir);
+    let root = args
+        .results_root
+        .clone()
+        .unwrap_or_else(crate::default_results_dir);
     let (dir, name) = results_dir(&root, &args.target)?;
     let recs = load(&dir)?;
     let other = match &args.compare {
@@ -42,13 +45,23 @@ pub fn run(args: Args) -> Result<()> {
     };
     let envs = environments(&dir, &recs);
 
-    let md = markdown(&name, &recs, &envs, other.as_ref().map(|(n, r)| (n.as_str(), r.as_slice())));
+    let md = markdown(
+        &name,
+        &recs,
+        &envs,
+        other.as_ref().map(|(n, r)| (n.as_str(), r.as_slice())),
+    );
     write(&dir.join("report.md"), &md)?;
     write(&dir.join("report.csv"), &csv(&recs))?;
     let (tp, lt) = plots(&recs);
     write(&dir.join("throughput_vs_batch.svg"), &tp)?;
     write(&dir.join("latency_vs_throughput.svg"), &lt)?;
-    for f in ["report.md", "report.csv", "throughput_vs_batch.svg", "latency_vs_throughput.svg"] {
+    for f in [
+        "report.md",
+        "report.csv",
+        "throughput_vs_batch.svg",
+        "latency_vs_throughput.svg",
+    ] {
         println!("{}", dir.join(f).display());
     }
     Ok(())
@@ -101,7 +114,10 @@ fn load(dir: &Path) -> Result<Vec<Record>> {
         }
         latest.insert(r.case.id.clone(), r);
     }
-    Ok(order.into_iter().filter_map(|id| latest.remove(&id)).collect())
+    Ok(order
+        .into_iter()
+        .filter_map(|id| latest.remove(&id))
+        .collect())
 }
 
 /// One line per environment the records reference.
@@ -115,11 +131,24 @@ fn environments(dir: &Path, recs: &[Record]) -> Vec<String> {
                     "{id}: {} ({} cores), {} GiB RAM, GPUs: {}, offload dir on {}, git {}{}",
                     e.cpu_model.unwrap_or_else(|| "unknown CPU".into()),
                     e.cpu_cores.map_or("?".into(), |n| n.to_string()),
-                    e.ram_bytes.map_or("?".into(), |b| format!("{:.0}", b as f64 / (1u64 << 30) as f64)),
-                    if e.gpus.is_empty() { "none".into() } else { e.gpus.join("; ") },
+                    e.ram_bytes.map_or("?".into(), |b| format!(
+                        "{:.0}",
+                        b as f64 / (1u64 << 30) as f64
+                    )),
+                    if e.gpus.is_empty() {
+                        "none".into()
+                    } else {
+                        e.gpus.join("; ")
+                    },
                     e.offload_fs.unwrap_or_else(|| "?".into()),
-                    e.git_commit.as_deref().map_or("?", |c| &c[..c.len().min(10)]),
-                    if e.git_dirty == Some(true) { " (dirty)" } else { "" },
+                    e.git_commit
+                        .as_deref()
+                        .map_or("?", |c| &c[..c.len().min(10)]),
+                    if e.git_dirty == Some(true) {
+                        " (dirty)"
+                    } else {
+                        ""
+                    },
                 ),
                 Err(_) => format!("{id}: (environment file missing)"),
             }
@@ -137,8 +166,12 @@ const CASE_COLUMNS: &[Column] = &[
     ("placement", |c| c.placement.label()),
     ("prompt", |c| c.prompt_len.to_string()),
     ("gen", |c| c.gen_len.to_string()),
-    ("cut", |c| c.cut_gen_len.map_or("-".into(), |x| x.to_string())),
-    ("batch", |c| format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches)),
+    ("cut", |c| {
+        c.cut_gen_len.map_or("-".into(), |x| x.to_string())
+    }),
+    ("batch", |c| {
+        format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches)
+    }),
     ("weights", |c| match &c.weights {
         bench_core::Weights::Dummy => "dummy".into(),
         bench_core::Weights::Checkpoint(p) => p.display().to_string(),
@@ -180,7 +213,11 @@ fn md_escape(s: &str) -> String {
 /// A cell of the pivot: the best ok case, else the failure of the first.
 fn pivot_cell(cases: &[&Record]) -> String {
     let tag = |r: &Record| {
-        format!("bs {}, {}", r.case.case.batch_size(), r.case.case.placement.lowest_tier().as_str())
+        format!(
+            "bs {}, {}",
+            r.case.case.batch_size(),
+            r.case.case.placement.lowest_tier().as_str()
+        )
     };
     let best = cases
         .iter()
@@ -200,7 +237,12 @@ fn pivot_cell(cases: &[&Record]) -> String {
     }
 }
 
-fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str, &[Record])>) -> String {
+fn markdown(
+    name: &str,
+    recs: &[Record],
+    envs: &[String],
+    compare: Option<(&str, &[Record])>,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# flexbench report: {name}\n");
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -208,7 +250,12 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
         *counts.entry(r.outcome).or_default() += 1;
     }
     let counts: Vec<String> = counts.iter().map(|(o, n)| format!("{n} {o}")).collect();
-    let _ = writeln!(s, "{} cases (latest record of each): {}.\n", recs.len(), counts.join(", "));
+    let _ = writeln!(
+        s,
+        "{} cases (latest record of each): {}.\n",
+        recs.len(),
+        counts.join(", ")
+    );
     for e in envs {
         let _ = writeln!(s, "- environment {e}");
     }
@@ -227,7 +274,10 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
     // The paper-style pivot, one table per (prompt, gen) shape.
     let mut shapes: BTreeMap<(usize, usize), Vec<&Record>> = BTreeMap::new();
     for r in recs {
-        shapes.entry((r.case.case.prompt_len, r.case.case.gen_len)).or_default().push(r);
+        shapes
+            .entry((r.case.case.prompt_len, r.case.case.gen_len))
+            .or_default()
+            .push(r);
     }
     for ((prompt, gen), group) in &shapes {
         let _ = writeln!(s, "## Throughput, prompt {prompt}, gen {gen}\n");
@@ -254,7 +304,8 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
                         .copied()
                         .filter(|r| {
                             let c = &r.case.case;
-                            &c.model == m && format!("{} {}", c.framework, c.placement.label()) == *row
+                            &c.model == m
+                                && format!("{} {}", c.framework, c.placement.label()) == *row
                         })
                         .collect();
                     pivot_cell(&in_cell)
@@ -269,7 +320,15 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
     let mut header: Vec<&str> = vec!["id"];
     header.extend(varying.iter().map(|c| c.0));
     header.extend([
-        "outcome", "total tok/s", "prefill tok/s", "decode tok/s", "prefill s", "decode s", "total s", "cv", "detail",
+        "outcome",
+        "total tok/s",
+        "prefill tok/s",
+        "decode tok/s",
+        "prefill s",
+        "decode s",
+        "total s",
+        "cv",
+        "detail",
     ]);
     let _ = writeln!(s, "| {} |", header.join(" | "));
     let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
@@ -287,12 +346,20 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
                     num(m.prefill_latency_s),
                     format!("{}{p}", num(m.decode_latency_s)),
                     format!("{}{p}", num(m.total_latency_s)),
-                    m.cv_total_throughput.map_or("-".into(), |cv| format!("{:.1}%", cv * 100.0)),
+                    m.cv_total_throughput
+                        .map_or("-".into(), |cv| format!("{:.1}%", cv * 100.0)),
                 ]);
             }
             None => cells.extend(std::iter::repeat_n("-".to_string(), 7)),
         }
-        let detail: String = r.detail.lines().next().unwrap_or("").chars().take(120).collect();
+        let detail: String = r
+            .detail
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(120)
+            .collect();
         cells.push(md_escape(&detail));
         let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
@@ -300,7 +367,8 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
     if let Some((other_name, other)) = compare {
         let _ = writeln!(s, "\n## Speedup over {other_name}\n");
         let _ = writeln!(s, "Total throughput here / there, matched by case id.\n");
-        let theirs: BTreeMap<&str, &Record> = other.iter().map(|r| (r.case.id.as_str(), r)).collect();
+        let theirs: BTreeMap<&str, &Record> =
+            other.iter().map(|r| (r.case.id.as_str(), r)).collect();
         let mut header: Vec<&str> = vec!["id"];
         header.extend(varying.iter().map(|c| c.0));
         header.extend([name, other_name, "speedup"]);
@@ -312,10 +380,14 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
         };
         let mut matched = 0;
         for r in recs {
-            let Some(o) = theirs.get(r.case.id.as_str()) else { continue };
+            let Some(o) = theirs.get(r.case.id.as_str()) else {
+                continue;
+            };
             matched += 1;
             let speedup = match (&r.metrics, &o.metrics) {
-                (Some(a), Some(b)) if b.total_throughput > 0.0 => format!("{:.2}x", a.total_throughput / b.total_throughput),
+                (Some(a), Some(b)) if b.total_throughput > 0.0 => {
+                    format!("{:.2}x", a.total_throughput / b.total_throughput)
+                }
                 _ => "-".into(),
             };
             let mut cells = vec![format!("`{}`", r.case.id)];
@@ -328,7 +400,10 @@ fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<(&str,
             s,
             "\n{matched} cases matched; {} only in {name}, {} only in {other_name}.",
             recs.len() - matched,
-            other.iter().filter(|r| !ours.contains(r.case.id.as_str())).count()
+            other
+                .iter()
+                .filter(|r| !ours.contains(r.case.id.as_str()))
+                .count()
         );
     }
     s
@@ -344,11 +419,38 @@ fn csv_field(s: &str) -> String {
 
 fn csv(recs: &[Record]) -> String {
     let header = [
-        "id", "model", "framework", "device", "placement", "tier", "prompt_len", "gen_len", "cut_gen_len",
-        "gpu_batch_size", "num_gpu_batches", "batch_size", "weights", "repetitions", "outcome",
-        "prefill_latency_s", "decode_latency_s", "total_latency_s", "prefill_throughput", "decode_throughput",
-        "total_throughput", "projected", "cv_total_throughput", "model_bytes", "cache_bytes", "hidden_bytes",
-        "exit_code", "signal", "started_at", "duration_s", "env_id", "detail",
+        "id",
+        "model",
+        "framework",
+        "device",
+        "placement",
+        "tier",
+        "prompt_len",
+        "gen_len",
+        "cut_gen_len",
+        "gpu_batch_size",
+        "num_gpu_batches",
+        "batch_size",
+        "weights",
+        "repetitions",
+        "outcome",
+        "prefill_latency_s",
+        "decode_latency_s",
+        "total_latency_s",
+        "prefill_throughput",
+        "decode_throughput",
+        "total_throughput",
+        "projected",
+        "cv_total_throughput",
+        "model_bytes",
+        "cache_bytes",
+        "hidden_bytes",
+        "exit_code",
+        "signal",
+        "started_at",
+        "duration_s",
+        "env_id",
+        "detail",
     ];
     let mut s = header.join(",") + "\n";
     let opt = |v: Option<String>| v.unwrap_or_default();
@@ -417,11 +519,17 @@ fn plots(recs: &[Record]) -> (String, String) {
     for r in &ok {
         let c = &r.case.case;
         let m = r.metrics.as_ref().expect("filtered to ok");
-        tp.entry(series_key(c)).or_default().push((c.batch_size() as f64, m.total_throughput));
-        lt.entry(series_key(c)).or_default().push((m.total_throughput, m.total_latency_s));
+        tp.entry(series_key(c))
+            .or_default()
+            .push((c.batch_size() as f64, m.total_throughput));
+        lt.entry(series_key(c))
+            .or_default()
+            .push((m.total_throughput, m.total_latency_s));
     }
     let to_series = |m: BTreeMap<String, Vec<(f64, f64)>>| -> Vec<Series> {
-        m.into_iter().map(|(name, points)| Series { name, points }).collect()
+        m.into_iter()
+            .map(|(name, points)| Series { name, points })
+            .collect()
     };
     (
         plot::render(
@@ -452,7 +560,14 @@ mod tests {
     use bench_core::record::{IdentifiedCase, SCHEMA};
     use bench_core::{Device, Placement, RawResult, Weights};
 
-    fn rec(model: &str, fw: &str, placement: Placement, bs: usize, outcome: Outcome, step: f64) -> Record {
+    fn rec(
+        model: &str,
+        fw: &str,
+        placement: Placement,
+        bs: usize,
+        outcome: Outcome,
+        step: f64,
+    ) -> Record {
         let case = Case {
             model: model.into(),
             framework: fw.into(),
@@ -470,13 +585,20 @@ mod tests {
             repetitions: 1,
             timeout_s: None,
         };
-        let raw = RawResult { step_times_s: vec![vec![step; 8]], ..Default::default() };
+        let raw = RawResult {
+            step_times_s: vec![vec![step; 8]],
+            ..Default::default()
+        };
         let metrics = (outcome == Outcome::Ok).then(|| metrics::compute(&case, &raw).unwrap());
         Record {
             schema: SCHEMA,
             case: IdentifiedCase::new(case),
             outcome,
-            detail: if outcome == Outcome::Ok { String::new() } else { "went wrong, badly".into() },
+            detail: if outcome == Outcome::Ok {
+                String::new()
+            } else {
+                "went wrong, badly".into()
+            },
             metrics,
             raw: None,
             exit_code: None,
@@ -495,23 +617,50 @@ mod tests {
             rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 1.0),
             rec("opt-6.7b", "hf", Placement::Gpu, 4, Outcome::Ok, 0.5),
             rec("opt-30b", "hf", Placement::Cpu, 8, Outcome::Oom, 1.0),
-            rec("opt-30b", "deepspeed", Placement::Cpu, 4, Outcome::Timeout, 1.0),
+            rec(
+                "opt-30b",
+                "deepspeed",
+                Placement::Cpu,
+                4,
+                Outcome::Timeout,
+                1.0,
+            ),
         ];
         let md = markdown("x", &recs, &[], None);
         // bs 4 at 0.5 s/step: 4 x 8 / 4 s = 8 tok/s beats bs 2's 2 tok/s.
         assert!(md.contains("| hf gpu | 8.000 (bs 4, gpu) |  |"), "{md}");
         assert!(md.contains("| hf cpu |  | OOM (bs 8, cpu) |"), "{md}");
-        assert!(md.contains("| deepspeed cpu |  | TIMEOUT (bs 4, cpu) |"), "{md}");
-        assert!(md.contains("Common to all cases: device cuda, prompt 512, gen 8"), "{md}");
+        assert!(
+            md.contains("| deepspeed cpu |  | TIMEOUT (bs 4, cpu) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Common to all cases: device cuda, prompt 512, gen 8"),
+            "{md}"
+        );
         let all = md.split("## All cases").nth(1).unwrap();
-        assert!(all.contains("| id | model | framework | placement | batch | outcome"), "{md}");
+        assert!(
+            all.contains("| id | model | framework | placement | batch | outcome"),
+            "{md}"
+        );
         assert_eq!(all.lines().filter(|l| l.starts_with("| `")).count(), 4);
         let csv = csv(&recs);
         assert_eq!(csv.lines().count(), 5);
         assert!(csv.contains("\"went wrong, badly\""));
-        let cmp = markdown("new", &recs[..2], &[], Some(("old", &[rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 2.0)])));
+        let cmp = markdown(
+            "new",
+            &recs[..2],
+            &[],
+            Some((
+                "old",
+                &[rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 2.0)],
+            )),
+        );
         assert!(cmp.contains("| 2.000 | 1.000 | 2.00x |"), "{cmp}");
-        assert!(cmp.contains("1 cases matched; 1 only in new, 0 only in old"), "{cmp}");
+        assert!(
+            cmp.contains("1 cases matched; 1 only in new, 0 only in old"),
+            "{cmp}"
+        );
         let (tp, lt) = plots(&recs);
         assert_eq!(tp.matches("<polyline").count(), 1);
         assert!(lt.contains("hf gpu"));

@@ -66,12 +66,22 @@ pub fn capture(project_root: &Path, offload_dir: &Path, now: SystemTime) -> Envi
             .arg("--query-gpu=name,memory.total,driver_version")
             .arg("--format=csv,noheader"),
     )
-    .map(|s| s.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+    .map(|s| {
+        s.lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    })
     .unwrap_or_default();
     Environment {
         id: format!("env-{}", time::stamp(now)),
         captured_at: time::rfc3339(now),
-        git_commit: output(Command::new("git").arg("-C").arg(project_root).args(["rev-parse", "HEAD"])),
+        git_commit: output(
+            Command::new("git")
+                .arg("-C")
+                .arg(project_root)
+                .args(["rev-parse", "HEAD"]),
+        ),
         git_dirty: Command::new("git")
             .arg("-C")
             .arg(project_root)
@@ -125,7 +135,9 @@ fn filesystem(dir: &Path) -> (Option<String>, Option<u64>) {
             .filter_map(|l| {
                 let mut f = l.split_whitespace();
                 let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
-                canon.starts_with(mnt).then(|| (mnt.len(), fstype.to_string()))
+                canon
+                    .starts_with(mnt)
+                    .then(|| (mnt.len(), fstype.to_string()))
             })
             .max_by_key(|(len, _)| *len)
             .map(|(_, t)| t)
@@ -149,7 +161,11 @@ mod tests {
     #[test]
     fn captures_this_machine() {
         let dir = std::env::temp_dir();
-        let e = capture(Path::new(env!("CARGO_MANIFEST_DIR")), &dir, SystemTime::now());
+        let e = capture(
+            Path::new(env!("CARGO_MANIFEST_DIR")),
+            &dir,
+            SystemTime::now(),
+        );
         assert!(e.id.starts_with("env-"));
         assert!(e.cpu_cores.unwrap() >= 1);
         assert!(e.ram_bytes.unwrap() > 0);

@@ -31,10 +31,18 @@ impl Filter {
         let Some((key, value)) = text.split_once('=') else {
             bail!("filter `{text}` is not key=value (e.g. --filter model=opt-6.7b)");
         };
-        let path: Vec<String> = key.trim().split('.').map(|s| s.trim().to_string()).collect();
+        let path: Vec<String> = key
+            .trim()
+            .split('.')
+            .map(|s| s.trim().to_string())
+            .collect();
         let known = known_keys();
         if !known.iter().any(|k| k == &path[0]) {
-            bail!("filter `{text}`: unknown key `{}`; known keys: {}", path[0], known.join(", "));
+            bail!(
+                "filter `{text}`: unknown key `{}`; known keys: {}",
+                path[0],
+                known.join(", ")
+            );
         }
         if path.len() > 1 && path[0] != "placement" {
             bail!("filter `{text}`: only `placement` has sub-keys (e.g. placement.cpu_attention=true)");
@@ -48,7 +56,7 @@ impl Filter {
 
     pub fn matches(&self, case: &Case) -> bool {
         match field(case, &self.path) {
-            Some(v) => self.values.iter().any(|want| *want == v),
+            Some(v) => self.values.contains(&v),
             None => false,
         }
     }
@@ -163,9 +171,15 @@ mod tests {
 
     #[test]
     fn bad_filters() {
-        assert!(Filter::parse("model").unwrap_err().to_string().contains("key=value"));
+        assert!(Filter::parse("model")
+            .unwrap_err()
+            .to_string()
+            .contains("key=value"));
         let e = Filter::parse("modle=opt-30b").unwrap_err().to_string();
-        assert!(e.contains("unknown key `modle`") && e.contains("prompt_len"), "{e}");
+        assert!(
+            e.contains("unknown key `modle`") && e.contains("prompt_len"),
+            "{e}"
+        );
         assert!(Filter::parse("model=").is_err());
         assert!(Filter::parse("prompt_len.x=1").is_err());
     }

@@ -242,7 +242,9 @@ mod tests {
         assert!(err.contains("at least 4"), "{err}");
         // A count that matches neither cut_gen_len nor gen_len is a runner bug.
         c.cut_gen_len = Some(5);
-        let err = from_steps(&c, &[1.0, 0.1, 0.1, 0.1]).unwrap_err().to_string();
+        let err = from_steps(&c, &[1.0, 0.1, 0.1, 0.1])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("runs 5 steps"), "{err}");
         assert!(from_steps(&c, &[1.0; 33]).is_err());
         assert!(from_steps(&c, &[1.0, f64::NAN, 0.1, 0.1, 0.1]).is_err());
@@ -289,7 +291,13 @@ mod tests {
     fn empty_result_is_an_error() {
         let c = case(4, None, 1, 1);
         assert!(compute(&c, &RawResult::default()).is_err());
-        let raw = RawResult { step_times_s: vec![vec![]], ..Default::default() };
-        assert!(compute(&c, &raw).unwrap_err().to_string().contains("repetition 0"));
+        let raw = RawResult {
+            step_times_s: vec![vec![]],
+            ..Default::default()
+        };
+        assert!(compute(&c, &raw)
+            .unwrap_err()
+            .to_string()
+            .contains("repetition 0"));
     }
 }

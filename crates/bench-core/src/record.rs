@@ -59,7 +59,10 @@ impl Outcome {
 
     /// Outcomes that make `bench` exit non-zero and that `--rerun-failed` reruns.
     pub fn is_failure(self) -> bool {
-        matches!(self, Outcome::Oom | Outcome::Timeout | Outcome::Crashed | Outcome::Error)
+        matches!(
+            self,
+            Outcome::Oom | Outcome::Timeout | Outcome::Crashed | Outcome::Error
+        )
     }
 }
 
@@ -79,7 +82,10 @@ pub struct IdentifiedCase {
 
 impl IdentifiedCase {
     pub fn new(case: Case) -> IdentifiedCase {
-        IdentifiedCase { id: case.id(), case }
+        IdentifiedCase {
+            id: case.id(),
+            case,
+        }
     }
 
     /// The JSON object: `id` first, then the case's fields.
@@ -150,7 +156,10 @@ impl Record {
     /// Parses one line, refusing records newer than this build understands.
     pub fn from_line(line: &str) -> Result<Record> {
         let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
-        let schema = v.get("schema").and_then(|s| s.as_u64()).context("no `schema` number")?;
+        let schema = v
+            .get("schema")
+            .and_then(|s| s.as_u64())
+            .context("no `schema` number")?;
         if schema > SCHEMA as u64 {
             bail!("record schema {schema} is newer than this build's {SCHEMA}; update flexbench");
         }
@@ -269,6 +278,9 @@ mod tests {
         assert_eq!(v["outcome"], "unavailable");
         assert_eq!(Record::from_line(&line).unwrap(), r);
         let newer = line.replacen("\"schema\":1", "\"schema\":99", 1);
-        assert!(Record::from_line(&newer).unwrap_err().to_string().contains("newer"));
+        assert!(Record::from_line(&newer)
+            .unwrap_err()
+            .to_string()
+            .contains("newer"));
     }
 }

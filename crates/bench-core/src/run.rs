@@ -77,7 +77,11 @@ pub struct Summary {
 impl Summary {
     /// Cases of this run that ended in oom, timeout, crashed or error.
     pub fn failed(&self) -> usize {
-        self.counts.iter().filter(|(o, _)| o.is_failure()).map(|(_, n)| n).sum()
+        self.counts
+            .iter()
+            .filter(|(o, _)| o.is_failure())
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -157,7 +161,9 @@ pub fn run_suite(
     let mut probes: BTreeMap<&'static str, Result<(), String>> = BTreeMap::new();
     for c in cases {
         if let Some(b) = backend_for(backends, &c.framework) {
-            probes.entry(b.name()).or_insert_with(|| b.probe(&probe_ctx));
+            probes
+                .entry(b.name())
+                .or_insert_with(|| b.probe(&probe_ctx));
         }
     }
     let mut environment = env::capture(&opts.project_root, &dir.join("work"), SystemTime::now());
@@ -177,7 +183,10 @@ pub fn run_suite(
         env_id: environment.id.clone(),
         ..Default::default()
     };
-    let to_run = cases.iter().filter(|c| skip_reason(&c.id()).is_none()).count();
+    let to_run = cases
+        .iter()
+        .filter(|c| skip_reason(&c.id()).is_none())
+        .count();
     let (mut ran, mut spent) = (0usize, Duration::ZERO);
     for (i, case) in cases.iter().enumerate() {
         if interrupted() {
@@ -187,7 +196,13 @@ pub fn run_suite(
         if let Some(why) = skip_reason(&id) {
             summary.skipped += 1;
             if opts.progress {
-                eprintln!("[{}/{}] {} {}  skipped ({why})", i + 1, cases.len(), id, describe(case));
+                eprintln!(
+                    "[{}/{}] {} {}  skipped ({why})",
+                    i + 1,
+                    cases.len(),
+                    id,
+                    describe(case)
+                );
             }
             continue;
         }
@@ -236,7 +251,11 @@ fn describe(c: &Case) -> String {
 
 fn short_detail(r: &Record) -> String {
     match (&r.metrics, r.outcome) {
-        (Some(m), _) => format!(" {:.2} tok/s{}", m.total_throughput, if m.projected { " (projected)" } else { "" }),
+        (Some(m), _) => format!(
+            " {:.2} tok/s{}",
+            m.total_throughput,
+            if m.projected { " (projected)" } else { "" }
+        ),
         (None, Outcome::Ok) => String::new(),
         (None, _) => {
             let first = r.detail.lines().next().unwrap_or("");
@@ -288,7 +307,10 @@ fn run_case(
     let started_at = SystemTime::now();
     let record = |outcome: Outcome, detail: String| Record {
         schema: SCHEMA,
-        case: IdentifiedCase { id: id.clone(), case: case.clone() },
+        case: IdentifiedCase {
+            id: id.clone(),
+            case: case.clone(),
+        },
         outcome,
         detail,
         metrics: None,
@@ -309,7 +331,11 @@ fn run_case(
             format!(
                 "no backend serves framework `{}` (registered: {})",
                 case.framework,
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
             ),
         )));
     };
@@ -340,16 +366,23 @@ fn run_case(
         std::fs::remove_dir_all(&work_dir)
             .with_context(|| format!("clearing a stale work directory {}", work_dir.display()))?;
     }
-    std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
 
     let result = (|| -> Result<Option<Record>> {
         if let Err(e) = backend.prepare(&case, &ctx) {
-            return Ok(Some(record(Outcome::Error, format!("preparing the case failed: {e:#}"))));
+            return Ok(Some(record(
+                Outcome::Error,
+                format!("preparing the case failed: {e:#}"),
+            )));
         }
         let mut cmd = match backend.command(&case, &ctx) {
             Ok(c) => c,
             Err(e) => {
-                return Ok(Some(record(Outcome::Error, format!("building the command failed: {e:#}"))))
+                return Ok(Some(record(
+                    Outcome::Error,
+                    format!("building the command failed: {e:#}"),
+                )))
             }
         };
         cmd.env(protocol::CASE_ENV, &case_file);
@@ -406,7 +439,10 @@ pub fn classify(
     if end.timed_out {
         return (
             Outcome::Timeout,
-            format!("still running after {}s; its process group was killed{tail}", timeout.as_secs()),
+            format!(
+                "still running after {}s; its process group was killed{tail}",
+                timeout.as_secs()
+            ),
             None,
             raw,
         );
@@ -415,11 +451,19 @@ pub fn classify(
         return match parsed {
             Ok(Some(raw)) => match metrics::compute(case, &raw) {
                 Ok(m) => (Outcome::Ok, String::new(), Some(m), Some(raw)),
-                Err(e) => (Outcome::Error, format!("the result line is unusable: {e:#}"), None, Some(raw)),
+                Err(e) => (
+                    Outcome::Error,
+                    format!("the result line is unusable: {e:#}"),
+                    None,
+                    Some(raw),
+                ),
             },
             Ok(None) => (
                 Outcome::Error,
-                format!("exited 0 without a {} line{tail}", protocol::RESULT_PREFIX.trim()),
+                format!(
+                    "exited 0 without a {} line{tail}",
+                    protocol::RESULT_PREFIX.trim()
+                ),
                 None,
                 None,
             ),
@@ -427,12 +471,26 @@ pub fn classify(
         };
     }
     if end.exit_code == Some(protocol::EXIT_OOM) {
-        return (Outcome::Oom, format!("the runner reported out of memory (exit 3){tail}"), None, raw);
+        return (
+            Outcome::Oom,
+            format!("the runner reported out of memory (exit 3){tail}"),
+            None,
+            raw,
+        );
     }
     if end.exit_code == Some(protocol::EXIT_UNAVAILABLE) {
         let reason = end.stderr_tail.lines().last().unwrap_or("").trim();
-        let reason = if reason.is_empty() { "no reason given".to_string() } else { reason.to_string() };
-        return (Outcome::Unavailable, format!("the runner cannot run this case here (exit 4): {reason}"), None, raw);
+        let reason = if reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            reason.to_string()
+        };
+        return (
+            Outcome::Unavailable,
+            format!("the runner cannot run this case here (exit 4): {reason}"),
+            None,
+            raw,
+        );
     }
     if end.stderr_oom {
         let how = match (end.exit_code, end.signal) {
@@ -440,7 +498,12 @@ pub fn classify(
             (None, Some(s)) => signal_name(s),
             _ => "unknown status".into(),
         };
-        return (Outcome::Oom, format!("out of memory ({how}; stderr says so){tail}"), None, raw);
+        return (
+            Outcome::Oom,
+            format!("out of memory ({how}; stderr says so){tail}"),
+            None,
+            raw,
+        );
     }
     if let Some(sig) = end.signal {
         if sig == libc::SIGKILL {
@@ -459,9 +522,16 @@ pub fn classify(
                 Some(false) => {}
             }
         }
-        return (Outcome::Crashed, format!("killed by {} (signal {sig}){tail}", signal_name(sig)), None, raw);
+        return (
+            Outcome::Crashed,
+            format!("killed by {} (signal {sig}){tail}", signal_name(sig)),
+            None,
+            raw,
+        );
     }
-    let code = end.exit_code.map_or("unknown".to_string(), |c| c.to_string());
+    let code = end
+        .exit_code
+        .map_or("unknown".to_string(), |c| c.to_string());
     (Outcome::Error, format!("exit code {code}{tail}"), None, raw)
 }
 
@@ -477,12 +547,21 @@ pub fn mentions_oom(line: &str) -> bool {
 
 /// Starts `cmd` in its own process group, copies its output to `log_path`, and waits for it, the
 /// timeout, or an interrupt. `Ok(None)` when interrupted (the group is already killed).
-fn run_process(cmd: &mut Command, log_path: &Path, timeout: Duration) -> Result<Option<ProcessEnd>> {
-    let mut log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    writeln!(log, "== flexbench: {:?}", cmd).with_context(|| format!("writing {}", log_path.display()))?;
+fn run_process(
+    cmd: &mut Command,
+    log_path: &Path,
+    timeout: Duration,
+) -> Result<Option<ProcessEnd>> {
+    let mut log =
+        File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    writeln!(log, "== flexbench: {:?}", cmd)
+        .with_context(|| format!("writing {}", log_path.display()))?;
     let log = Arc::new(Mutex::new(log));
     let oom_before = oom_kill_count();
-    cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -554,10 +633,19 @@ fn run_process(cmd: &mut Command, log_path: &Path, timeout: Duration) -> Result<
     kill_group(pgid);
     let drained = (0..2).all(|_| done_rx.recv_timeout(PIPE_DRAIN_TIMEOUT).is_ok());
     let (result_lines, (stderr_tail, stderr_oom)) = if drained {
-        (out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default())
+        (
+            out_thread.join().unwrap_or_default(),
+            err_thread.join().unwrap_or_default(),
+        )
     } else {
         // A process that left the group still holds the pipes; keep what we have and move on.
-        (String::new(), ("output pipes still held by a process that left the group".to_string(), false))
+        (
+            String::new(),
+            (
+                "output pipes still held by a process that left the group".to_string(),
+                false,
+            ),
+        )
     };
     let oom_after = oom_kill_count();
     Ok(Some(ProcessEnd {
@@ -612,7 +700,11 @@ fn oom_kill_count() -> Option<u64> {
         if controllers.is_empty() {
             candidates.push(Path::new("/sys/fs/cgroup").join(path).join("memory.events"));
         } else if controllers.split(',').any(|c| c == "memory") {
-            candidates.push(Path::new("/sys/fs/cgroup/memory").join(path).join("memory.oom_control"));
+            candidates.push(
+                Path::new("/sys/fs/cgroup/memory")
+                    .join(path)
+                    .join("memory.oom_control"),
+            );
         }
     }
     candidates.iter().find_map(|p| {
@@ -687,7 +779,11 @@ pub fn finish(result: Result<Summary>) -> i32 {
     match result {
         Ok(s) => {
             let counts: Vec<String> = s.counts.iter().map(|(o, n)| format!("{n} {o}")).collect();
-            let ran = if counts.is_empty() { "nothing run".to_string() } else { counts.join(", ") };
+            let ran = if counts.is_empty() {
+                "nothing run".to_string()
+            } else {
+                counts.join(", ")
+            };
             eprintln!(
                 "{} case(s): {ran}; {} skipped. Results: {} (environment {})",
                 s.total,
@@ -696,7 +792,10 @@ pub fn finish(result: Result<Summary>) -> i32 {
                 s.env_id
             );
             if s.failed() > 0 {
-                eprintln!("{} case(s) failed; see `detail` in results.jsonl and the logs beside it", s.failed());
+                eprintln!(
+                    "{} case(s) failed; see `detail` in results.jsonl and the logs beside it",
+                    s.failed()
+                );
                 1
             } else {
                 0

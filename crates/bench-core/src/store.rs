@@ -66,7 +66,8 @@ impl Store {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        repair_tail(&mut results).with_context(|| format!("repairing the end of {}", path.display()))?;
+        repair_tail(&mut results)
+            .with_context(|| format!("repairing the end of {}", path.display()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
             results,
@@ -159,7 +160,11 @@ pub fn read(path: &Path) -> Result<ReadResult> {
                     "{}:{}: skipped {}: {e:#}",
                     path.display(),
                     i + 1,
-                    if torn { "a torn last line (an interrupted write)" } else { "a line" }
+                    if torn {
+                        "a torn last line (an interrupted write)"
+                    } else {
+                        "a line"
+                    }
                 ));
             }
         }

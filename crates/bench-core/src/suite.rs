@@ -381,27 +381,30 @@ impl<'de> Deserialize<'de> for CheckedPlacement {
 
 // ---- expansion ----
 
-/// Built-in values for what neither the case, its grid nor the suite's defaults set.
-fn resolve_case(
-    d: &Defaults,
-    model: &str,
-    framework: &str,
+/// What a grid cell or explicit case fixes; the rest comes from [`Defaults`].
+struct Shape<'a> {
+    model: &'a str,
+    framework: &'a str,
     prompt_len: usize,
     gen_len: usize,
     cut: Option<usize>,
     gpu_batch_size: usize,
     placement: Placement,
-) -> Case {
+}
+
+/// The case of a shape, with built-in values for what neither the case, its grid nor the suite's
+/// defaults set.
+fn resolve_case(d: &Defaults, s: Shape) -> Case {
     Case {
-        model: model.to_string(),
-        framework: framework.to_string(),
-        prompt_len,
-        gen_len,
+        model: s.model.to_string(),
+        framework: s.framework.to_string(),
+        prompt_len: s.prompt_len,
+        gen_len: s.gen_len,
         // Cutting at the full length is the same as not cutting (and keeps the id).
-        cut_gen_len: cut.filter(|&c| c != gen_len),
-        gpu_batch_size,
+        cut_gen_len: s.cut.filter(|&c| c != s.gen_len),
+        gpu_batch_size: s.gpu_batch_size,
         num_gpu_batches: d.num_gpu_batches.unwrap_or(1),
-        placement,
+        placement: s.placement,
         device: d.device.unwrap_or(Device::Cuda),
         weights: d.weights.clone().unwrap_or(Weights::Dummy),
         num_nodes: d.num_nodes.unwrap_or(1),
@@ -443,17 +446,22 @@ impl SuiteFile {
             .over(&self.defaults);
             let case = resolve_case(
                 &d,
-                &spec.model.0,
-                &spec.framework.0,
-                spec.prompt_len,
-                spec.gen_len,
-                spec.cut_gen_len.map(|c| c.0),
-                spec.gpu_batch_size,
-                spec.placement.0.clone(),
+                Shape {
+                    model: &spec.model.0,
+                    framework: &spec.framework.0,
+                    prompt_len: spec.prompt_len,
+                    gen_len: spec.gen_len,
+                    cut: spec.cut_gen_len.map(|c| c.0),
+                    gpu_batch_size: spec.gpu_batch_size,
+                    placement: spec.placement.0.clone(),
+                },
             );
             out.push(SuiteCase {
                 case,
-                origin: format!("cases[{ci}] ({} {} prompt {})", spec.model.0, spec.framework.0, spec.prompt_len),
+                origin: format!(
+                    "cases[{ci}] ({} {} prompt {})",
+                    spec.model.0, spec.framework.0, spec.prompt_len
+                ),
             });
         }
 
@@ -466,9 +474,9 @@ impl SuiteFile {
 
         let mut seen: HashMap<String, String> = HashMap::new();
         for c in &out {
-            c.case
-                .validate()
-                .map_err(|e| anyhow::anyhow!("{}: {e}\n  fix: change that case's values", c.origin))?;
+            c.case.validate().map_err(|e| {
+                anyhow::anyhow!("{}: {e}\n  fix: change that case's values", c.origin)
+            })?;
             if let Some(first) = seen.insert(c.case.id(), c.origin.clone()) {
                 bail!(
                     "{} is the same case as {first} (id {})\n  fix: remove one of them, or add an exclude",
@@ -498,14 +506,19 @@ impl SuiteFile {
                      fix: give placements either per cell or as the axis, not both"
                 );
             }
-            if !grid.models.is_empty() && cell.model.as_ref().is_some_and(|m| !grid.models.contains(m)) {
+            if !grid.models.is_empty()
+                && cell
+                    .model
+                    .as_ref()
+                    .is_some_and(|m| !grid.models.contains(m))
+            {
                 bail!(
                     "{gname}: cells[{ki}] names model `{}`, which is not on the `models` axis\n  fix: add it to `models` or remove the cell",
                     cell.model.as_ref().unwrap().0
                 );
             }
         }
-        for (m, _) in &grid.cut_gen_len {
+        for m in grid.cut_gen_len.keys() {
             if !grid.models.contains(m) {
                 bail!(
                     "{gname}: cut_gen_len names model `{}`, which is not on the `models` axis\n  fix: add it to `models` or remove the entry",
@@ -518,7 +531,10 @@ impl SuiteFile {
             for &prompt_len in &grid.prompt_lens {
                 for &gen_len in &grid.gen_lens {
                     for fw in &grid.frameworks {
-                        let cell = grid.cells.iter().find(|c| c.matches(&fw.0, &model.0, prompt_len));
+                        let cell = grid
+                            .cells
+                            .iter()
+                            .find(|c| c.matches(&fw.0, &model.0, prompt_len));
                         let where_ = || {
                             Origin(format!(
                                 "{gname} cell (framework {}, model {}, prompt_len {prompt_len})",
@@ -553,7 +569,18 @@ impl SuiteFile {
                         }
                         for &bs in &batches {
                             for p in &placements {
-                                let case = resolve_case(&cd, &model.0, &fw.0, prompt_len, gen_len, cut, bs, p.clone());
+                                let case = resolve_case(
+                                    &cd,
+                                    Shape {
+                                        model: &model.0,
+                                        framework: &fw.0,
+                                        prompt_len,
+                                        gen_len,
+                                        cut,
+                                        gpu_batch_size: bs,
+                                        placement: p.clone(),
+                                    },
+                                );
                                 out.push(SuiteCase {
                                     origin: format!("{} bs {bs} {}", where_(), p.label()),
                                     case,

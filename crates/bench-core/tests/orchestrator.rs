@@ -20,7 +20,10 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let p = std::env::temp_dir().join(format!("flexbench-test-{name}-{}-{nanos}", std::process::id()));
+        let p = std::env::temp_dir().join(format!(
+            "flexbench-test-{name}-{}-{nanos}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -42,13 +45,21 @@ fn case(behavior: &str, prompt_len: usize, extra: &str) -> String {
 
 fn write_suite(dir: &Path, name: &str, cases: &[String]) -> PathBuf {
     let path = dir.join(format!("{name}.ron"));
-    let text = format!("(defaults: (device: cpu, timeout_s: 60), cases: [\n{}\n])", cases.join(",\n"));
+    let text = format!(
+        "(defaults: (device: cpu, timeout_s: 60), cases: [\n{}\n])",
+        cases.join(",\n")
+    );
     std::fs::write(&path, text).unwrap();
     path
 }
 
 fn drive(suite: &Path, out: &Path, extra: &[&str]) -> Output {
-    Command::new(DRIVER).arg(suite).arg(out).args(extra).output().unwrap()
+    Command::new(DRIVER)
+        .arg(suite)
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn records(path: &Path) -> Vec<Record> {
@@ -70,14 +81,22 @@ fn process_gone(pid: i32) -> bool {
     // Gone, or a zombie waiting for its (new) parent to reap it.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(s) => s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
     }
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -86,7 +105,15 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 fn every_outcome_from_real_processes() {
     let tmp = TempDir::new("outcomes");
     let behaviors = [
-        "ok", "oom", "oom3", "hang", "segv", "error", "noresult", "badresult", "unavailable",
+        "ok",
+        "oom",
+        "oom3",
+        "hang",
+        "segv",
+        "error",
+        "noresult",
+        "badresult",
+        "unavailable",
     ];
     let mut cases: Vec<String> = behaviors.iter().map(|b| case(b, 16, "")).collect();
     cases.push(case("ok", 16, ", framework: \"deepspeed\"").replace("framework: \"native\", ", ""));
@@ -96,18 +123,28 @@ fn every_outcome_from_real_processes() {
     let out = tmp.0.join("results");
     let o = drive(&suite, &out, &["--timeout", "1"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "failures make the exit code 1\n{stderr}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "failures make the exit code 1\n{stderr}"
+    );
 
     let dir = out.join("faults");
     let recs = records(&dir.join("results.jsonl"));
-    assert_eq!(recs.len(), cases.len(), "one record per case, even after failures\n{stderr}");
+    assert_eq!(
+        recs.len(),
+        cases.len(),
+        "one record per case, even after failures\n{stderr}"
+    );
     let by_behavior = |b: &str, fw: &str, reps: usize| -> &Record {
         recs.iter()
             .find(|r| {
                 r.case.case.weights == bench_core::Weights::Checkpoint(b.into())
                     && r.case.case.framework == fw
                     && r.case.case.repetitions == reps
-                    && (b != "ok" || fw != "native" || r.case.case.device == bench_core::Device::Cpu)
+                    && (b != "ok"
+                        || fw != "native"
+                        || r.case.case.device == bench_core::Device::Cpu)
             })
             .unwrap_or_else(|| panic!("no record for {b}"))
     };
@@ -157,22 +194,43 @@ fn every_outcome_from_real_processes() {
 
     let err = by_behavior("error", "native", 1);
     assert_eq!(err.outcome, Outcome::Error);
-    assert!(err.detail.contains("exit code 1") && err.detail.contains("bad tensor shape"), "{}", err.detail);
+    assert!(
+        err.detail.contains("exit code 1") && err.detail.contains("bad tensor shape"),
+        "{}",
+        err.detail
+    );
 
     let nores = by_behavior("noresult", "native", 1);
     assert_eq!(nores.outcome, Outcome::Error);
-    assert!(nores.detail.contains("without a FLEXBENCH_RESULT"), "{}", nores.detail);
+    assert!(
+        nores.detail.contains("without a FLEXBENCH_RESULT"),
+        "{}",
+        nores.detail
+    );
     let bad = by_behavior("badresult", "native", 1);
     assert_eq!(bad.outcome, Outcome::Error);
     assert!(bad.detail.contains("unusable"), "{}", bad.detail);
 
     let unav = by_behavior("unavailable", "native", 1);
     assert_eq!(unav.outcome, Outcome::Unavailable);
-    assert!(unav.detail.contains("disk tier is not built yet"), "{}", unav.detail);
+    assert!(
+        unav.detail.contains("disk tier is not built yet"),
+        "{}",
+        unav.detail
+    );
     let nobackend = by_behavior("ok", "deepspeed", 1);
     assert_eq!(nobackend.outcome, Outcome::Unavailable);
-    assert!(nobackend.detail.contains("no backend serves framework `deepspeed`"), "{}", nobackend.detail);
-    let cuda = recs.iter().find(|r| r.case.case.device == bench_core::Device::Cuda).unwrap();
+    assert!(
+        nobackend
+            .detail
+            .contains("no backend serves framework `deepspeed`"),
+        "{}",
+        nobackend.detail
+    );
+    let cuda = recs
+        .iter()
+        .find(|r| r.case.case.device == bench_core::Device::Cuda)
+        .unwrap();
     assert_eq!(cuda.outcome, Outcome::Unavailable);
     assert!(cuda.detail.contains("no GPU"), "{}", cuda.detail);
 
@@ -180,11 +238,17 @@ fn every_outcome_from_real_processes() {
     for r in recs.iter().filter(|r| r.log.is_some()) {
         let log = std::fs::read_to_string(dir.join(r.log.as_ref().unwrap())).unwrap();
         assert!(log.contains("fake runner: case"), "{log}");
-        assert!(dir.join("cases").join(format!("{}.json", r.case.id)).is_file());
+        assert!(dir
+            .join("cases")
+            .join(format!("{}.json", r.case.id))
+            .is_file());
     }
     assert_eq!(std::fs::read_dir(dir.join("work")).unwrap().count(), 0);
     // One progress line per case.
-    let progress = stderr.lines().filter(|l| l.starts_with('[') && l.contains("ETA")).count();
+    let progress = stderr
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains("ETA"))
+        .count();
     assert_eq!(progress, cases.len(), "{stderr}");
     assert!(stderr.contains(&format!("[1/{}]", cases.len())), "{stderr}");
 
@@ -219,7 +283,9 @@ fn kill_9_mid_suite_then_rerun_loses_and_duplicates_nothing() {
         .spawn()
         .unwrap();
     wait_until("two records", || {
-        std::fs::read_to_string(&results).map(|t| t.lines().count() >= 2).unwrap_or(false)
+        std::fs::read_to_string(&results)
+            .map(|t| t.lines().count() >= 2)
+            .unwrap_or(false)
     });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -234,7 +300,11 @@ fn kill_9_mid_suite_then_rerun_loses_and_duplicates_nothing() {
     std::fs::write(&results, &torn).unwrap();
     let r = store::read(&results).unwrap();
     assert_eq!(r.records.len(), before.len());
-    assert!(r.warnings.len() == 1 && r.warnings[0].contains("torn last line"), "{:?}", r.warnings);
+    assert!(
+        r.warnings.len() == 1 && r.warnings[0].contains("torn last line"),
+        "{:?}",
+        r.warnings
+    );
 
     let o = drive(&suite, &out, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -248,7 +318,10 @@ fn kill_9_mid_suite_then_rerun_loses_and_duplicates_nothing() {
         *per_id.entry(r.case.id.clone()).or_default() += 1;
     }
     assert_eq!(per_id.len(), 8, "every case recorded");
-    assert!(per_id.values().all(|&n| n == 1), "no case recorded twice: {per_id:?}");
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "no case recorded twice: {per_id:?}"
+    );
     // The records from before the kill are still there, first, unchanged.
     assert_eq!(&after[..before.len()], &before[..]);
 }
@@ -262,11 +335,19 @@ fn second_bench_on_the_same_directory_is_refused() {
     let o = drive(&suite, &out, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("another `cargo xtask bench` is running"), "{stderr}");
+    assert!(
+        stderr.contains("another `cargo xtask bench` is running"),
+        "{stderr}"
+    );
     assert!(records(&out.join("locked").join("results.jsonl")).is_empty());
     drop(held);
     let o = drive(&suite, &out, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -279,15 +360,26 @@ fn unwritable_results_directory_is_a_clear_error() {
     let o = drive(&suite, &file.join("results"), &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("cannot create results directory") && stderr.contains("--out"), "{stderr}");
+    assert!(
+        stderr.contains("cannot create results directory") && stderr.contains("--out"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(std::fs::read_dir(&tmp.0).unwrap().count(), 2, "nothing else was created");
+    assert_eq!(
+        std::fs::read_dir(&tmp.0).unwrap().count(),
+        2,
+        "nothing else was created"
+    );
 }
 
 #[test]
 fn ctrl_c_kills_the_case_and_records_nothing_partial() {
     let tmp = TempDir::new("sigint");
-    let suite = write_suite(&tmp.0, "int", &[case("ok", 8, ""), case("hang", 16, ""), case("ok", 32, "")]);
+    let suite = write_suite(
+        &tmp.0,
+        "int",
+        &[case("ok", 8, ""), case("hang", 16, ""), case("ok", 32, "")],
+    );
     let out = tmp.0.join("results");
     let dir = out.join("int");
     let child = Command::new(DRIVER)
@@ -298,10 +390,18 @@ fn ctrl_c_kills_the_case_and_records_nothing_partial() {
         .spawn()
         .unwrap();
     let log_of_hang = || {
-        std::fs::read_dir(dir.join("logs")).ok()?.flatten().find_map(|e| {
-            let text = std::fs::read_to_string(e.path()).ok()?;
-            text.lines().find_map(|l| l.strip_prefix("grandchild pid ")?.trim().parse::<i32>().ok())
-        })
+        std::fs::read_dir(dir.join("logs"))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                text.lines().find_map(|l| {
+                    l.strip_prefix("grandchild pid ")?
+                        .trim()
+                        .parse::<i32>()
+                        .ok()
+                })
+            })
     };
     let mut grandchild = None;
     wait_until("the hanging case to start", || {
@@ -317,7 +417,12 @@ fn ctrl_c_kills_the_case_and_records_nothing_partial() {
     let recs = records(&dir.join("results.jsonl"));
     assert_eq!(recs.len(), 1, "only the case finished before Ctrl-C");
     assert_eq!(recs[0].outcome, Outcome::Ok);
-    wait_until("the hanging case's group to die", || process_gone(grandchild.unwrap()));
-    let counts: BTreeMap<_, _> = recs.iter().map(|r| (r.case.id.clone(), r.outcome)).collect();
+    wait_until("the hanging case's group to die", || {
+        process_gone(grandchild.unwrap())
+    });
+    let counts: BTreeMap<_, _> = recs
+        .iter()
+        .map(|r| (r.case.id.clone(), r.outcome))
+        .collect();
     assert_eq!(counts.len(), 1);
 }

@@ -83,7 +83,10 @@ fn flexllmgen_1x1_mirrors_bench_suite() {
     assert!(!c.placement.policy().overlap);
     assert_eq!(find("opt-6.7b", 1024, true).gpu_batch_size, 28);
     let c = find("opt-30b", 512, false);
-    assert_eq!((c.gpu_batch_size, c.num_gpu_batches, c.cut_gen_len), (48, 3, Some(5)));
+    assert_eq!(
+        (c.gpu_batch_size, c.num_gpu_batches, c.cut_gen_len),
+        (48, 3, Some(5))
+    );
     assert!(c.placement.policy().cpu_attention);
     let c = find("opt-175b", 512, false);
     assert_eq!((c.gpu_batch_size, c.num_gpu_batches), (32, 8));
@@ -97,14 +100,27 @@ fn flexllmgen_1x1_mirrors_bench_suite() {
 #[test]
 fn smoke_runs_on_the_cpu() {
     let cases = load("smoke").expand();
-    assert!(cases.iter().all(|c| c.device == Device::Cpu && c.framework == "native" && c.model == "opt-125m"));
+    assert!(cases
+        .iter()
+        .all(|c| c.device == Device::Cpu && c.framework == "native" && c.model == "opt-125m"));
     let has = |bs: usize, prompt: usize| {
-        cases.iter().any(|c| c.gpu_batch_size == bs && c.prompt_len == prompt && c.gen_len == 32 && c.placement == Placement::Gpu)
+        cases.iter().any(|c| {
+            c.gpu_batch_size == bs
+                && c.prompt_len == prompt
+                && c.gen_len == 32
+                && c.placement == Placement::Gpu
+        })
     };
     assert!(has(4, 128) && has(16, 256));
     let policies: Vec<_> = cases.iter().map(|c| c.placement.policy()).collect();
-    assert!(policies.iter().any(|p| p.weights().2 == 100), "a weights-on-disk case");
-    assert!(policies.iter().any(|p| p.cache().2 == 100), "a cache-on-disk case");
+    assert!(
+        policies.iter().any(|p| p.weights().2 == 100),
+        "a weights-on-disk case"
+    );
+    assert!(
+        policies.iter().any(|p| p.cache().2 == 100),
+        "a cache-on-disk case"
+    );
 }
 
 /// Parses `text` as a suite at a fake path and returns the error message.
@@ -133,41 +149,62 @@ fn unknown_key_is_refused() {
     assert!(e.starts_with("suites/bad.ron:4:"), "{e}");
     assert!(e.contains("casez"), "{e}");
     assert!(e.contains("remove or rename"), "{e}");
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gen_len: 8", "gen_len: 8, batch: 3")));
-    assert!(e.contains("batch") && e.starts_with("suites/bad.ron:1:"), "{e}");
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("gen_len: 8", "gen_len: 8, batch: 3")
+    ));
+    assert!(
+        e.contains("batch") && e.starts_with("suites/bad.ron:1:"),
+        "{e}"
+    );
 }
 
 #[test]
 fn percents_over_100_are_refused() {
     let text = format!(
         "(\n cases: [\n  {}\n ],\n)",
-        GOOD_CASE.replace("placement: gpu", "placement: policy(percent: (60, 50, 100, 0, 100, 0))")
+        GOOD_CASE.replace(
+            "placement: gpu",
+            "placement: policy(percent: (60, 50, 100, 0, 100, 0))"
+        )
     );
     let e = error_of(&text);
     assert!(e.starts_with("suites/bad.ron:3:"), "{e}");
     assert!(e.contains("110"), "{e}");
     // A single value over 255 does not even fit.
-    let bad = GOOD_CASE.replace("placement: gpu", "placement: policy(percent: (300, 0, 100, 0, 100, 0))");
+    let bad = GOOD_CASE.replace(
+        "placement: gpu",
+        "placement: policy(percent: (300, 0, 100, 0, 100, 0))",
+    );
     let e = error_of(&format!("(cases: [{bad}])"));
     assert!(e.starts_with("suites/bad.ron:1:"), "{e}");
 }
 
 #[test]
 fn cut_gen_len_below_4_is_refused() {
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gen_len: 8", "gen_len: 8, cut_gen_len: 3")));
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("gen_len: 8", "gen_len: 8, cut_gen_len: 3")
+    ));
     assert!(e.starts_with("suites/bad.ron:1:"), "{e}");
     assert!(e.contains("cut_gen_len 3 is below 4"), "{e}");
     let grid = r#"(grids: [(models: ["opt-125m"], prompt_lens: [8], gen_lens: [32], frameworks: ["native"],
         placements: [gpu], gpu_batch_sizes: [1],
         cut_gen_len: {"opt-125m": 2})])"#;
     let e = error_of(grid);
-    assert!(e.starts_with("suites/bad.ron:3:") && e.contains("below 4"), "{e}");
+    assert!(
+        e.starts_with("suites/bad.ron:3:") && e.contains("below 4"),
+        "{e}"
+    );
 }
 
 #[test]
 fn duplicate_cases_are_refused() {
     let e = error_of(&format!("(cases: [{GOOD_CASE}, {GOOD_CASE}])"));
-    assert!(e.contains("cases[1]") && e.contains("same case as cases[0]"), "{e}");
+    assert!(
+        e.contains("cases[1]") && e.contains("same case as cases[0]"),
+        "{e}"
+    );
     assert!(e.starts_with("suites/bad.ron: "), "{e}");
     // A grid cell and an explicit case can collide too.
     let text = format!(
@@ -180,20 +217,41 @@ fn duplicate_cases_are_refused() {
 
 #[test]
 fn unknown_names_and_missing_cells() {
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("opt-125m", "opt-7b")));
-    assert!(e.contains("unknown model `opt-7b`") && e.contains("opt-6.7b"), "{e}");
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("native", "vllm")));
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("opt-125m", "opt-7b")
+    ));
+    assert!(
+        e.contains("unknown model `opt-7b`") && e.contains("opt-6.7b"),
+        "{e}"
+    );
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("native", "vllm")
+    ));
     assert!(e.contains("unknown framework `vllm`"), "{e}");
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("gpu)", "tape)")));
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("gpu)", "tape)")
+    ));
     assert!(e.contains("tape"), "{e}");
     let grid = r#"(grids: [(models: ["opt-125m"], prompt_lens: [8, 16], gen_lens: [8], frameworks: ["native"],
         cells: [(prompt_len: 8, gpu_batch_size: 1, placement: gpu)])])"#;
     let e = error_of(grid);
-    assert!(e.contains("prompt_len 16") && e.contains("no batch size") && e.contains("fix:"), "{e}");
+    assert!(
+        e.contains("prompt_len 16") && e.contains("no batch size") && e.contains("fix:"),
+        "{e}"
+    );
     // Cases that only fail the whole-case checks name where they came from.
-    let e = error_of(&format!("(cases: [{}])", GOOD_CASE.replace("prompt_len: 8", "prompt_len: 4000")));
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("prompt_len: 8", "prompt_len: 4000")
+    ));
     assert!(e.contains("cases[0]") && e.contains("positions"), "{e}");
-    let e = error_of(&format!("(cases: [{}], excludes: [(model: \"opt-30b\")])", GOOD_CASE));
+    let e = error_of(&format!(
+        "(cases: [{}], excludes: [(model: \"opt-30b\")])",
+        GOOD_CASE
+    ));
     assert!(e.contains("excludes[0] matches no case"), "{e}");
 }
 
@@ -208,21 +266,44 @@ fn excludes_and_defaults() {
     let s = Suite::parse(Path::new("x.ron"), text).unwrap();
     let cases = s.expand();
     assert_eq!(cases.len(), 2 * 2 * 2 * 2 - 4);
-    assert!(cases.iter().all(|c| c.repetitions == 2 && c.device == Device::Cpu && c.timeout_s == Some(9)));
-    assert!(!cases.iter().any(|c| c.model == "opt-tiny" && c.placement == Placement::Disk));
+    assert!(cases
+        .iter()
+        .all(|c| c.repetitions == 2 && c.device == Device::Cpu && c.timeout_s == Some(9)));
+    assert!(!cases
+        .iter()
+        .any(|c| c.model == "opt-tiny" && c.placement == Placement::Disk));
     // Order: models, then prompt lengths, then batch sizes, then placements.
-    let first: Vec<_> = cases.iter().take(4).map(|c| (c.prompt_len, c.gpu_batch_size, c.placement.label())).collect();
-    assert_eq!(first, [(8, 1, "gpu".into()), (8, 1, "disk".into()), (8, 2, "gpu".into()), (8, 2, "disk".into())]);
+    let first: Vec<_> = cases
+        .iter()
+        .take(4)
+        .map(|c| (c.prompt_len, c.gpu_batch_size, c.placement.label()))
+        .collect();
+    assert_eq!(
+        first,
+        [
+            (8, 1, "gpu".into()),
+            (8, 1, "disk".into()),
+            (8, 2, "gpu".into()),
+            (8, 2, "disk".into())
+        ]
+    );
 }
 
 #[test]
 fn suite_lookup() {
     let dir = suites_dir();
-    assert!(suite::resolve(&dir, "smoke").unwrap().ends_with("smoke.ron"));
+    assert!(suite::resolve(&dir, "smoke")
+        .unwrap()
+        .ends_with("smoke.ron"));
     let path = dir.join("hf_ds.ron");
     assert_eq!(suite::resolve(&dir, path.to_str().unwrap()).unwrap(), path);
     let e = suite::resolve(&dir, "smokey").unwrap_err().to_string();
-    assert!(e.contains("unknown suite `smokey`") && e.contains("hf_ds") && e.contains("smoke"), "{e}");
-    let e = suite::resolve(&dir, "nowhere/x.ron").unwrap_err().to_string();
+    assert!(
+        e.contains("unknown suite `smokey`") && e.contains("hf_ds") && e.contains("smoke"),
+        "{e}"
+    );
+    let e = suite::resolve(&dir, "nowhere/x.ron")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not found"), "{e}");
 }

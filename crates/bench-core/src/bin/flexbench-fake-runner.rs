@@ -28,7 +28,11 @@ fn main() {
         }
     };
     let behavior = match &case.weights {
-        Weights::Checkpoint(p) => p.file_name().and_then(|s| s.to_str()).unwrap_or("ok").to_string(),
+        Weights::Checkpoint(p) => p
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("ok")
+            .to_string(),
         Weights::Dummy => "ok".to_string(),
     };
     println!("fake runner: case {} behavior {behavior}", case.id());
@@ -38,13 +42,19 @@ fn main() {
             .map(|r| {
                 // Prefill 40 ms, decode 10 ms per step; later repetitions a bit faster.
                 let scale = 1.0 - 0.1 * r as f64;
-                (0..steps).map(|i| if i == 0 { 0.04 * scale } else { 0.01 * scale }).collect()
+                (0..steps)
+                    .map(|i| if i == 0 { 0.04 * scale } else { 0.01 * scale })
+                    .collect()
             })
             .collect();
         let raw = RawResult {
             step_times_s: reps,
             generated_tokens: (case.batch_size() * case.gen_len) as u64,
-            versions: [("fake-runner".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+            versions: [(
+                "fake-runner".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]
+            .into(),
             ..Default::default()
         };
         println!("{}", raw.to_line());
@@ -64,8 +74,13 @@ fn main() {
             eprintln!("fake runner: pinned buffer too large for this host");
             std::process::exit(protocol::EXIT_OOM);
         }
+        // Never waited for on purpose: the orchestrator must kill it with the group.
+        #[allow(clippy::zombie_processes)]
         "hang" => {
-            let child = std::process::Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("spawn sleep");
             println!("grandchild pid {}", child.id());
             loop {
                 std::thread::sleep(Duration::from_secs(60));

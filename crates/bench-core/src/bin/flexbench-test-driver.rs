@@ -52,7 +52,10 @@ fn main() {
             "--force" => rerun = Rerun::All,
             "--rerun-failed" => rerun = Rerun::Failed,
             "--timeout" => {
-                let secs: f64 = it.next().and_then(|s| s.parse().ok()).expect("--timeout SECS");
+                let secs: f64 = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--timeout SECS");
                 timeout = Some(Duration::from_secs_f64(secs));
             }
             _ => positional.push(a.clone()),
