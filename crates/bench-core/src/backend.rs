@@ -39,6 +39,11 @@ pub trait Backend {
     fn prepare(&self, _case: &Case, _ctx: &RunContext) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Versions of the framework and its libraries as installed here (e.g. `torch`), for the
+    /// run's environment file. Runners also report the versions they used in each result.
+    fn versions(&self, _ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
+        Default::default()
+    }
     /// The child process for one case. The orchestrator adds the case file to its environment,
     /// its own process group, pipes and the timeout.
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command>;

@@ -181,10 +181,10 @@ pub mod time {
         format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
     }
 
-    /// `20261128T012742Z`
+    /// `20261128T012742.123Z`: sortable, safe in file names, distinct for runs started within the same second.
     pub fn stamp(t: SystemTime) -> String {
-        let (y, mo, d, h, mi, s, _) = parts(t);
-        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+        let (y, mo, d, h, mi, s, ms) = parts(t);
+        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{ms:03}Z")
     }
 
     fn parts(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
@@ -226,7 +226,7 @@ pub mod time {
         fn known_dates() {
             let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // 2024-02-29 12:34:56.789
             assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
-            assert_eq!(stamp(UNIX_EPOCH), "19700101T000000Z");
+            assert_eq!(stamp(UNIX_EPOCH), "19700101T000000.000Z");
         }
     }
 }

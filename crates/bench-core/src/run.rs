@@ -167,12 +167,20 @@ pub fn run_suite(
         }
     }
     let mut environment = env::capture(&opts.project_root, &dir.join("work"), SystemTime::now());
+    environment
+        .versions
+        .insert("flexbench".into(), env!("CARGO_PKG_VERSION").into());
     for (name, p) in &probes {
         let status = match p {
             Ok(()) => "available".to_string(),
             Err(why) => format!("unavailable: {why}"),
         };
         environment.backends.insert(name.to_string(), status);
+        if p.is_ok() {
+            if let Some(b) = backends.iter().find(|b| b.name() == *name) {
+                environment.versions.extend(b.versions(&probe_ctx));
+            }
+        }
     }
     environment.write(&dir)?;
 
@@ -809,5 +817,120 @@ pub fn finish(result: Result<Summary>) -> i32 {
             eprintln!("error: {e:#}");
             2
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::{Device, Placement, Weights};
+
+    fn case() -> Case {
+        Case {
+            model: "opt-tiny".into(),
+            framework: "native".into(),
+            prompt_len: 4,
+            gen_len: 4,
+            cut_gen_len: None,
+            gpu_batch_size: 1,
+            num_gpu_batches: 1,
+            placement: Placement::Gpu,
+            device: Device::Cpu,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 1,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: None,
+        }
+    }
+
+    fn outcome(end: ProcessEnd) -> (Outcome, String) {
+        let (o, d, _, _) = classify(&case(), &end, Duration::from_secs(7));
+        (o, d)
+    }
+
+    // The kernel's OOM killer cannot be provoked in a test; these cover how its SIGKILL is read.
+    #[test]
+    fn sigkill_is_oom_only_when_the_kernel_says_so() {
+        let killed = |oom_killed| ProcessEnd {
+            signal: Some(libc::SIGKILL),
+            oom_killed,
+            ..Default::default()
+        };
+        let (o, d) = outcome(killed(Some(true)));
+        assert_eq!(o, Outcome::Oom);
+        assert!(d.contains("OOM killer"), "{d}");
+        let (o, d) = outcome(killed(Some(false)));
+        assert_eq!(o, Outcome::Crashed);
+        assert!(d.contains("SIGKILL"), "{d}");
+        let (o, d) = outcome(killed(None));
+        assert_eq!(o, Outcome::Oom);
+        assert!(d.contains("most likely"), "{d}");
+    }
+
+    #[test]
+    fn precedence_of_the_signs() {
+        // A timeout wins over whatever the killed process printed.
+        let (o, d) = outcome(ProcessEnd {
+            timed_out: true,
+            signal: Some(libc::SIGKILL),
+            stderr_oom: true,
+            ..Default::default()
+        });
+        assert_eq!(o, Outcome::Timeout);
+        assert!(d.contains("7s"), "{d}");
+        // An abort after an out-of-memory message is an OOM, not a crash.
+        let (o, _) = outcome(ProcessEnd {
+            signal: Some(libc::SIGABRT),
+            stderr_oom: true,
+            ..Default::default()
+        });
+        assert_eq!(o, Outcome::Oom);
+        let (o, d) = outcome(ProcessEnd {
+            exit_code: Some(4),
+            stderr_tail: "loading\nno CUDA device".into(),
+            ..Default::default()
+        });
+        assert_eq!(o, Outcome::Unavailable);
+        assert!(d.ends_with("no CUDA device"), "{d}");
+        let raw = RawResult {
+            step_times_s: vec![vec![1.0, 0.5, 0.5, 0.5]],
+            ..Default::default()
+        };
+        let (o, _, m, _) = classify(
+            &case(),
+            &ProcessEnd {
+                exit_code: Some(0),
+                result_lines: raw.to_line(),
+                ..Default::default()
+            },
+            Duration::from_secs(1),
+        );
+        assert_eq!(o, Outcome::Ok);
+        assert_eq!(m.unwrap().total_throughput, 4.0 / 2.5);
+        let (o, d) = outcome(ProcessEnd {
+            exit_code: Some(0),
+            result_lines: format!("{}\n{}", raw.to_line(), raw.to_line()),
+            ..Default::default()
+        });
+        assert_eq!(o, Outcome::Error);
+        assert!(d.contains("more than one"), "{d}");
+    }
+
+    #[test]
+    fn oom_messages_of_the_frameworks() {
+        for line in [
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB",
+            "RuntimeError: [enforce fail at alloc_cpu.cpp:83] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes. Error code 12 (Cannot allocate memory)",
+            "memory allocation of 1048576 bytes failed",
+            "CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+        ] {
+            assert!(mentions_oom(line), "{line}");
+        }
+        assert!(!mentions_oom("loaded 32 layers"));
+        assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
+        assert_eq!(signal_name(64), "signal 64");
+        assert_eq!(human(185.0), "3m05s");
     }
 }

@@ -83,14 +83,24 @@ impl Store {
         self.dir.join(RESULTS_FILE)
     }
 
-    /// Appends one record as one line and fsyncs it.
+    /// Appends one record as one line and fsyncs it. If the write fails part way (disk full),
+    /// the partial line is cut off again so that the next append cannot bury it mid-file.
     pub fn append(&mut self, record: &Record) -> Result<()> {
         let mut line = record.to_line();
         line.push('\n');
-        self.results
+        let before = self.results.metadata().map(|m| m.len());
+        let written = self
+            .results
             .write_all(line.as_bytes())
-            .and_then(|_| self.results.sync_data())
-            .with_context(|| format!("appending to {}", self.results_path().display()))
+            .and_then(|_| self.results.sync_data());
+        if let Err(e) = written {
+            if let Ok(len) = before {
+                let _ = self.results.set_len(len);
+            }
+            return Err(e)
+                .with_context(|| format!("appending to {}", self.results_path().display()));
+        }
+        Ok(())
     }
 }
 

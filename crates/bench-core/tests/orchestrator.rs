@@ -348,6 +348,13 @@ fn second_bench_on_the_same_directory_is_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let results = out.join("locked").join("results.jsonl");
+    // A rerun skips the ok case; --force runs it again.
+    let o = drive(&suite, &out, &[]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skipped (already ok"));
+    assert_eq!(records(&results).len(), 1);
+    drive(&suite, &out, &["--force"]);
+    assert_eq!(records(&results).len(), 2);
 }
 
 #[test]
