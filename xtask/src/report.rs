@@ -39,6 +39,12 @@ pub fn run(args: Args) -> Result<()> {
     let other = match &args.compare {
         Some(o) => {
             let (odir, oname) = results_dir(&root, o)?;
+            // The same suite from two runs: name them by directory instead.
+            let oname = if oname == name {
+                odir.display().to_string()
+            } else {
+                oname
+            };
             Some((oname, load(&odir)?))
         }
         None => None,

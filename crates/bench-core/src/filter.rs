@@ -4,8 +4,9 @@
 //! - several filters must all match;
 //! - `placement` compares against [`Placement::label`](crate::Placement::label) (`gpu`, `cpu`,
 //!   `disk`, or a policy label such as `20/80/0/100/0/100+cpu_attn`);
-//! - dotted paths reach into the placement's policy (`placement.cpu_attention=true`,
-//!   `placement.compress_weight=true`); presets count as their equivalent policy;
+//! - dotted paths reach into objects: the placement's policy (`placement.cpu_attention=true`,
+//!   `placement.compress_weight=true`; presets count as their equivalent policy) or the weights
+//!   (`weights.checkpoint=/models/opt-1.3b`);
 //! - derived keys: `batch_size` (gpu_batch_size x num_gpu_batches) and `tier` (the lowest tier
 //!   holding weights or cache);
 //! - `none` matches an absent optional value (`cut_gen_len=none`).
@@ -44,8 +45,10 @@ impl Filter {
                 known.join(", ")
             );
         }
-        if path.len() > 1 && path[0] != "placement" {
-            bail!("filter `{text}`: only `placement` has sub-keys (e.g. placement.cpu_attention=true)");
+        if path.iter().any(|p| p.is_empty()) {
+            bail!(
+                "filter `{text}`: empty part in the key (write e.g. placement.cpu_attention=true)"
+            );
         }
         let values: Vec<String> = value.split(',').map(|v| v.trim().to_string()).collect();
         if values.iter().any(|v| v.is_empty()) {
@@ -164,6 +167,14 @@ mod tests {
         assert!(f("batch_size=8").matches(&a));
         assert!(f("cut_gen_len=none").matches(&a));
         assert!(f("device=cuda").matches(&a));
+        assert!(
+            !f("prompt_len.x=1").matches(&a),
+            "a path that does not exist matches nothing"
+        );
+        let mut c = b.clone();
+        c.weights = Weights::Checkpoint("/m/opt".into());
+        assert!(f("weights.checkpoint=/m/opt").matches(&c));
+        assert!(f("weights=dummy").matches(&b));
         assert!(f(&format!("id={}", a.id())).matches(&a));
         let both = [f("model=opt-30b"), f("prompt_len=512,1024")];
         assert!(matches_all(&both, &a) && !matches_all(&both, &b));
@@ -181,6 +192,6 @@ mod tests {
             "{e}"
         );
         assert!(Filter::parse("model=").is_err());
-        assert!(Filter::parse("prompt_len.x=1").is_err());
+        assert!(Filter::parse("placement..x=1").is_err());
     }
 }
