@@ -113,9 +113,14 @@ fn bad_input_is_one_clear_error() {
     );
 }
 
-/// Runs `bench smoke` into a temp dir and reports on it. `bin_dir` holds the runners.
-fn bench_and_report(bin_dir: &Path, filters: &[&str]) -> (PathBuf, Vec<bench_core::Record>) {
-    let out = temp_dir("smoke");
+/// Runs `bench smoke` into the temp dir `name` and reports on it. `bin_dir` holds the runners.
+/// The end-to-end test with the real engine is this with `bin_dir` = target/release.
+fn bench_and_report(
+    name: &str,
+    bin_dir: &Path,
+    filters: &[&str],
+) -> (PathBuf, Vec<bench_core::Record>) {
+    let out = temp_dir(name);
     let mut args = vec![
         "bench",
         "smoke",
@@ -150,7 +155,7 @@ fn bench_and_report(bin_dir: &Path, filters: &[&str]) -> (PathBuf, Vec<bench_cor
 #[test]
 fn smoke_without_a_runner_is_unavailable_not_failed() {
     let empty = temp_dir("nobin");
-    let (out, recs) = bench_and_report(&empty, &["prompt_len=128", "placement=gpu"]);
+    let (out, recs) = bench_and_report("smoke-nobin", &empty, &["prompt_len=128", "placement=gpu"]);
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].outcome, bench_core::Outcome::Unavailable);
     assert!(
@@ -162,4 +167,52 @@ fn smoke_without_a_runner_is_unavailable_not_failed() {
     assert!(md.contains("UNAVAILABLE (bs 4, gpu)"), "{md}");
     let _ = std::fs::remove_dir_all(out);
     let _ = std::fs::remove_dir_all(empty);
+}
+
+/// A stand-in `flexbench-native` (a shell script) that checks the command line the native backend
+/// builds and prints a fixed result: the xtask -> backend -> child -> metrics -> report path with
+/// numbers, before the engine exists.
+#[test]
+fn smoke_through_a_stand_in_runner_gives_metrics_and_plots() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = temp_dir("standin");
+    let steps: Vec<String> = std::iter::once("0.1".to_string())
+        .chain((1..32).map(|_| "0.01".to_string()))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\n\
+         [ \"$1\" = run-case ] && [ \"$2\" = --case ] && [ \"$2\" != \"\" ] && [ -f \"$FLEXBENCH_CASE\" ] \
+         && [ \"$3\" = \"$FLEXBENCH_CASE\" ] && [ \"$4\" = --offload-dir ] && [ -d \"$5\" ] || {{ echo bad args: \"$@\" >&2; exit 1; }}\n\
+         echo loading\n\
+         echo 'FLEXBENCH_RESULT {{\"step_times_s\":[[{}]]}}'\n",
+        steps.join(",")
+    );
+    let runner = bin.join("flexbench-native");
+    std::fs::write(&runner, script).unwrap();
+    std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let (out, recs) = bench_and_report("smoke-standin", &bin, &["prompt_len=128", "placement=gpu"]);
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert_eq!(r.outcome, bench_core::Outcome::Ok, "{}", r.detail);
+    // batch 4 x gen 32 / (0.1 + 31 x 0.01) s = 128 / 0.41
+    let m = r.metrics.as_ref().unwrap();
+    assert!(
+        (m.total_throughput - 128.0 / 0.41).abs() < 1e-9,
+        "{}",
+        m.total_throughput
+    );
+    let md = std::fs::read_to_string(out.join("smoke/report.md")).unwrap();
+    assert!(md.contains("| native gpu | 312.2 (bs 4, gpu) |"), "{md}");
+    let csv = std::fs::read_to_string(out.join("smoke/report.csv")).unwrap();
+    assert!(csv.lines().nth(1).unwrap().contains(",ok,"), "{csv}");
+    let svg = std::fs::read_to_string(out.join("smoke/throughput_vs_batch.svg")).unwrap();
+    assert!(
+        svg.contains("<circle cx") && !svg.contains("no ok cases"),
+        "{svg}"
+    );
+    let log = std::fs::read_to_string(out.join("smoke").join(r.log.as_ref().unwrap())).unwrap();
+    assert!(log.contains("loading"), "{log}");
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(bin);
 }

@@ -161,9 +161,7 @@ fn ron_options() -> ron::Options {
 fn hint(code: &ron::Error) -> &'static str {
     use ron::Error as E;
     match code {
-        E::NoSuchStructField { .. } => {
-            "remove or rename the key; the keys of each section are listed in crates/bench-core/src/suite.rs"
-        }
+        E::NoSuchStructField { .. } => "rename it to one of the expected keys, or remove it",
         E::MissingStructField { .. } => "add the missing key",
         E::DuplicateStructField { .. } => "keep one of the two entries",
         E::Eof => "the file ends early: check for an unclosed `(`, `[` or `{`",
