@@ -195,6 +195,13 @@ pub fn run_suite(
         .iter()
         .filter(|c| skip_reason(&c.id()).is_none())
         .count();
+    if opts.progress {
+        eprintln!(
+            "suite {suite}: {} case(s), {to_run} to run, results in {}",
+            cases.len(),
+            dir.display()
+        );
+    }
     let (mut ran, mut spent) = (0usize, Duration::ZERO);
     for (i, case) in cases.iter().enumerate() {
         if interrupted() {

@@ -516,6 +516,21 @@ impl SuiteFile {
                 );
             }
         }
+        for (ki, cell) in grid.cells.iter().enumerate() {
+            let used = grid.frameworks.iter().any(|f| {
+                grid.models.iter().any(|m| {
+                    grid.prompt_lens
+                        .iter()
+                        .any(|&p| cell.matches(&f.0, &m.0, p))
+                })
+            });
+            if !used {
+                bail!(
+                    "{gname}: cells[{ki}] matches no (framework, model, prompt_len) of the grid's axes\n  \
+                     fix: correct its keys or remove it"
+                );
+            }
+        }
         for m in grid.cut_gen_len.keys() {
             if !grid.models.contains(m) {
                 bail!(

@@ -148,7 +148,7 @@ fn unknown_key_is_refused() {
     let e = error_of("(\n  defaults: (device: cpu),\n  grids: [],\n  casez: [],\n)");
     assert!(e.starts_with("suites/bad.ron:4:"), "{e}");
     assert!(e.contains("casez"), "{e}");
-    assert!(e.contains("remove or rename"), "{e}");
+    assert!(e.contains("rename it"), "{e}");
     let e = error_of(&format!(
         "(cases: [{}])",
         GOOD_CASE.replace("gen_len: 8", "gen_len: 8, batch: 3")
@@ -240,6 +240,13 @@ fn unknown_names_and_missing_cells() {
     let e = error_of(grid);
     assert!(
         e.contains("prompt_len 16") && e.contains("no batch size") && e.contains("fix:"),
+        "{e}"
+    );
+    let grid = r#"(grids: [(name: "g", models: ["opt-125m"], prompt_lens: [8], gen_lens: [8], frameworks: ["native"],
+        cells: [(prompt_len: 8, gpu_batch_size: 1, placement: gpu), (prompt_len: 9, gpu_batch_size: 1, placement: gpu)])])"#;
+    let e = error_of(grid);
+    assert!(
+        e.contains("grid `g` (grids[0]): cells[1] matches no"),
         "{e}"
     );
     // Cases that only fail the whole-case checks name where they came from.
