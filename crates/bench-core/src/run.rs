@@ -627,9 +627,9 @@ fn run_process(
 
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
-    let status: ExitStatus = loop {
-        if let Some(s) = child.try_wait().context("waiting for the runner")? {
-            break s;
+    loop {
+        if exited_unreaped(pgid).context("waiting for the runner")? {
+            break;
         }
         if interrupted() {
             kill_group(pgid);
@@ -638,14 +638,15 @@ fn run_process(
         }
         if Instant::now() >= deadline {
             timed_out = true;
-            kill_group(pgid);
-            break child.wait().context("waiting for the killed runner")?;
+            break;
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    // Whatever the runner left behind in its group (launcher workers, ...) goes too; otherwise
-    // they would keep the pipes open.
+    }
+    // At the timeout this kills the runner; otherwise whatever it left behind in its group
+    // (launcher workers, ...), which would keep the pipes open. The runner is not reaped yet,
+    // so its pid, and with it the group id, cannot have been reused.
     kill_group(pgid);
+    let status: ExitStatus = child.wait().context("waiting for the runner")?;
     let drained = (0..2).all(|_| done_rx.recv_timeout(PIPE_DRAIN_TIMEOUT).is_ok());
     let (result_lines, (stderr_tail, stderr_oom)) = if drained {
         (
@@ -693,6 +694,25 @@ fn copy_lines(pipe: impl Read, log: &Mutex<File>, mut each: impl FnMut(&str)) {
                 each(line.trim_end_matches(['\n', '\r']));
             }
         }
+    }
+}
+
+/// Whether the child has exited, leaving it a zombie (WNOWAIT) so its pid stays reserved.
+fn exited_unreaped(pid: i32) -> std::io::Result<bool> {
+    // SAFETY: `info` is a zeroed out-parameter of the right type; waitid with WNOHANG | WNOWAIT
+    // neither blocks nor reaps.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(info.si_pid() != 0)
     }
 }
 
