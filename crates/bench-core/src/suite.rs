@@ -25,6 +25,24 @@
 //! ```
 //! Options may be written bare (`cut_gen_len: 5`, not `Some(5)`); a policy's `percent` is a tuple.
 //!
+//! Keys (every section refuses keys it does not know):
+//! - suite: `description`, `defaults`, `grids`, `cases`, `excludes`;
+//! - `defaults` (also per grid): `device` (cuda | cpu), `weights` (dummy | checkpoint("dir")),
+//!   `warmup`, `repetitions`, `timeout_s`, `num_nodes`, `num_gpus_per_node`, `num_gpu_batches`;
+//! - grid: `name`, `models`, `prompt_lens`, `gen_lens`, `frameworks`, `placements`,
+//!   `gpu_batch_sizes`, `cut_gen_len` ({model: steps}), `cells`, `defaults`;
+//! - cell: `framework`, `model`, `prompt_len` (the lookup keys; left out = any), `gpu_batch_size`,
+//!   `num_gpu_batches`, `placement`, `cut_gen_len`;
+//! - case: the [`Case`] fields (`model`, `framework`, `prompt_len`, `gen_len`, `gpu_batch_size`,
+//!   `placement` required);
+//! - exclude: `model`, `framework`, `prompt_len`, `gen_len`, `gpu_batch_size`, `placement`,
+//!   `device` (a case is removed when all the given keys match; an exclude matching nothing is an
+//!   error).
+//!
+//! Placements: `gpu`, `cpu`, `disk` (presets: the whole model on that tier), or
+//! `policy(percent: (wg, wc, cg, cc, ag, ac), overlap: .., sep_layer: .., pin_weight: ..,
+//! cpu_attention: .., attn_sparsity: .., compress_weight: .., compress_cache: ..)`.
+//!
 //! Grid expansion: for every (model, prompt_len, gen_len, framework) in that order, the first cell
 //! whose given keys (framework, model, prompt_len) match supplies the batch size, placement,
 //! num_gpu_batches and cut_gen_len; what a cell leaves out comes from the grid's `gpu_batch_sizes`
