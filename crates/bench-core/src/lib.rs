@@ -8,7 +8,7 @@
 //! - [`backend`]: the trait every framework wrapper implements;
 //! - [`metrics`]: FlexLLMGen's latency/throughput definitions and projection;
 //! - [`record`]: the versioned result record (one JSON line per case);
-//! - [`env`]: the environment captured once per run;
+//! - [`env`](mod@env): the environment captured once per run;
 //! - [`store`]: the durable, locked results.jsonl;
 //! - [`run`]: the orchestrator (child processes, timeouts, outcome classification).
 
