@@ -173,7 +173,7 @@ const CASE_COLUMNS: &[Column] = &[
     ("prompt", |c| c.prompt_len.to_string()),
     ("gen", |c| c.gen_len.to_string()),
     ("cut", |c| {
-        c.cut_gen_len.map_or("-".into(), |x| x.to_string())
+        c.cut_gen_len.map_or("none".into(), |x| x.to_string())
     }),
     ("batch", |c| {
         format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches)
