@@ -114,7 +114,10 @@ impl Policy {
             ));
         }
         if !(self.attn_sparsity > 0.0 && self.attn_sparsity <= 1.0) {
-            return Err(format!("attn_sparsity must be in (0, 1], got {}", self.attn_sparsity));
+            return Err(format!(
+                "attn_sparsity must be in (0, 1], got {}",
+                self.attn_sparsity
+            ));
         }
         Ok(())
     }
@@ -272,7 +275,12 @@ impl Case {
     pub fn id(&self) -> String {
         let mut norm = self.clone();
         norm.timeout_s = None;
-        norm.model = norm.model.rsplit('/').next().unwrap_or(&norm.model).to_string();
+        norm.model = norm
+            .model
+            .rsplit('/')
+            .next()
+            .unwrap_or(&norm.model)
+            .to_string();
         if norm.cut_gen_len == Some(norm.gen_len) {
             norm.cut_gen_len = None;
         }
@@ -316,7 +324,10 @@ impl Case {
                 ));
             }
             if cut > self.gen_len {
-                return Err(format!("cut_gen_len {cut} exceeds gen_len {}", self.gen_len));
+                return Err(format!(
+                    "cut_gen_len {cut} exceeds gen_len {}",
+                    self.gen_len
+                ));
             }
         }
         if let Some(cfg) = cfg {
@@ -401,10 +412,19 @@ mod tests {
 
     #[test]
     fn policy_rules() {
-        assert!(Policy::new([60, 50, 100, 0, 100, 0]).validate().unwrap_err().contains("110"));
-        assert!(Policy::new([100, 0, 100, 0, 50, 50]).validate().unwrap_err().contains("activations"));
+        assert!(Policy::new([60, 50, 100, 0, 100, 0])
+            .validate()
+            .unwrap_err()
+            .contains("110"));
+        assert!(Policy::new([100, 0, 100, 0, 50, 50])
+            .validate()
+            .unwrap_err()
+            .contains("activations"));
         assert_eq!(Policy::new([0, 50, 0, 0, 0, 100]).lowest_tier(), Tier::Disk);
-        assert_eq!(Policy::new([20, 80, 0, 100, 0, 100]).lowest_tier(), Tier::Cpu);
+        assert_eq!(
+            Policy::new([20, 80, 0, 100, 0, 100]).lowest_tier(),
+            Tier::Cpu
+        );
         let mut c = case();
         c.cut_gen_len = Some(3);
         assert!(c.validate().unwrap_err().contains("below 4"));

@@ -55,7 +55,11 @@ impl ModelConfig {
 
     /// Bytes of the fp16 KV cache for `batch` sequences of `seq_len` tokens.
     pub fn cache_bytes(&self, batch: usize, seq_len: usize) -> u64 {
-        2 * batch as u64 * seq_len as u64 * self.num_hidden_layers as u64 * self.hidden_size as u64 * 2
+        2 * batch as u64
+            * seq_len as u64
+            * self.num_hidden_layers as u64
+            * self.hidden_size as u64
+            * 2
     }
 
     /// Bytes of one fp16 hidden-state tensor for `batch` sequences of `seq_len` tokens.
@@ -127,7 +131,10 @@ mod tests {
         // opt-175b: 324 GB in the paper's table.
         let m = lookup("opt-175b").unwrap();
         let gb = m.model_bytes() as f64 / 1e9;
-        assert!((gb - 348.0).abs() < 2.0 || (gb / 1.0737 - 324.0).abs() < 2.0, "{gb}");
+        assert!(
+            (gb - 348.0).abs() < 2.0 || (gb / 1.0737 - 324.0).abs() < 2.0,
+            "{gb}"
+        );
         // hand computed: h=64, L=2, V=1000
         let t = lookup("opt-tiny").unwrap();
         let h = 64u64;
@@ -139,7 +146,9 @@ mod tests {
 
     #[test]
     fn every_size_is_registered() {
-        for n in ["125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b", "175b"] {
+        for n in [
+            "125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b", "175b",
+        ] {
             let m = lookup(&format!("opt-{n}")).unwrap();
             assert_eq!(m.hidden_size % m.num_attention_heads, 0);
         }

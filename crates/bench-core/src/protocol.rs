@@ -81,15 +81,16 @@ pub fn find_result(stdout: &str) -> Result<Option<RawResult>> {
 
 /// For runners: reads the case named by [`CASE_ENV`].
 pub fn read_case_from_env() -> Result<Case> {
-    let path = std::env::var(CASE_ENV)
-        .with_context(|| format!("{CASE_ENV} is not set: runners are started by `cargo xtask bench`"))?;
+    let path = std::env::var(CASE_ENV).with_context(|| {
+        format!("{CASE_ENV} is not set: runners are started by `cargo xtask bench`")
+    })?;
     read_case(std::path::Path::new(&path))
 }
 
 /// Reads a case JSON file.
 pub fn read_case(path: &std::path::Path) -> Result<Case> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading case file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading case file {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing case file {}", path.display()))
 }
 
