@@ -117,6 +117,7 @@ pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
     check_runnable(case)?;
     let (cfg, src) = case_model(case)?;
     let dev = CpuDevice::new(opts);
+    check_fits_in_memory(&cfg, case, &dev)?;
     eprintln!(
         "loading {} ({}) on {}",
         cfg.name,
@@ -176,6 +177,52 @@ pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
         ));
     }
     Ok(result)
+}
+
+/// Bytes of host memory the case needs with everything resident: fp16 weights, the KV cache,
+/// and the largest activations of the prefill (fc1's output and a few hidden-sized buffers).
+pub fn resident_bytes(cfg: &ModelConfig, case: &Case, kv_bytes_per_value: usize) -> u64 {
+    let weights: usize = dummy::opt_tensor_specs(cfg)
+        .iter()
+        .map(|s| s.numel() * 2)
+        .sum();
+    let tokens = (case.batch_size() * (case.prompt_len + case.gen_len)) as u64;
+    let cache = 2 * tokens * (cfg.num_hidden_layers * cfg.hidden_size * kv_bytes_per_value) as u64;
+    let rows = (case.batch_size() * case.prompt_len) as u64;
+    let acts = rows * (cfg.ffn_dim + 6 * cfg.hidden_size) as u64 * 4;
+    weights as u64 + cache + acts
+}
+
+/// `MemAvailable` of /proc/meminfo, bytes (None where unknown).
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Fails with [`OutOfMemory`] before loading when the case cannot fit in available memory: the
+/// kernel's OOM killer would otherwise end the process without a word.
+fn check_fits_in_memory(cfg: &ModelConfig, case: &Case, dev: &CpuDevice) -> Result<()> {
+    let need = resident_bytes(cfg, case, dev.kv_dtype().size());
+    if let Some(avail) = mem_available_bytes() {
+        if need > avail {
+            return Err(anyhow::Error::new(crate::device::OutOfMemory {
+                device: "cpu".into(),
+                bytes: need,
+            }))
+            .with_context(|| {
+                format!(
+                    "{} with batch {} needs about {:.1} GiB of RAM, {:.1} GiB are available",
+                    cfg.name,
+                    case.batch_size(),
+                    need as f64 / (1u64 << 30) as f64,
+                    avail as f64 / (1u64 << 30) as f64
+                )
+            });
+        }
+    }
+    Ok(())
 }
 
 pub fn versions(dev: &CpuDevice) -> BTreeMap<String, String> {
