@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use backend_native::device::cpu::CpuOptions;
+use backend_native::device::cpu::{CpuOptions, MatmulMode};
 use backend_native::device::{is_out_of_memory, DType};
 use backend_native::generate::{generate, GenOptions, SampleMode};
 use backend_native::runner;
@@ -32,8 +32,18 @@ enum KvDtype {
     F32,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Matmul {
+    F32,
+    Bf16,
+}
+
 #[derive(clap::Args)]
 struct DeviceArgs {
+    /// Math of the matrix products: f32 (default, the correctness reference) or bf16 (inputs
+    /// rounded to bf16, f32 accumulation; for products of many rows, on CPUs with avx512_bf16).
+    #[arg(long, value_enum, default_value = "f32")]
+    matmul: Matmul,
     /// Storage of the KV cache: f16 (FlexLLMGen's, half the bytes) or f32 (exact reference).
     #[arg(long, value_enum, default_value = "f16")]
     kv_dtype: KvDtype,
@@ -49,7 +59,10 @@ impl DeviceArgs {
                 KvDtype::F16 => DType::F16,
                 KvDtype::F32 => DType::F32,
             },
-            ..Default::default()
+            matmul: match self.matmul {
+                Matmul::F32 => MatmulMode::F32,
+                Matmul::Bf16 => MatmulMode::Bf16,
+            },
         }
     }
 }

@@ -6,6 +6,7 @@
 //! slow obviously-correct reference they are tested against).
 
 pub mod attention;
+pub mod bf16;
 pub mod matmul;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -20,6 +21,10 @@ pub enum MatmulMode {
     /// f32 math on fp16-stored weights: the default and the reference for correctness.
     #[default]
     F32,
+    /// Inputs rounded to bf16, products accumulated in f32 by AVX-512 BF16 dot products, for
+    /// products of many rows (prefill); few-row products stay on the f32 matrix-vector path.
+    /// Needs a CPU with avx512_bf16. Not bit-comparable with the f32 reference.
+    Bf16,
 }
 
 /// Options of the CPU device.
@@ -172,6 +177,7 @@ impl Device for CpuDevice {
     fn name(&self) -> String {
         let mode = match self.opts.matmul {
             MatmulMode::F32 => "f32",
+            MatmulMode::Bf16 => "bf16",
         };
         format!(
             "cpu ({} threads, {mode} matmul, {:?} kv cache, {})",
