@@ -143,9 +143,17 @@ fn bf16_mode_prefill_is_close() {
     for name in ["prenorm_f32", "odd_f16", "postln_bf16"] {
         let dir = fixture(name);
         let exp = expected(&dir);
-        let opts = CpuOptions { kv_dtype: DType::F32, matmul: MatmulMode::Bf16 };
+        let opts = CpuOptions {
+            kv_dtype: DType::F32,
+            matmul: MatmulMode::Bf16,
+        };
         let (cfg, dev, w) = load_cpu_model(&dir, opts).unwrap();
-        let g = GenOptions { max_new_tokens: 1, sample: SampleMode::Greedy, stop_token: None, keep_logits: true };
+        let g = GenOptions {
+            max_new_tokens: 1,
+            sample: SampleMode::Greedy,
+            stop_token: None,
+            keep_logits: true,
+        };
         let out = generate(&dev, &cfg, &w, &exp.prompts, &g).unwrap();
         let e = rel_err(&out.logits[0], &exp.logits[0]);
         eprintln!("{name}: bf16-mode prefill logits differ by {e:e}");

@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use half::{bf16, f16};
+use half::f16;
 use rayon::prelude::*;
 
 const TILE_K: usize = 32; // bf16 values per A-tile row (64 bytes)
@@ -68,7 +68,7 @@ pub fn pack_w(w: &[f16], m: usize, k: usize) -> Vec<u16> {
                     &mut row,
                 );
                 for (p, v) in row.iter().enumerate() {
-                    panel[(p / 2) * BLOCK * 2 + jj * 2 + p % 2] = bf16::from_f32(*v).to_bits();
+                    panel[(p / 2) * BLOCK * 2 + jj * 2 + p % 2] = super::bf16::to_bf16_bits(*v);
                 }
             }
         });
@@ -89,7 +89,7 @@ pub fn linear(x: &[f32], wp: &[u16], n: usize, k: usize, m: usize, out: &mut [f3
         .zip(x.par_chunks(k))
         .for_each(|(o, r)| {
             for (a, b) in o.iter_mut().zip(r) {
-                *a = bf16::from_f32(*b).to_bits();
+                *a = super::bf16::to_bf16_bits(*b);
             }
         });
     // tasks: (group of row blocks, group of panels); each loads the tile config once
