@@ -2,6 +2,11 @@
 //! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
 
 pub mod backend;
+pub mod device;
 pub mod dummy;
+pub mod floor;
+pub mod generate;
+pub mod model;
+pub mod runner;
 
 pub use backend::NativeBackend;
