@@ -1,0 +1,242 @@
+//! Attention on the CPU: KV-cache append and masked multi-head attention over the cache.
+//!
+//! One implementation serves prefill (`past_len = 0`) and decode (`new_len = 1`): work is split
+//! over (sequence, head) pairs; each pair converts its K and V slab to f32 once and runs
+//! vectorizable dot products over contiguous rows.
+
+use anyhow::{bail, ensure, Result};
+use half::f16;
+use rayon::prelude::*;
+
+use super::{try_zeros, CpuTensor, Storage};
+use crate::device::{AttnShape, DeviceTensor};
+
+fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
+    match cache.shape() {
+        [b, h, l, d] if *b == s.batch && *h == s.heads && *d == s.head_dim => {
+            ensure!(
+                s.total_len() <= *l,
+                "{what}: {} positions do not fit a cache of {l}",
+                s.total_len()
+            );
+            Ok(*l)
+        }
+        shape => bail!(
+            "{what}: cache of shape {shape:?} does not match batch {} heads {} head_dim {}",
+            s.batch,
+            s.heads,
+            s.head_dim
+        ),
+    }
+}
+
+fn check_rows(t: &CpuTensor, s: AttnShape, what: &str) -> Result<()> {
+    ensure!(
+        t.shape() == [s.batch * s.new_len, s.hidden()],
+        "{what}: shape {:?}, expected [{}, {}]",
+        t.shape(),
+        s.batch * s.new_len,
+        s.hidden()
+    );
+    Ok(())
+}
+
+pub fn append_kv(
+    k_cache: &mut CpuTensor,
+    v_cache: &mut CpuTensor,
+    k: &CpuTensor,
+    v: &CpuTensor,
+    s: AttnShape,
+) -> Result<()> {
+    let max_len = check_cache(k_cache, s, "append_kv k cache")?;
+    check_cache(v_cache, s, "append_kv v cache")?;
+    check_rows(k, s, "append_kv k")?;
+    check_rows(v, s, "append_kv v")?;
+    for (cache, new) in [(k_cache, k.f32()?), (v_cache, v.f32()?)] {
+        let (d, h) = (s.head_dim, s.heads);
+        let put = |dst: &mut dyn FnMut(usize, &[f32])| {
+            for b in 0..s.batch {
+                for i in 0..s.new_len {
+                    let row = &new[(b * s.new_len + i) * s.hidden()..][..s.hidden()];
+                    for head in 0..h {
+                        let at = ((b * h + head) * max_len + s.past_len + i) * d;
+                        dst(at, &row[head * d..(head + 1) * d]);
+                    }
+                }
+            }
+        };
+        match &mut cache.data {
+            Storage::F16(c) => put(&mut |at, src| {
+                for (o, x) in c[at..at + src.len()].iter_mut().zip(src) {
+                    *o = f16::from_f32(*x);
+                }
+            }),
+            Storage::F32(c) => put(&mut |at, src| c[at..at + src.len()].copy_from_slice(src)),
+            Storage::U32(_) => bail!("append_kv: a u32 cache"),
+        }
+    }
+    Ok(())
+}
+
+/// Dot product with 16 independent accumulators, so it vectorizes without fast-math.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len().min(b.len());
+    let (ca, cb) = (a[..n].chunks_exact(16), b[..n].chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `out += w * x`, vectorized.
+#[inline]
+fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o += w * v;
+    }
+}
+
+fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> Result<()> {
+    buf.clear();
+    match &cache.data {
+        Storage::F16(c) => {
+            buf.resize(len, 0.0);
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&c[start..start + len], buf);
+        }
+        Storage::F32(c) => buf.extend_from_slice(&c[start..start + len]),
+        Storage::U32(_) => bail!("attention: a u32 cache"),
+    }
+    Ok(())
+}
+
+pub fn attention(
+    q: &CpuTensor,
+    k_cache: &CpuTensor,
+    v_cache: &CpuTensor,
+    mask: &CpuTensor,
+    s: AttnShape,
+) -> Result<CpuTensor> {
+    let max_len = check_cache(k_cache, s, "attention k cache")?;
+    check_cache(v_cache, s, "attention v cache")?;
+    check_rows(q, s, "attention q")?;
+    let t = s.total_len();
+    ensure!(
+        mask.shape() == [s.batch, t],
+        "attention mask: shape {:?}, expected [{}, {t}]",
+        mask.shape(),
+        s.batch
+    );
+    let (q, mask) = (q.f32()?, mask.u32()?);
+    let (d, h, hid) = (s.head_dim, s.heads, s.hidden());
+    let scale = s.scale();
+    // each (sequence, head) pair writes head_dim columns of new_len rows: collect per pair, then scatter
+    let per_pair: Vec<Result<Vec<f32>>> = (0..s.batch * h)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, head) = (bh / h, bh % h);
+            let (mut kb, mut vb) = (Vec::new(), Vec::new());
+            let start = bh * max_len * d;
+            slab_f32(k_cache, start, t * d, &mut kb)?;
+            slab_f32(v_cache, start, t * d, &mut vb)?;
+            let m = &mask[b * t..(b + 1) * t];
+            let mut out = vec![0f32; s.new_len * d];
+            let mut p = vec![0f32; t];
+            for i in 0..s.new_len {
+                let qrow = &q[(b * s.new_len + i) * hid + head * d..][..d];
+                let visible = s.past_len + i + 1;
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..visible {
+                    if m[j] != 0 {
+                        let sc = dot(qrow, &kb[j * d..(j + 1) * d]) * scale;
+                        p[j] = sc;
+                        max = max.max(sc);
+                    }
+                }
+                if max == f32::NEG_INFINITY {
+                    continue; // no visible key: a pad query, zeros
+                }
+                let mut sum = 0f32;
+                for j in 0..visible {
+                    if m[j] != 0 {
+                        p[j] = (p[j] - max).exp();
+                        sum += p[j];
+                    }
+                }
+                let o = &mut out[i * d..(i + 1) * d];
+                let inv = 1.0 / sum;
+                for j in 0..visible {
+                    if m[j] != 0 {
+                        axpy(o, p[j] * inv, &vb[j * d..(j + 1) * d]);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect();
+    let mut out = try_zeros::<f32>(s.batch * s.new_len * hid)?;
+    for (bh, r) in per_pair.into_iter().enumerate() {
+        let r = r?;
+        let (b, head) = (bh / h, bh % h);
+        for i in 0..s.new_len {
+            out[(b * s.new_len + i) * hid + head * d..][..d]
+                .copy_from_slice(&r[i * d..(i + 1) * d]);
+        }
+    }
+    CpuTensor::from_f32(&[s.batch * s.new_len, hid], out)
+}
+
+/// Slow, obviously-correct attention straight from the definition (masked scores, full softmax
+/// in f64), for tests of the one above.
+pub fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[u32],
+    s: AttnShape,
+) -> Vec<f32> {
+    // k, v: [batch, heads, total_len, head_dim] in f32 (already the cache's rounded values)
+    let (d, h, t) = (s.head_dim, s.heads, s.total_len());
+    let mut out = vec![0f32; s.batch * s.new_len * h * d];
+    for b in 0..s.batch {
+        for head in 0..h {
+            for i in 0..s.new_len {
+                let qi = &q[(b * s.new_len + i) * h * d + head * d..][..d];
+                let mut scores = vec![None; t];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    if j <= s.past_len + i && mask[b * t + j] == 1 {
+                        let kj = &k[((b * h + head) * t + j) * d..][..d];
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        *sc = Some(dot * s.scale() as f64);
+                    }
+                }
+                let max = scores
+                    .iter()
+                    .flatten()
+                    .fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                if max == f64::NEG_INFINITY {
+                    continue;
+                }
+                let total: f64 = scores.iter().flatten().map(|x| (x - max).exp()).sum();
+                for (j, sc) in scores.iter().enumerate() {
+                    if let Some(x) = sc {
+                        let p = (x - max).exp() / total;
+                        for c in 0..d {
+                            out[(b * s.new_len + i) * h * d + head * d + c] +=
+                                (p * v[((b * h + head) * t + j) * d + c] as f64) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,217 @@
+//! Matrix products of the CPU device: `out = x W^T + b` with `x` f32 `[n, k]`, `W` fp16
+//! `[m, k]` (HuggingFace's `[out, in]`).
+//!
+//! Two fast paths, picked by the number of rows:
+//! - many rows (prefill): `W` converted to f32 once, then the `gemm` crate (packed, blocked,
+//!   AVX-512 microkernels, rayon);
+//! - few rows (decode): a matrix-vector kernel that streams `W` once in fp16, converts 16 values
+//!   per instruction and multiplies them into every row of `x` (bandwidth-bound: fp16 halves the
+//!   bytes of an f32 weight).
+//!
+//! [`linear_reference`] is the slow, obviously-correct version both are tested against.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::MatmulMode;
+
+/// Rows up to which the matrix-vector path beats converting `W` and running a GEMM.
+pub const MATVEC_MAX_ROWS: usize = 16;
+
+/// The SIMD level the kernels dispatch to, for the device name.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// `out[n, m] = x[n, k] · w[m, k]^T + bias`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    mode: MatmulMode,
+    x: &[f32],
+    w: &[f16],
+    bias: Option<&[f16]>,
+    n: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), n * k);
+    assert_eq!(w.len(), m * k);
+    assert_eq!(out.len(), n * m);
+    if n == 0 || m == 0 {
+        return;
+    }
+    match mode {
+        _ if n <= MATVEC_MAX_ROWS => matvec(x, w, n, k, m, out),
+        MatmulMode::F32 => gemm_f32(x, w, n, k, m, out),
+    }
+    if let Some(b) = bias {
+        let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        out.par_chunks_mut(m).for_each(|row| {
+            for (o, bb) in row.iter_mut().zip(&b) {
+                *o += bb;
+            }
+        });
+    }
+}
+
+/// The definition, one f32 (f64-free, sequential) dot product per output.
+pub fn linear_reference(
+    x: &[f32],
+    w: &[f16],
+    bias: Option<&[f16]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            let mut acc = 0f64;
+            for p in 0..k {
+                acc += x[i * k + p] as f64 * w[j * k + p].to_f64();
+            }
+            out[i * m + j] = acc as f32 + bias.map_or(0.0, |b| b[j].to_f32());
+        }
+    }
+    out
+}
+
+/// Converts fp16 weights to f32 in parallel chunks.
+pub fn to_f32(w: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(w.par_chunks(1 << 16))
+        .for_each(|(o, i)| i.convert_to_f32_slice(o));
+    out
+}
+
+fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
+    let wf = to_f32(w);
+    // SAFETY: the pointers cover n*k, m*k and n*m elements with the strides given (asserted in
+    // `linear`); rhs is W^T read through strides: element (p, j) is wf[j * k + p].
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            out.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            wf.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// Outputs per rayon task of the matrix-vector path: enough rows of `W` to amortize the task.
+const MATVEC_CHUNK: usize = 64;
+
+fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
+    // out is [n, m]; tasks own column ranges of it, so they write into private buffers first
+    let chunks: Vec<(usize, Vec<f32>)> = (0..m.div_ceil(MATVEC_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let j0 = c * MATVEC_CHUNK;
+            let j1 = (j0 + MATVEC_CHUNK).min(m);
+            let mut part = vec![0f32; (j1 - j0) * n];
+            for j in j0..j1 {
+                let row = &w[j * k..(j + 1) * k];
+                let dst = &mut part[(j - j0) * n..(j - j0 + 1) * n];
+                matvec_row(row, x, n, k, dst);
+            }
+            (j0, part)
+        })
+        .collect();
+    for (j0, part) in chunks {
+        let cols = part.len() / n;
+        for jj in 0..cols {
+            for i in 0..n {
+                out[i * m + j0 + jj] = part[jj * n + i];
+            }
+        }
+    }
+}
+
+/// `dst[i] = dot(w_row, x[i])` for the n rows of x.
+#[inline]
+fn matvec_row(row: &[f16], x: &[f32], n: usize, k: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: avx512f is present (checked at run time).
+            unsafe { avx512::matvec_row(row, x, n, k, dst) };
+            return;
+        }
+    }
+    let mut buf = [0f32; 256];
+    dst.iter_mut().for_each(|d| *d = 0.0);
+    for p0 in (0..k).step_by(256) {
+        let len = (k - p0).min(256);
+        row[p0..p0 + len].convert_to_f32_slice(&mut buf[..len]);
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d += super::attention::dot(&buf[..len], &x[i * k + p0..i * k + p0 + len]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Up to 8 rows of x at a time share each converted 16-value slice of the weight row.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matvec_row(row: &[f16], x: &[f32], n: usize, k: usize, dst: &mut [f32]) {
+        let mut i0 = 0;
+        while i0 < n {
+            let rows = (n - i0).min(8);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            let wp = row.as_ptr() as *const __m256i;
+            let full = k / 16;
+            for c in 0..full {
+                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(c)));
+                for r in 0..rows {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add((i0 + r) * k + c * 16));
+                    acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+                }
+            }
+            for r in 0..rows {
+                let mut s = _mm512_reduce_add_ps(acc[r]);
+                for p in full * 16..k {
+                    s += row[p].to_f32() * x[(i0 + r) * k + p];
+                }
+                dst[i0 + r] = s;
+            }
+            i0 += rows;
+        }
+    }
+}

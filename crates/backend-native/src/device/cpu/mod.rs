@@ -1,0 +1,519 @@
+//! The CPU device: fp16 storage, f32 math, rayon over all cores.
+//!
+//! It is the reference every CUDA kernel is tested against, the compute device on machines
+//! without a GPU, and the device for attention on CPU. Matrix products go through
+//! [`matmul`] (a GEMM crate for many rows, a tuned fp16 matrix-vector path for few rows, and a
+//! slow obviously-correct reference they are tested against).
+
+pub mod attention;
+pub mod matmul;
+
+use anyhow::{bail, ensure, Context, Result};
+use half::f16;
+use rayon::prelude::*;
+
+use super::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, OutOfMemory, Sampling};
+
+/// Precision of the CPU device's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulMode {
+    /// f32 math on fp16-stored weights: the default and the reference for correctness.
+    #[default]
+    F32,
+}
+
+/// Options of the CPU device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Dtype of the KV cache: F16 (FlexLLMGen's storage, half the bytes) or F32 (exact reference).
+    pub kv_dtype: DType,
+    pub matmul: MatmulMode,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            kv_dtype: DType::F16,
+            matmul: MatmulMode::F32,
+        }
+    }
+}
+
+/// Storage of a CPU tensor.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+}
+
+/// A tensor in host memory.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    shape: Vec<usize>,
+    data: Storage,
+}
+
+impl DeviceTensor for CpuTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        match self.data {
+            Storage::F16(_) => DType::F16,
+            Storage::F32(_) => DType::F32,
+            Storage::U32(_) => DType::U32,
+        }
+    }
+}
+
+impl CpuTensor {
+    pub fn storage(&self) -> &Storage {
+        &self.data
+    }
+    pub fn f32(&self) -> Result<&[f32]> {
+        match &self.data {
+            Storage::F32(v) => Ok(v),
+            _ => bail!(
+                "expected an f32 tensor, got {:?} {:?}",
+                self.dtype(),
+                self.shape
+            ),
+        }
+    }
+    pub fn f16(&self) -> Result<&[f16]> {
+        match &self.data {
+            Storage::F16(v) => Ok(v),
+            _ => bail!(
+                "expected an f16 tensor, got {:?} {:?}",
+                self.dtype(),
+                self.shape
+            ),
+        }
+    }
+    pub fn u32(&self) -> Result<&[u32]> {
+        match &self.data {
+            Storage::U32(v) => Ok(v),
+            _ => bail!(
+                "expected a u32 tensor, got {:?} {:?}",
+                self.dtype(),
+                self.shape
+            ),
+        }
+    }
+    fn f32_mut(&mut self) -> Result<&mut [f32]> {
+        let (dt, shape) = (self.dtype(), self.shape.clone());
+        match &mut self.data {
+            Storage::F32(v) => Ok(v),
+            _ => bail!("expected an f32 tensor, got {dt:?} {shape:?}"),
+        }
+    }
+    /// An f32 tensor from owned data.
+    pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<CpuTensor> {
+        ensure!(
+            shape.iter().product::<usize>() == data.len(),
+            "shape {shape:?} does not hold {} values",
+            data.len()
+        );
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: Storage::F32(data),
+        })
+    }
+    /// An f16 tensor from owned data (no copy).
+    pub fn from_f16(shape: &[usize], data: Vec<f16>) -> Result<CpuTensor> {
+        ensure!(
+            shape.iter().product::<usize>() == data.len(),
+            "shape {shape:?} does not hold {} values",
+            data.len()
+        );
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: Storage::F16(data),
+        })
+    }
+    /// Rows and width of a 2-D tensor.
+    fn dims2(&self, what: &str) -> Result<(usize, usize)> {
+        match self.shape.as_slice() {
+            [r, c] => Ok((*r, *c)),
+            s => bail!("{what}: expected a 2-D tensor, got shape {s:?}"),
+        }
+    }
+}
+
+/// Allocates a zero-filled vector, reporting failure as [`OutOfMemory`] instead of aborting.
+pub fn try_zeros<T: Clone + Default>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        anyhow::Error::new(OutOfMemory {
+            device: "cpu".into(),
+            bytes: (n * std::mem::size_of::<T>()) as u64,
+        })
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// The CPU device.
+#[derive(Debug, Clone, Default)]
+pub struct CpuDevice {
+    pub opts: CpuOptions,
+}
+
+impl CpuDevice {
+    pub fn new(opts: CpuOptions) -> CpuDevice {
+        CpuDevice { opts }
+    }
+}
+
+impl Device for CpuDevice {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        let mode = match self.opts.matmul {
+            MatmulMode::F32 => "f32",
+        };
+        format!(
+            "cpu ({} threads, {mode} matmul, {:?} kv cache, {})",
+            rayon::current_num_threads(),
+            self.opts.kv_dtype,
+            matmul::simd_level()
+        )
+    }
+    fn act_dtype(&self) -> DType {
+        DType::F32
+    }
+    fn kv_dtype(&self) -> DType {
+        self.opts.kv_dtype
+    }
+
+    fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<CpuTensor> {
+        let n: usize = shape.iter().product();
+        ensure!(
+            n == data.len(),
+            "upload: shape {shape:?} holds {n} values, got {}",
+            data.len()
+        );
+        let data = match data {
+            HostSlice::F16(s) => {
+                let mut v = try_zeros(n)?;
+                v.copy_from_slice(s);
+                Storage::F16(v)
+            }
+            HostSlice::F32(s) => {
+                let mut v = try_zeros(n)?;
+                v.copy_from_slice(s);
+                Storage::F32(v)
+            }
+            HostSlice::U32(s) => {
+                let mut v = try_zeros(n)?;
+                v.copy_from_slice(s);
+                Storage::U32(v)
+            }
+        };
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    fn write(&self, dst: &mut CpuTensor, offset: usize, data: HostSlice<'_>) -> Result<()> {
+        let n = dst.numel();
+        ensure!(
+            offset + data.len() <= n,
+            "write: {} values at offset {offset} overflow a tensor of {n}",
+            data.len()
+        );
+        let r = offset..offset + data.len();
+        match (&mut dst.data, data) {
+            (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
+            (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
+            (Storage::U32(d), HostSlice::U32(s)) => d[r].copy_from_slice(s),
+            (_, s) => bail!(
+                "write: {:?} data into a {:?} tensor",
+                s.dtype(),
+                dst.dtype()
+            ),
+        }
+        Ok(())
+    }
+
+    fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<CpuTensor> {
+        let n = shape.iter().product();
+        let data = match dtype {
+            DType::F16 => Storage::F16(try_zeros(n)?),
+            DType::F32 => Storage::F32(try_zeros(n)?),
+            DType::U32 => Storage::U32(try_zeros(n)?),
+        };
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    fn download_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(match &t.data {
+            Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::F32(v) => v.clone(),
+            Storage::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        })
+    }
+
+    fn download_u32(&self, t: &CpuTensor) -> Result<Vec<u32>> {
+        Ok(t.u32()?.to_vec())
+    }
+
+    fn download_f16(&self, t: &CpuTensor, offset: usize, out: &mut [f16]) -> Result<()> {
+        let v = t.f16()?;
+        ensure!(
+            offset + out.len() <= v.len(),
+            "download_f16: range past the end of a tensor of {}",
+            v.len()
+        );
+        out.copy_from_slice(&v[offset..offset + out.len()]);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn gather_rows(&self, table: &CpuTensor, ids: &CpuTensor) -> Result<CpuTensor> {
+        let (rows, width) = table.dims2("gather_rows table")?;
+        let t = table.f16()?;
+        let ids = ids.u32()?;
+        let mut out = try_zeros::<f32>(ids.len() * width)?;
+        for (o, &id) in out.chunks_mut(width).zip(ids) {
+            ensure!(
+                (id as usize) < rows,
+                "gather_rows: id {id} out of range for a table of {rows} rows"
+            );
+            let src = &t[id as usize * width..(id as usize + 1) * width];
+            for (a, b) in o.iter_mut().zip(src) {
+                *a = b.to_f32();
+            }
+        }
+        CpuTensor::from_f32(&[ids.len(), width], out)
+    }
+
+    fn add_gathered_rows(
+        &self,
+        x: &mut CpuTensor,
+        table: &CpuTensor,
+        ids: &CpuTensor,
+    ) -> Result<()> {
+        let (rows, width) = table.dims2("add_gathered_rows table")?;
+        let (n, w) = x.dims2("add_gathered_rows x")?;
+        ensure!(
+            w == width,
+            "add_gathered_rows: x width {w} != table width {width}"
+        );
+        let ids = ids.u32()?;
+        ensure!(
+            ids.len() == n,
+            "add_gathered_rows: {} ids for {n} rows",
+            ids.len()
+        );
+        let t = table.f16()?;
+        for (o, &id) in x.f32_mut()?.chunks_mut(width).zip(ids) {
+            ensure!(
+                (id as usize) < rows,
+                "add_gathered_rows: id {id} out of range for a table of {rows} rows"
+            );
+            let src = &t[id as usize * width..(id as usize + 1) * width];
+            for (a, b) in o.iter_mut().zip(src) {
+                *a += b.to_f32();
+            }
+        }
+        Ok(())
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let (n, w) = x.dims2("layer_norm x")?;
+        let (g, b) = (weight.f16()?, bias.f16()?);
+        ensure!(
+            g.len() == w && b.len() == w,
+            "layer_norm: weight/bias of {} for width {w}",
+            g.len()
+        );
+        let g: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+        let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+        let mut out = try_zeros::<f32>(n * w)?;
+        out.par_chunks_mut(w)
+            .zip(x.f32()?.par_chunks(w))
+            .for_each(|(o, r)| {
+                let mean = r.iter().sum::<f32>() / w as f32;
+                let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for i in 0..w {
+                    o[i] = (r[i] - mean) * inv * g[i] + b[i];
+                }
+            });
+        CpuTensor::from_f32(&[n, w], out)
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        let (n, k) = x.dims2("linear x")?;
+        let (m, k2) = w.dims2("linear weight")?;
+        ensure!(
+            k == k2,
+            "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
+        );
+        let bias = match bias {
+            Some(b) => {
+                let b = b.f16()?;
+                ensure!(b.len() == m, "linear: bias of {} for {m} outputs", b.len());
+                Some(b)
+            }
+            None => None,
+        };
+        let mut out = try_zeros::<f32>(n * m)?;
+        matmul::linear(
+            self.opts.matmul,
+            x.f32()?,
+            w.f16()?,
+            bias,
+            n,
+            k,
+            m,
+            &mut out,
+        );
+        if act == Activation::Relu {
+            out.par_iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        CpuTensor::from_f32(&[n, m], out)
+    }
+
+    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        ensure!(
+            x.shape == y.shape,
+            "add_inplace: shapes {:?} and {:?}",
+            x.shape,
+            y.shape
+        );
+        let y = y.f32()?;
+        x.f32_mut()?
+            .par_iter_mut()
+            .zip(y.par_iter())
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn alloc_kv(
+        &self,
+        batch: usize,
+        heads: usize,
+        max_len: usize,
+        head_dim: usize,
+    ) -> Result<CpuTensor> {
+        self.zeros(self.opts.kv_dtype, &[batch, heads, max_len, head_dim])
+            .context("allocating the KV cache")
+    }
+
+    fn append_kv(
+        &self,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention::append_kv(k_cache, v_cache, k, v, s)
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k_cache: &CpuTensor,
+        v_cache: &CpuTensor,
+        mask: &CpuTensor,
+        s: AttnShape,
+    ) -> Result<CpuTensor> {
+        attention::attention(q, k_cache, v_cache, mask, s)
+    }
+
+    fn last_rows(&self, x: &CpuTensor, batch: usize, seq: usize) -> Result<CpuTensor> {
+        let (n, w) = x.dims2("last_rows x")?;
+        ensure!(
+            n == batch * seq,
+            "last_rows: {n} rows are not {batch} x {seq}"
+        );
+        let x = x.f32()?;
+        let mut out = Vec::with_capacity(batch * w);
+        for b in 0..batch {
+            let r = b * seq + seq - 1;
+            out.extend_from_slice(&x[r * w..(r + 1) * w]);
+        }
+        CpuTensor::from_f32(&[batch, w], out)
+    }
+
+    fn sample(&self, logits: &CpuTensor, how: &Sampling<'_>) -> Result<Vec<u32>> {
+        let (b, v) = logits.dims2("sample logits")?;
+        let l = logits.f32()?;
+        let rows = l.chunks(v);
+        match how {
+            Sampling::Greedy => Ok(rows.map(argmax).collect()),
+            Sampling::Temperature {
+                temperature,
+                uniforms,
+            } => {
+                ensure!(
+                    uniforms.len() == b,
+                    "sample: {} uniforms for {b} sequences",
+                    uniforms.len()
+                );
+                ensure!(
+                    *temperature > 0.0,
+                    "sample: temperature must be positive, got {temperature}"
+                );
+                Ok(rows
+                    .zip(uniforms.iter())
+                    .map(|(r, &u)| sample_row(r, *temperature, u))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Index of the largest value; the first one on ties (as torch.argmax).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Inverse-CDF draw from softmax(row / t) with the uniform `u` in [0, 1).
+pub fn sample_row(row: &[f32], t: f32, u: f32) -> u32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let w: Vec<f64> = row
+        .iter()
+        .map(|&x| (((x - max) / t) as f64).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let target = u as f64 * total;
+    let mut acc = 0.0;
+    for (i, x) in w.iter().enumerate() {
+        acc += x;
+        if acc > target {
+            return i as u32;
+        }
+    }
+    // rounding left the target at the very end: the last token with any weight
+    w.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32
+}
