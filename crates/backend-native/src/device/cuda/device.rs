@@ -286,6 +286,7 @@ impl CudaDevice {
         bias: Option<&CudaTensor>,
         act: Activation,
         y: &mut CudaTensor,
+        allow_lt: bool,
     ) -> Result<()> {
         let (n, k) = Self::check_2d(x, "linear input")?;
         let (m, k2) = Self::check_2d(w, "linear weight")?;
@@ -302,7 +303,7 @@ impl CudaDevice {
             bias.is_some() || act == Activation::None,
             "linear: ReLU without a bias is not supported"
         );
-        if n >= LT_MIN_ROWS {
+        if allow_lt && n >= LT_MIN_ROWS {
             if let Some(lt) = &self.blaslt {
                 let cfg = MatmulConfig {
                     transa: true,
@@ -378,10 +379,20 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// A plain cuBLAS half-precision GEMM `C[n, m] = A[n, k] B[m, k]^T` on existing tensors, for
-    /// benchmarks (gpu-check's "rate cuBLAS reaches on large square products").
-    pub fn gemm_f16(&self, a: &CudaTensor, b: &CudaTensor, c: &mut CudaTensor) -> Result<()> {
-        self.gemm_bias_act(a, b, None, Activation::None, c)
+    /// `y[n, m] = x[n, k] w[m, k]^T (+ bias, act)` into an existing tensor, through the same path
+    /// as [`Device::linear`] (`lt = true`) or through plain cuBLAS `cublasGemmEx` only
+    /// (`lt = false`). For benchmarks: gpu-check compares the engine's GEMMs with the best rate
+    /// cuBLAS reaches on large square products.
+    pub fn gemm_into(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, act: Activation, y: &mut CudaTensor, lt: bool) -> Result<()> {
+        ensure!(x.dtype == DType::F16 && w.dtype == DType::F16 && y.dtype == DType::F16, "gemm_into: F16 tensors expected");
+        let (n, m) = Self::check_2d(y, "gemm_into output")?;
+        ensure!(x.shape[0] == n && w.shape[0] == m, "gemm_into: output {:?} for x {:?} and w {:?}", y.shape, x.shape, w.shape);
+        self.gemm_bias_act(x, w, bias, act, y, lt)
+    }
+
+    /// Allocates an uninitialised tensor (benchmarks fill it themselves).
+    pub fn empty(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
+        self.alloc(dtype, shape)
     }
 
     /// Launches the decode attention kernels (one query per sequence).
@@ -843,7 +854,7 @@ impl Device for CudaDevice {
         let (n, _) = Self::check_2d(x, "linear input")?;
         let (m, _) = Self::check_2d(w, "linear weight")?;
         let mut y = self.alloc(DType::F16, &[n, m])?;
-        self.gemm_bias_act(x, w, bias, act, &mut y)?;
+        self.gemm_bias_act(x, w, bias, act, &mut y, true)?;
         Ok(y)
     }
 
