@@ -28,10 +28,7 @@ impl Backend for NativeBackend {
         }
     }
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
-        match case.device {
-            bench_core::Device::Cpu => Ok(()),
-            bench_core::Device::Cuda => Err("the native CUDA device is not built yet".into()),
-        }
+        crate::runner::check_runnable(case).map_err(|u| u.0)
     }
     fn command(&self, _case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let mut cmd = Command::new(ctx.bin_dir.join(RUNNER_BIN));

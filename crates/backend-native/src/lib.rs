@@ -4,5 +4,9 @@
 pub mod backend;
 pub mod device;
 pub mod dummy;
+pub mod floor;
+pub mod generate;
+pub mod model;
+pub mod runner;
 
 pub use backend::NativeBackend;

@@ -143,11 +143,7 @@ fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
             let j0 = c * MATVEC_CHUNK;
             let j1 = (j0 + MATVEC_CHUNK).min(m);
             let mut part = vec![0f32; (j1 - j0) * n];
-            for j in j0..j1 {
-                let row = &w[j * k..(j + 1) * k];
-                let dst = &mut part[(j - j0) * n..(j - j0 + 1) * n];
-                matvec_row(row, x, n, k, dst);
-            }
+            matvec_block(w, x, n, k, j0, j1, &mut part);
             (j0, part)
         })
         .collect();
@@ -163,15 +159,7 @@ fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
 
 /// `dst[i] = dot(w_row, x[i])` for the n rows of x.
 #[inline]
-fn matvec_row(row: &[f16], x: &[f32], n: usize, k: usize, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx512() {
-            // SAFETY: avx512f is present (checked at run time).
-            unsafe { avx512::matvec_row(row, x, n, k, dst) };
-            return;
-        }
-    }
+fn matvec_row(row: &[f16], x: &[f32], k: usize, dst: &mut [f32]) {
     let mut buf = [0f32; 256];
     dst.iter_mut().for_each(|d| *d = 0.0);
     for p0 in (0..k).step_by(256) {
@@ -183,35 +171,88 @@ fn matvec_row(row: &[f16], x: &[f32], n: usize, k: usize, dst: &mut [f32]) {
     }
 }
 
+/// `part[(j - j0) * n + i] = dot(w[j], x[i])` for outputs `j0..j1`.
+fn matvec_block(w: &[f16], x: &[f32], n: usize, k: usize, j0: usize, j1: usize, part: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: avx512f is present (checked at run time); slices are bounds-checked by
+            // the callers' asserts (w: m*k, x: n*k, part: (j1-j0)*n).
+            unsafe { avx512::matvec_block(w, x, n, k, j0, j1, part) };
+            return;
+        }
+    }
+    for j in j0..j1 {
+        matvec_row(&w[j * k..(j + 1) * k], x, k, &mut part[(j - j0) * n..(j - j0 + 1) * n]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use half::f16;
     use std::arch::x86_64::*;
 
-    /// Up to 8 rows of x at a time share each converted 16-value slice of the weight row.
+    /// Two weight rows x `R` rows of x per pass: each converted 16-value slice of a weight row
+    /// is used `R` times and each loaded slice of x twice, with all 2R accumulators in
+    /// registers (R is a constant).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn matvec_row(row: &[f16], x: &[f32], n: usize, k: usize, dst: &mut [f32]) {
-        let mut i0 = 0;
-        while i0 < n {
-            let rows = (n - i0).min(8);
-            let mut acc = [_mm512_setzero_ps(); 8];
-            let wp = row.as_ptr() as *const __m256i;
-            let full = k / 16;
-            for c in 0..full {
-                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(c)));
+    unsafe fn kernel<const R: usize>(w: &[f16], x: &[f32], k: usize, i0: usize, j: usize, two: bool, out: &mut [[f32; 2]; 8]) {
+        let full = k / 16;
+        let mut a0 = [_mm512_setzero_ps(); R];
+        let mut a1 = [_mm512_setzero_ps(); R];
+        let w0 = w.as_ptr().add(j * k) as *const u8;
+        let w1 = if two { w.as_ptr().add((j + 1) * k) as *const u8 } else { w0 };
+        let xp = x.as_ptr().add(i0 * k);
+        for c in 0..full {
+            let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(w0.add(c * 32) as *const __m256i));
+            let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(w1.add(c * 32) as *const __m256i));
+            for r in 0..R {
+                let xv = _mm512_loadu_ps(xp.add(r * k + c * 16));
+                a0[r] = _mm512_fmadd_ps(v0, xv, a0[r]);
+                a1[r] = _mm512_fmadd_ps(v1, xv, a1[r]);
+            }
+        }
+        for r in 0..R {
+            let (mut s0, mut s1) = (_mm512_reduce_add_ps(a0[r]), _mm512_reduce_add_ps(a1[r]));
+            for p in full * 16..k {
+                let xv = *x.get_unchecked((i0 + r) * k + p);
+                s0 += w.get_unchecked(j * k + p).to_f32() * xv;
+                if two {
+                    s1 += w.get_unchecked((j + 1) * k + p).to_f32() * xv;
+                }
+            }
+            out[r] = [s0, s1];
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matvec_block(w: &[f16], x: &[f32], n: usize, k: usize, j0: usize, j1: usize, part: &mut [f32]) {
+        let mut j = j0;
+        let mut out = [[0f32; 2]; 8];
+        while j < j1 {
+            let two = j + 1 < j1;
+            let mut i0 = 0;
+            while i0 < n {
+                let rows = (n - i0).min(8);
+                match rows {
+                    1 => kernel::<1>(w, x, k, i0, j, two, &mut out),
+                    2 => kernel::<2>(w, x, k, i0, j, two, &mut out),
+                    3 => kernel::<3>(w, x, k, i0, j, two, &mut out),
+                    4 => kernel::<4>(w, x, k, i0, j, two, &mut out),
+                    5 => kernel::<5>(w, x, k, i0, j, two, &mut out),
+                    6 => kernel::<6>(w, x, k, i0, j, two, &mut out),
+                    7 => kernel::<7>(w, x, k, i0, j, two, &mut out),
+                    _ => kernel::<8>(w, x, k, i0, j, two, &mut out),
+                }
                 for r in 0..rows {
-                    let xv = _mm512_loadu_ps(x.as_ptr().add((i0 + r) * k + c * 16));
-                    acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+                    part[(j - j0) * n + i0 + r] = out[r][0];
+                    if two {
+                        part[(j + 1 - j0) * n + i0 + r] = out[r][1];
+                    }
                 }
+                i0 += rows;
             }
-            for r in 0..rows {
-                let mut s = _mm512_reduce_add_ps(acc[r]);
-                for p in full * 16..k {
-                    s += row[p].to_f32() * x[(i0 + r) * k + p];
-                }
-                dst[i0 + r] = s;
-            }
-            i0 += rows;
+            j += if two { 2 } else { 1 };
         }
     }
 }

@@ -517,3 +517,161 @@ pub fn sample_row(row: &[f32], t: f32, u: f32) -> u32 {
     // rounding left the target at the very end: the last token with any weight
     w.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::Rng;
+
+    fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
+    }
+    fn rand_f16(n: usize, seed: u64) -> Vec<f16> {
+        rand_f32(n, seed).into_iter().map(f16::from_f32).collect()
+    }
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let num = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        num / b.iter().map(|y| y.abs()).fold(1e-30f32, f32::max)
+    }
+
+    #[test]
+    fn linear_paths_match_reference() {
+        // row counts on both sides of the matvec/GEMM switch, widths off the SIMD width
+        for &(n, k, m) in &[
+            (1, 40, 33),
+            (3, 100, 70),
+            (16, 64, 129),
+            (17, 72, 50),
+            (40, 130, 96),
+            (7, 16, 1),
+        ] {
+            let x = rand_f32(n * k, n as u64);
+            let w = rand_f16(m * k, 7 + k as u64);
+            let b = rand_f16(m, 99);
+            let mut out = vec![0f32; n * m];
+            matmul::linear(MatmulMode::F32, &x, &w, Some(&b), n, k, m, &mut out);
+            let r = matmul::linear_reference(&x, &w, Some(&b), n, k, m);
+            assert!(
+                max_rel(&out, &r) < 1e-5,
+                "n={n} k={k} m={m}: {}",
+                max_rel(&out, &r)
+            );
+        }
+    }
+
+    #[test]
+    fn attention_matches_reference_prefill_and_decode() {
+        for kv in [DType::F32, DType::F16] {
+            let dev = CpuDevice::new(CpuOptions {
+                kv_dtype: kv,
+                ..Default::default()
+            });
+            let (b, h, d, s, max_len) = (3, 5, 8, 6, 9);
+            let mut kc = dev.alloc_kv(b, h, max_len, d).unwrap();
+            let mut vc = dev.alloc_kv(b, h, max_len, d).unwrap();
+            // left padding: 0, 2 and 5 pads
+            let pads = [0, 2, 5];
+            let mut mask = Vec::new();
+            for p in pads {
+                mask.extend((0..s).map(|i| (i >= p) as u32));
+            }
+            let mut seed = 1;
+            let mut run = |past: usize, new: usize, mask: &[u32]| {
+                seed += 10;
+                let shape = AttnShape::new(b, h, d, past, new);
+                let q = CpuTensor::from_f32(&[b * new, h * d], rand_f32(b * new * h * d, seed))
+                    .unwrap();
+                let k = CpuTensor::from_f32(&[b * new, h * d], rand_f32(b * new * h * d, seed + 1))
+                    .unwrap();
+                let v = CpuTensor::from_f32(&[b * new, h * d], rand_f32(b * new * h * d, seed + 2))
+                    .unwrap();
+                dev.append_kv(&mut kc, &mut vc, &k, &v, shape).unwrap();
+                let m = dev.upload(HostSlice::U32(mask), &[b, past + new]).unwrap();
+                let got = dev
+                    .download_f32(&dev.attention(&q, &kc, &vc, &m, shape).unwrap())
+                    .unwrap();
+                // the reference reads the cache's stored (possibly fp16-rounded) values
+                let t = past + new;
+                let (kf, vf) = (
+                    dev.download_f32(&kc).unwrap(),
+                    dev.download_f32(&vc).unwrap(),
+                );
+                let trim = |c: &[f32]| -> Vec<f32> {
+                    let mut o = Vec::new();
+                    for bh in 0..b * h {
+                        o.extend_from_slice(&c[bh * max_len * d..][..t * d]);
+                    }
+                    o
+                };
+                let want = attention::attention_reference(
+                    q.f32().unwrap(),
+                    &trim(&kf),
+                    &trim(&vf),
+                    mask,
+                    shape,
+                );
+                assert!(
+                    max_rel(&got, &want) < 1e-5,
+                    "{kv:?} past {past}: {}",
+                    max_rel(&got, &want)
+                );
+                got
+            };
+            let got = run(0, s, &mask);
+            // the fully padded query rows (sequence 2, positions 0..5) are zeros
+            let row = |bb: usize, i: usize| &got[(bb * s + i) * h * d..][..h * d];
+            assert!(row(2, 0).iter().all(|&x| x == 0.0));
+            assert!(row(2, 5).iter().any(|&x| x != 0.0));
+            let mut m2 = Vec::new();
+            for r in mask.chunks(s) {
+                m2.extend_from_slice(r);
+                m2.push(1);
+            }
+            run(s, 1, &m2);
+        }
+    }
+
+    #[test]
+    fn sampling() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+        // softmax([0, ln 3]) = [0.25, 0.75]
+        let row = [0.0, 3f32.ln()];
+        assert_eq!(sample_row(&row, 1.0, 0.2), 0);
+        assert_eq!(sample_row(&row, 1.0, 0.3), 1);
+        assert_eq!(sample_row(&row, 1.0, 0.999_999), 1);
+        let dev = CpuDevice::default();
+        let l = CpuTensor::from_f32(&[2, 2], vec![0.0, 3f32.ln(), 5.0, 0.0]).unwrap();
+        let u = [0.3, 0.3];
+        let got = dev
+            .sample(
+                &l,
+                &Sampling::Temperature {
+                    temperature: 1.0,
+                    uniforms: &u,
+                },
+            )
+            .unwrap();
+        assert_eq!(got, vec![1, 0]);
+        assert_eq!(dev.sample(&l, &Sampling::Greedy).unwrap(), vec![1, 0]);
+    }
+
+    #[test]
+    fn shape_errors_are_errors() {
+        let dev = CpuDevice::default();
+        let x = CpuTensor::from_f32(&[2, 3], vec![0.5; 6]).unwrap();
+        let w = CpuTensor::from_f16(&[4, 5], vec![f16::ONE; 20]).unwrap();
+        assert!(dev
+            .linear(&x, &w, None, Activation::None)
+            .unwrap_err()
+            .to_string()
+            .contains("columns"));
+        let ids = dev.upload(HostSlice::U32(&[7]), &[1]).unwrap();
+        assert!(dev.gather_rows(&w, &ids).is_err());
+        assert!(dev.upload(HostSlice::F32(&[1.0; 5]), &[2, 3]).is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! `flexbench-native`: the native engine's runner.
+//!
+//! - `run-case`: the child protocol (case JSON in, one `FLEXBENCH_RESULT` line out);
+//! - `generate`: greedy continuations of token-id prompts from a checkpoint;
+//! - `floor`: this machine's matrix-product rate and memory bandwidth.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use backend_native::device::cpu::CpuOptions;
+use backend_native::device::{is_out_of_memory, DType};
+use backend_native::generate::{generate, GenOptions, SampleMode};
+use backend_native::runner;
+use bench_core::protocol::{self, EXIT_OOM, EXIT_UNAVAILABLE};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "flexbench-native",
+    version,
+    about = "flexbench's native OPT engine (CPU device)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvDtype {
+    F16,
+    F32,
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Storage of the KV cache: f16 (FlexLLMGen's, half the bytes) or f32 (exact reference).
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_dtype: KvDtype,
+    /// Threads of the compute pool (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl DeviceArgs {
+    fn options(&self) -> CpuOptions {
+        CpuOptions {
+            kv_dtype: match self.kv_dtype {
+                KvDtype::F16 => DType::F16,
+                KvDtype::F32 => DType::F32,
+            },
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one benchmark case (the child protocol): load the model, warm up with one-token
+    /// generations, run the measured generation, print one `FLEXBENCH_RESULT {json}` line.
+    /// Exit codes: 3 = out of memory, 4 = case unavailable in this build, 1 = other errors.
+    RunCase {
+        /// The case JSON file (default: the file named by $FLEXBENCH_CASE).
+        #[arg(long)]
+        case: Option<PathBuf>,
+        /// Directory for offloaded tensors (used by placements with a disk tier).
+        #[arg(long)]
+        offload_dir: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Generate continuations of token-id prompts with a HuggingFace OPT checkpoint.
+    /// The input file is {"prompts": [[ids], ...], "max_new_tokens": N}; prompts of different
+    /// lengths are left-padded together.
+    Generate {
+        /// Checkpoint directory: config.json + model.safetensors (or a sharded index).
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompts JSON file.
+        #[arg(long)]
+        input: PathBuf,
+        /// New tokens per prompt (overrides the file's max_new_tokens; default 16).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Sampling temperature; 0 = greedy (default).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Seed of temperature sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop a sequence at the model's eos token (later tokens are pads, as transformers).
+        #[arg(long)]
+        stop_at_eos: bool,
+        /// Print {"new_tokens": [[...], ...]} instead of one line per prompt.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Measure this machine's floors: f32 matrix-product rate (GFLOP/s) of the CPU device's
+    /// prefill path and memory read bandwidth (GB/s). Prints JSON.
+    Floor {
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+fn init_threads(d: &DeviceArgs) -> Result<()> {
+    if let Some(n) = d.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Keeps large freed blocks in the heap: the engine allocates activation-sized buffers every
+/// op, and glibc's default (mmap above 128 KiB, unmap on free) makes each one fresh zeroed pages,
+/// which cost more than the arithmetic on them.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    let cli = Cli::parse();
+    let is_case = matches!(cli.cmd, Cmd::RunCase { .. });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(reason) = runner::unavailable_reason(&e) {
+                eprintln!("flexbench-native: case unavailable: {reason}");
+                return ExitCode::from(EXIT_UNAVAILABLE as u8);
+            }
+            eprintln!("flexbench-native: error: {e:#}");
+            if is_case && is_out_of_memory(&e) {
+                return ExitCode::from(EXIT_OOM as u8);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::RunCase {
+            case,
+            offload_dir: _,
+            device,
+        } => {
+            init_threads(&device)?;
+            let case = match case {
+                Some(p) => protocol::read_case(&p)?,
+                None => protocol::read_case_from_env()?,
+            };
+            let result = runner::run_case(&case, device.options())?;
+            println!("{}", result.to_line());
+            Ok(())
+        }
+        Cmd::Generate {
+            model,
+            input,
+            max_new_tokens,
+            temperature,
+            seed,
+            stop_at_eos,
+            json,
+            device,
+        } => {
+            init_threads(&device)?;
+            let inp = runner::read_generate_input(&input)?;
+            let n = max_new_tokens.or(inp.max_new_tokens).unwrap_or(16);
+            runner::ensure_positive("max_new_tokens", n)?;
+            let (cfg, dev, weights) = runner::load_cpu_model(&model, device.options())?;
+            let sample = if temperature > 0.0 {
+                SampleMode::Temperature { temperature, seed }
+            } else {
+                SampleMode::Greedy
+            };
+            let opts = GenOptions {
+                max_new_tokens: n,
+                sample,
+                stop_token: stop_at_eos.then_some(cfg.eos_token_id),
+                keep_logits: false,
+            };
+            let out = generate(&dev, &cfg, &weights, &inp.prompts, &opts)?;
+            if json {
+                println!("{}", serde_json::json!({ "new_tokens": out.new_tokens }));
+            } else {
+                for (i, t) in out.new_tokens.iter().enumerate() {
+                    let s: Vec<String> = t.iter().map(|x| x.to_string()).collect();
+                    println!("{i}: {}", s.join(" "));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Floor { device } => {
+            init_threads(&device)?;
+            let f = backend_native::floor::measure();
+            println!("{}", serde_json::to_string(&f)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! What the `flexbench-native` subcommands do: load a model, run a case under the child
+//! protocol, generate for given prompts, measure the machine's floors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use bench_core::{Case, Device as CaseDevice, ModelConfig, RawResult, Weights};
+
+use crate::device::cpu::{CpuDevice, CpuOptions};
+use crate::device::Device;
+use crate::dummy;
+use crate::generate::{generate, GenOptions, SampleMode};
+use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
+
+/// Why a case cannot run in this build; the runner exits with `EXIT_UNAVAILABLE`.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unavailable: {}", self.0)
+    }
+}
+impl std::error::Error for Unavailable {}
+
+/// The model config and weight source of a checkpoint directory.
+pub fn open_checkpoint(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
+    let cfg = load_config(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    ckpt.check_against(&cfg)?;
+    Ok((cfg, ckpt))
+}
+
+/// The model config and weight source of a case.
+pub fn case_model(case: &Case) -> Result<(ModelConfig, Box<dyn TensorSource>)> {
+    match &case.weights {
+        Weights::Dummy => {
+            let cfg = bench_core::model::lookup(&case.model).with_context(|| {
+                format!(
+                    "unknown model `{}`; known: {}",
+                    case.model,
+                    bench_core::model::names().join(", ")
+                )
+            })?;
+            let src = DummySource::new(&cfg, dummy::DEFAULT_SEED);
+            Ok((cfg, Box::new(src)))
+        }
+        Weights::Checkpoint(dir) => {
+            let (cfg, ckpt) = open_checkpoint(dir)?;
+            Ok((cfg, Box::new(ckpt)))
+        }
+    }
+}
+
+/// Whether this build can run the case; `Err(Unavailable)` says why not.
+pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
+    if case.framework != "native" {
+        return Err(Unavailable(format!(
+            "framework `{}` is not the native engine",
+            case.framework
+        )));
+    }
+    if case.device == CaseDevice::Cuda {
+        return Err(Unavailable(
+            "the native CUDA device is not built into this runner yet".into(),
+        ));
+    }
+    let p = case.placement.policy();
+    if p.percent[0] != 100 || p.percent[2] != 100 || p.percent[4] != 100 {
+        return Err(Unavailable(format!(
+            "placement {} puts weights, cache or activations off the compute device (on the CPU device \
+             the gpu tier is RAM); the offloader is not built into this runner yet",
+            case.placement.label()
+        )));
+    }
+    if p.compress_weight || p.compress_cache || p.attn_sparsity < 1.0 {
+        return Err(Unavailable(
+            "compression and sparse attention are not built yet".into(),
+        ));
+    }
+    if case.num_nodes * case.num_gpus_per_node != 1 {
+        return Err(Unavailable("the native engine runs on one device".into()));
+    }
+    Ok(())
+}
+
+/// The benchmark's prompts: deterministic pseudo-random ids, never pad (1) or eos (2).
+pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut rng = crate::generate::Rng::new(0xb0_0c_a5e);
+    let hi = vocab.max(4) as u64;
+    (0..batch)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| (3 + rng.next_u64() % (hi - 3)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process, bytes.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            return u.ru_maxrss as u64 * 1024; // Linux reports KiB
+        }
+    }
+    0
+}
+
+/// Runs a case: load, warm up, measure; returns the raw result.
+pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
+    case.validate()
+        .map_err(|e| anyhow::anyhow!("invalid case: {e}"))?;
+    check_runnable(case)?;
+    let (cfg, src) = case_model(case)?;
+    let dev = CpuDevice::new(opts);
+    check_fits_in_memory(&cfg, case, &dev)?;
+    eprintln!(
+        "loading {} ({}) on {}",
+        cfg.name,
+        src.describe(),
+        dev.name()
+    );
+    let weights = ModelWeights::load(&dev, src.as_ref(), &cfg)?;
+    let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
+    for _ in 0..case.warmup {
+        let o = GenOptions {
+            max_new_tokens: 1,
+            sample: SampleMode::Greedy,
+            stop_token: None,
+            keep_logits: false,
+        };
+        generate(&dev, &cfg, &weights, &prompts, &o).context("warm-up generation")?;
+    }
+    let gen_len = case.measured_gen_len();
+    let o = GenOptions {
+        max_new_tokens: gen_len,
+        sample: SampleMode::Greedy,
+        stop_token: None,
+        keep_logits: false,
+    };
+    let mut result = RawResult::default();
+    let mut last = None;
+    for r in 0..case.repetitions {
+        let out = generate(&dev, &cfg, &weights, &prompts, &o)
+            .with_context(|| format!("repetition {r}"))?;
+        result.step_times_s.push(out.step_times_s);
+        last = Some(out.new_tokens);
+    }
+    let tokens = last.unwrap_or_default();
+    result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
+    result.tokens = Some(tokens);
+    result
+        .peak_memory_bytes
+        .insert("host_rss".into(), peak_rss_bytes());
+    result
+        .peak_memory_bytes
+        .insert("weights".into(), weights.size_bytes() as u64);
+    // everything is resident on the compute device: no link carries bytes during generation
+    for link in [
+        "disk_read",
+        "disk_write",
+        "host_to_compute",
+        "compute_to_host",
+    ] {
+        result.bytes_moved.insert(link.into(), 0);
+    }
+    result.versions = versions(&dev);
+    if case.num_gpu_batches > 1 {
+        result.notes.push(format!(
+            "all {} GPU batches run as one batch of {} (no offloading, so the block schedule changes nothing)",
+            case.num_gpu_batches,
+            case.batch_size()
+        ));
+    }
+    Ok(result)
+}
+
+/// Bytes of host memory the case needs with everything resident: fp16 weights, the KV cache,
+/// and the largest activations of the prefill (fc1's output and a few hidden-sized buffers).
+pub fn resident_bytes(cfg: &ModelConfig, case: &Case, kv_bytes_per_value: usize) -> u64 {
+    let weights: usize = dummy::opt_tensor_specs(cfg)
+        .iter()
+        .map(|s| s.numel() * 2)
+        .sum();
+    let tokens = (case.batch_size() * (case.prompt_len + case.gen_len)) as u64;
+    let cache = 2 * tokens * (cfg.num_hidden_layers * cfg.hidden_size * kv_bytes_per_value) as u64;
+    let rows = (case.batch_size() * case.prompt_len) as u64;
+    let acts = rows * (cfg.ffn_dim + 6 * cfg.hidden_size) as u64 * 4;
+    weights as u64 + cache + acts
+}
+
+/// `MemAvailable` of /proc/meminfo, bytes (None where unknown).
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Fails with [`OutOfMemory`] before loading when the case cannot fit in available memory: the
+/// kernel's OOM killer would otherwise end the process without a word.
+fn check_fits_in_memory(cfg: &ModelConfig, case: &Case, dev: &CpuDevice) -> Result<()> {
+    let need = resident_bytes(cfg, case, dev.kv_dtype().size());
+    if let Some(avail) = mem_available_bytes() {
+        if need > avail {
+            return Err(anyhow::Error::new(crate::device::OutOfMemory {
+                device: "cpu".into(),
+                bytes: need,
+            }))
+            .with_context(|| {
+                format!(
+                    "{} with batch {} needs about {:.1} GiB of RAM, {:.1} GiB are available",
+                    cfg.name,
+                    case.batch_size(),
+                    need as f64 / (1u64 << 30) as f64,
+                    avail as f64 / (1u64 << 30) as f64
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn versions(dev: &CpuDevice) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    v.insert("flexbench-native".into(), env!("CARGO_PKG_VERSION").into());
+    v.insert("device".into(), dev.name());
+    v
+}
+
+/// Input of `flexbench-native generate`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateInput {
+    pub prompts: Vec<Vec<u32>>,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+}
+
+pub fn read_generate_input(path: &Path) -> Result<GenerateInput> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "parsing {}: expected {{\"prompts\": [[token ids], ...], \"max_new_tokens\": N}}",
+            path.display()
+        )
+    })
+}
+
+/// Loads a checkpoint onto the CPU device.
+pub fn load_cpu_model(
+    dir: &Path,
+    opts: CpuOptions,
+) -> Result<(
+    ModelConfig,
+    CpuDevice,
+    ModelWeights<crate::device::cpu::CpuTensor>,
+)> {
+    let (cfg, ckpt) = open_checkpoint(dir)?;
+    let dev = CpuDevice::new(opts);
+    let w = ModelWeights::load(&dev, &ckpt, &cfg)?;
+    Ok((cfg, dev, w))
+}
+
+pub fn unavailable_reason(err: &anyhow::Error) -> Option<String> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Unavailable>().map(|u| u.0.clone()))
+}
+
+pub fn ensure_positive(name: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("{name} must be at least 1");
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Bad checkpoints and prompts give clear errors that name the file or tensor, never a panic.
+
+use std::path::{Path, PathBuf};
+
+use backend_native::device::cpu::CpuOptions;
+use backend_native::generate::{generate, GenOptions, SampleMode};
+use backend_native::runner::{load_cpu_model, open_checkpoint};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A scratch copy of a fixture directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(name: &str, tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("flexbench-bad-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(fixture(name)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        Scratch(dir)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn err_of(dir: &Path) -> String {
+    match open_checkpoint(dir) {
+        Ok(_) => panic!("{} opened although it is broken", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn missing_directory_and_config() {
+    let e = err_of(Path::new("/nonexistent/flexbench-ckpt"));
+    assert!(e.contains("/nonexistent/flexbench-ckpt"), "{e}");
+    let s = Scratch::copy_of("odd_f16", "noconfig");
+    std::fs::remove_file(s.path("config.json")).unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn missing_weights_file() {
+    let s = Scratch::copy_of("odd_f16", "noweights");
+    std::fs::remove_file(s.path("model.safetensors")).unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("no safetensors weights"), "{e}");
+    // a shard named by the index is gone
+    let s = Scratch::copy_of("prenorm_f32", "noshard");
+    std::fs::remove_file(s.path("model-00002-of-00003.safetensors")).unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let s = Scratch::copy_of("odd_f16", "truncated");
+    let p = s.path("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
+    std::fs::write(&p, b"garbage").unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("model.safetensors"), "{e}");
+    // corrupt index
+    let s = Scratch::copy_of("prenorm_f32", "badindex");
+    std::fs::write(
+        s.path("model.safetensors.index.json"),
+        b"{\"weight_map\": 3}",
+    )
+    .unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("model.safetensors.index.json"), "{e}");
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    let s = Scratch::copy_of("odd_f16", "shape");
+    let p = s.path("config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"ffn_dim\": 72", "\"ffn_dim\": 80");
+    std::fs::write(&p, text).unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("fc1.weight") && e.contains("[72, 40]"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_and_dtype() {
+    let s = Scratch::copy_of("odd_f16", "arch");
+    let p = s.path("config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"model_type\": \"opt\"", "\"model_type\": \"gpt2\"");
+    std::fs::write(&p, text).unwrap();
+    let e = err_of(&s.0);
+    assert!(e.contains("gpt2") && e.contains("config.json"), "{e}");
+
+    // an integer tensor where weights are expected
+    let s = Scratch::copy_of("odd_f16", "dtype");
+    let p = s.path("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let target = "decoder.layers.1.fc2.bias";
+    let t = owned.iter_mut().find(|t| t.0 == target).unwrap();
+    t.1 = safetensors::Dtype::I16;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &p).unwrap();
+    match load_cpu_model(&s.0, CpuOptions::default()) {
+        Ok(_) => panic!("an I16 tensor loaded"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains(target) && e.contains("I16"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let s = Scratch::copy_of("postln_bf16", "missing");
+    let p = s.path("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("project_in"))
+        .collect();
+    safetensors::serialize_to_file(views, &None, &p).unwrap();
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("model.decoder.project_in.weight") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn prompt_longer_than_positions() {
+    let (cfg, dev, w) = load_cpu_model(&fixture("odd_f16"), CpuOptions::default()).unwrap();
+    let opts = GenOptions {
+        max_new_tokens: 4,
+        sample: SampleMode::Greedy,
+        stop_token: None,
+        keep_logits: false,
+    };
+    let long = vec![vec![5u32; cfg.max_position_embeddings - 2]];
+    let e = generate(&dev, &cfg, &w, &long, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("positions"), "{e}");
+    let bad = vec![vec![5u32, cfg.vocab_size as u32]];
+    let e = generate(&dev, &cfg, &w, &bad, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vocabulary"), "{e}");
+}
+
+#[test]
+fn runner_reports_errors_without_panicking() {
+    let bin = env!("CARGO_BIN_EXE_flexbench-native");
+    let input =
+        std::env::temp_dir().join(format!("flexbench-bad-input-{}.json", std::process::id()));
+    std::fs::write(&input, b"{\"prompts\": \"nope\"}").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["generate", "--model"])
+        .arg(fixture("odd_f16"))
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&input).ok();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("flexbench-native: error") && err.contains("prompts"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
