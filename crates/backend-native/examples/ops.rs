@@ -6,9 +6,20 @@ use backend_native::device::cpu::{matmul, MatmulMode};
 use half::f16;
 
 fn main() {
-    for &(n, k, m) in &[(4, 768, 768), (4, 768, 3072), (4, 3072, 768), (4, 768, 50272), (16, 768, 3072), (512, 768, 3072), (512, 3072, 768), (4096, 768, 768)] {
+    for &(n, k, m) in &[
+        (4, 768, 768),
+        (4, 768, 3072),
+        (4, 3072, 768),
+        (4, 768, 50272),
+        (16, 768, 3072),
+        (512, 768, 3072),
+        (512, 3072, 768),
+        (4096, 768, 768),
+    ] {
         let x: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 * 0.01).collect();
-        let w: Vec<f16> = (0..m * k).map(|i| f16::from_f32((i % 13) as f32 * 0.01)).collect();
+        let w: Vec<f16> = (0..m * k)
+            .map(|i| f16::from_f32((i % 13) as f32 * 0.01))
+            .collect();
         let mut out = vec![0f32; n * m];
         let mut best = f64::INFINITY;
         for _ in 0..5 {
@@ -18,6 +29,9 @@ fn main() {
         }
         let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;
         let gbs = (m * k * 2) as f64 / best / 1e9;
-        println!("n={n:5} k={k:5} m={m:6}: {:8.3} ms  {gflops:7.1} GFLOP/s  {gbs:6.1} GB/s of weights", best * 1e3);
+        println!(
+            "n={n:5} k={k:5} m={m:6}: {:8.3} ms  {gflops:7.1} GFLOP/s  {gbs:6.1} GB/s of weights",
+            best * 1e3
+        );
     }
 }

@@ -183,7 +183,12 @@ fn matvec_block(w: &[f16], x: &[f32], n: usize, k: usize, j0: usize, j1: usize, 
         }
     }
     for j in j0..j1 {
-        matvec_row(&w[j * k..(j + 1) * k], x, k, &mut part[(j - j0) * n..(j - j0 + 1) * n]);
+        matvec_row(
+            &w[j * k..(j + 1) * k],
+            x,
+            k,
+            &mut part[(j - j0) * n..(j - j0 + 1) * n],
+        );
     }
 }
 
@@ -196,12 +201,24 @@ mod avx512 {
     /// is used `R` times and each loaded slice of x twice, with all 2R accumulators in
     /// registers (R is a constant).
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<const R: usize>(w: &[f16], x: &[f32], k: usize, i0: usize, j: usize, two: bool, out: &mut [[f32; 2]; 8]) {
+    unsafe fn kernel<const R: usize>(
+        w: &[f16],
+        x: &[f32],
+        k: usize,
+        i0: usize,
+        j: usize,
+        two: bool,
+        out: &mut [[f32; 2]; 8],
+    ) {
         let full = k / 16;
         let mut a0 = [_mm512_setzero_ps(); R];
         let mut a1 = [_mm512_setzero_ps(); R];
         let w0 = w.as_ptr().add(j * k) as *const u8;
-        let w1 = if two { w.as_ptr().add((j + 1) * k) as *const u8 } else { w0 };
+        let w1 = if two {
+            w.as_ptr().add((j + 1) * k) as *const u8
+        } else {
+            w0
+        };
         let xp = x.as_ptr().add(i0 * k);
         for c in 0..full {
             let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(w0.add(c * 32) as *const __m256i));
@@ -226,7 +243,15 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn matvec_block(w: &[f16], x: &[f32], n: usize, k: usize, j0: usize, j1: usize, part: &mut [f32]) {
+    pub unsafe fn matvec_block(
+        w: &[f16],
+        x: &[f32],
+        n: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        part: &mut [f32],
+    ) {
         let mut j = j0;
         let mut out = [[0f32; 2]; 8];
         while j < j1 {

@@ -383,10 +383,27 @@ impl CudaDevice {
     /// as [`Device::linear`] (`lt = true`) or through plain cuBLAS `cublasGemmEx` only
     /// (`lt = false`). For benchmarks: gpu-check compares the engine's GEMMs with the best rate
     /// cuBLAS reaches on large square products.
-    pub fn gemm_into(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, act: Activation, y: &mut CudaTensor, lt: bool) -> Result<()> {
-        ensure!(x.dtype == DType::F16 && w.dtype == DType::F16 && y.dtype == DType::F16, "gemm_into: F16 tensors expected");
+    pub fn gemm_into(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        act: Activation,
+        y: &mut CudaTensor,
+        lt: bool,
+    ) -> Result<()> {
+        ensure!(
+            x.dtype == DType::F16 && w.dtype == DType::F16 && y.dtype == DType::F16,
+            "gemm_into: F16 tensors expected"
+        );
         let (n, m) = Self::check_2d(y, "gemm_into output")?;
-        ensure!(x.shape[0] == n && w.shape[0] == m, "gemm_into: output {:?} for x {:?} and w {:?}", y.shape, x.shape, w.shape);
+        ensure!(
+            x.shape[0] == n && w.shape[0] == m,
+            "gemm_into: output {:?} for x {:?} and w {:?}",
+            y.shape,
+            x.shape,
+            w.shape
+        );
         self.gemm_bias_act(x, w, bias, act, y, lt)
     }
 
