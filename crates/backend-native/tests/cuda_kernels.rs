@@ -156,6 +156,7 @@ fn layer_norm_matches_cpu() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn linear_on<D: Device>(
     d: &D,
     x: &[f16],

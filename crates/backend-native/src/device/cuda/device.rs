@@ -269,7 +269,7 @@ impl CudaDevice {
 
     fn check_attn_shape(s: &AttnShape) -> Result<()> {
         ensure!(
-            s.head_dim % 8 == 0 && s.head_dim <= 128 && s.head_dim > 0,
+            s.head_dim.is_multiple_of(8) && s.head_dim <= 128 && s.head_dim > 0,
             "the CUDA attention kernels need head_dim a multiple of 8 and at most 128, got {}",
             s.head_dim
         );

@@ -23,7 +23,10 @@ fn dlopen_ok(name: &str) -> Result<(), String> {
     // (dlclose) right away, and the library stays mapped for cudarc if it was opened before.
     unsafe { Library::new(name) }
         .map(drop)
-        .map_err(|e| e.to_string())
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(why) => format!("{e}: {why}"),
+            None => e.to_string(),
+        })
 }
 
 /// Checks the driver library, initialises the driver and counts devices.
