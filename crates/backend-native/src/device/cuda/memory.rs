@@ -92,8 +92,9 @@ impl PinnedBuffer {
 }
 
 /// Copies on dedicated streams, so that transfers overlap with kernels on the compute stream.
-/// Each copy records an event; the compute stream waits on it before using the data, so the
-/// ordering is explicit and nothing synchronises the host.
+/// Each copy records an event; the compute stream must wait on it (`stream.wait(&event)`) before
+/// it uses the data or drops the buffer (device buffers are freed in the compute stream's order),
+/// so the ordering is explicit and nothing synchronises the host.
 pub struct CopyStreams {
     pub h2d: Arc<CudaStream>,
     pub d2h: Arc<CudaStream>,
