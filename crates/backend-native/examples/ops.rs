@@ -21,17 +21,16 @@ fn main() {
             .map(|i| f16::from_f32((i % 13) as f32 * 0.01))
             .collect();
         let mut out = vec![0f32; n * m];
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = Instant::now();
-            matmul::linear(MatmulMode::F32, &x, &w, None, n, k, m, &mut out);
-            best = best.min(t.elapsed().as_secs_f64());
+        for mode in [MatmulMode::F32, MatmulMode::Bf16] {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                matmul::linear(mode, &x, &w, None, n, k, m, &mut out);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;
+            let gbs = (m * k * 2) as f64 / best / 1e9;
+            println!("{mode:?} n={n:5} k={k:5} m={m:6}: {:8.3} ms  {gflops:7.1} GFLOP/s  {gbs:6.1} GB/s of weights", best * 1e3);
         }
-        let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;
-        let gbs = (m * k * 2) as f64 / best / 1e9;
-        println!(
-            "n={n:5} k={k:5} m={m:6}: {:8.3} ms  {gflops:7.1} GFLOP/s  {gbs:6.1} GB/s of weights",
-            best * 1e3
-        );
     }
 }

@@ -16,6 +16,8 @@ pub struct Floors {
     pub gemm_f32_gflops: f64,
     /// Matrix size used for it.
     pub gemm_n: usize,
+    /// The same product in the bf16 mode (None without AVX-512 BF16).
+    pub gemm_bf16_gflops: Option<f64>,
     /// Parallel sequential read bandwidth over a buffer much larger than the caches, GB/s.
     pub mem_read_gbs: f64,
     pub threads: usize,
@@ -74,6 +76,8 @@ pub fn measure() -> Floors {
     Floors {
         gemm_f32_gflops: gemm_gflops(gemm_n, MatmulMode::F32, 3),
         gemm_n,
+        gemm_bf16_gflops: crate::device::cpu::bf16::available()
+            .then(|| gemm_gflops(gemm_n, MatmulMode::Bf16, 3)),
         mem_read_gbs: mem_read_gbs(1 << 30, 5),
         threads: rayon::current_num_threads(),
     }

@@ -98,16 +98,16 @@ pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u
         .collect()
 }
 
-/// Peak resident set size of this process, bytes.
+/// Peak resident set size of this process, bytes: `VmHWM` of /proc/self/status. (getrusage's
+/// ru_maxrss is not used: Linux carries it across exec, so a runner started by a large parent,
+/// such as a Python script with torch loaded, would report the parent's peak.)
 pub fn peak_rss_bytes() -> u64 {
-    // SAFETY: getrusage fills the struct we pass.
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
-            return u.ru_maxrss as u64 * 1024; // Linux reports KiB
-        }
-    }
-    0
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Runs a case: load, warm up, measure; returns the raw result.

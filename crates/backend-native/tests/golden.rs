@@ -133,3 +133,30 @@ fn generate_subcommand_json() {
     let got: Vec<Vec<u32>> = serde_json::from_value(v["new_tokens"].clone()).unwrap();
     assert_eq!(got, exp.new_tokens);
 }
+
+/// The bf16 matmul mode approximates: its prefill logits stay within 5% (relative to the
+/// largest logit) of transformers' f32 ones. Only the first step is compared: a token flipped by
+/// bf16 rounding would change every later step.
+#[test]
+fn bf16_mode_prefill_is_close() {
+    use backend_native::device::cpu::MatmulMode;
+    for name in ["prenorm_f32", "odd_f16", "postln_bf16"] {
+        let dir = fixture(name);
+        let exp = expected(&dir);
+        let opts = CpuOptions {
+            kv_dtype: DType::F32,
+            matmul: MatmulMode::Bf16,
+        };
+        let (cfg, dev, w) = load_cpu_model(&dir, opts).unwrap();
+        let g = GenOptions {
+            max_new_tokens: 1,
+            sample: SampleMode::Greedy,
+            stop_token: None,
+            keep_logits: true,
+        };
+        let out = generate(&dev, &cfg, &w, &exp.prompts, &g).unwrap();
+        let e = rel_err(&out.logits[0], &exp.logits[0]);
+        eprintln!("{name}: bf16-mode prefill logits differ by {e:e}");
+        assert!(e < 5e-2, "{name}: bf16 mode prefill logits off by {e}");
+    }
+}

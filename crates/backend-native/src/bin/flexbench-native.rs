@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use backend_native::device::cpu::CpuOptions;
+use backend_native::device::cpu::{CpuOptions, MatmulMode};
 use backend_native::device::{is_out_of_memory, DType};
 use backend_native::generate::{generate, GenOptions, SampleMode};
 use backend_native::runner;
@@ -32,8 +32,18 @@ enum KvDtype {
     F32,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Matmul {
+    F32,
+    Bf16,
+}
+
 #[derive(clap::Args)]
 struct DeviceArgs {
+    /// Math of the matrix products: f32 (default, the correctness reference) or bf16 (inputs
+    /// rounded to bf16, f32 accumulation; for products of many rows, on CPUs with avx512_bf16).
+    #[arg(long, value_enum, default_value = "f32")]
+    matmul: Matmul,
     /// Storage of the KV cache: f16 (FlexLLMGen's, half the bytes) or f32 (exact reference).
     #[arg(long, value_enum, default_value = "f16")]
     kv_dtype: KvDtype,
@@ -49,7 +59,10 @@ impl DeviceArgs {
                 KvDtype::F16 => DType::F16,
                 KvDtype::F32 => DType::F32,
             },
-            ..Default::default()
+            matmul: match self.matmul {
+                Matmul::F32 => MatmulMode::F32,
+                Matmul::Bf16 => MatmulMode::Bf16,
+            },
         }
     }
 }
@@ -117,12 +130,14 @@ fn init_threads(d: &DeviceArgs) -> Result<()> {
 
 /// Keeps large freed blocks in the heap: the engine allocates activation-sized buffers every
 /// op, and glibc's default (mmap above 128 KiB, unmap on free) makes each one fresh zeroed pages,
-/// which cost more than the arithmetic on them.
+/// which cost more than the arithmetic on them. M_MMAP_MAX = 0 serves every allocation from the
+/// heap (M_MMAP_THRESHOLD cannot exceed 32 MiB, smaller than prefill activations); the trim
+/// threshold keeps freed memory for reuse.
 fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

@@ -5,8 +5,12 @@
 //! [`matmul`] (a GEMM crate for many rows, a tuned fp16 matrix-vector path for few rows, and a
 //! slow obviously-correct reference they are tested against).
 
+pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod matmul;
+
+use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
@@ -20,6 +24,10 @@ pub enum MatmulMode {
     /// f32 math on fp16-stored weights: the default and the reference for correctness.
     #[default]
     F32,
+    /// Inputs rounded to bf16, products accumulated in f32 by AVX-512 BF16 dot products, for
+    /// products of many rows (prefill); few-row products stay on the f32 matrix-vector path.
+    /// Needs a CPU with avx512_bf16. Not bit-comparable with the f32 reference.
+    Bf16,
 }
 
 /// Options of the CPU device.
@@ -52,6 +60,9 @@ pub enum Storage {
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Storage,
+    /// The weight packed for AMX, made on first use in the bf16 mode (a second copy of the
+    /// weight in bf16: the bf16 mode trades memory for prefill speed).
+    packed: OnceLock<Vec<u16>>,
 }
 
 impl DeviceTensor for CpuTensor {
@@ -118,6 +129,7 @@ impl CpuTensor {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F32(data),
+            packed: OnceLock::new(),
         })
     }
     /// An f16 tensor from owned data (no copy).
@@ -130,6 +142,7 @@ impl CpuTensor {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F16(data),
+            packed: OnceLock::new(),
         })
     }
     /// Rows and width of a 2-D tensor.
@@ -172,6 +185,7 @@ impl Device for CpuDevice {
     fn name(&self) -> String {
         let mode = match self.opts.matmul {
             MatmulMode::F32 => "f32",
+            MatmulMode::Bf16 => "bf16",
         };
         format!(
             "cpu ({} threads, {mode} matmul, {:?} kv cache, {})",
@@ -214,6 +228,7 @@ impl Device for CpuDevice {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data,
+            packed: OnceLock::new(),
         })
     }
 
@@ -225,6 +240,7 @@ impl Device for CpuDevice {
             data.len()
         );
         let r = offset..offset + data.len();
+        dst.packed = OnceLock::new(); // the values change: a packed copy would be stale
         match (&mut dst.data, data) {
             (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
             (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
@@ -248,6 +264,7 @@ impl Device for CpuDevice {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data,
+            packed: OnceLock::new(),
         })
     }
 
@@ -380,10 +397,11 @@ impl Device for CpuDevice {
             None => None,
         };
         let mut out = try_zeros::<f32>(n * m)?;
-        matmul::linear(
+        matmul::linear_cached(
             self.opts.matmul,
             x.f32()?,
             w.f16()?,
+            Some(&w.packed),
             bias,
             n,
             k,
