@@ -122,7 +122,7 @@ for exe in "$BIN"/test-*; do
     case "$exe" in
     */test-cuda_kernels | */test-cuda_golden) continue ;;
     esac
-    step tests 60 "$exe" --include-ignored cuda --nocapture --test-threads=1 || true
+    step tests 30 "$exe" --include-ignored cuda --nocapture --test-threads=1 || true
 done
 note ""
 note "other CUDA tests: $(grep -h '^test result' "$OUT/tests.log" 2>/dev/null | awk '{p+=$4; f+=$6} END {printf "%d passed, %d failed", p, f}')"
@@ -151,6 +151,18 @@ note "## Short benchmark (prompt 512, 8 measured decode steps, batch 4, dummy we
 note ""
 note "| case | outcome | prefill s | decode s/step | decode tok/s |"
 note "|---|---|---|---|---|"
+# All on the GPU through the engine's generate() directly (no runner, no offloader needed).
+step bench 200 "$BIN/cuda_generate" opt-1.3b opt-6.7b
+for m in opt-1.3b opt-6.7b; do
+    line=$(grep -h "^BENCH $m all-gpu" "$OUT/bench.log" 2>/dev/null | tail -1)
+    if [ -z "$line" ]; then
+        note "| ${m}_all-gpu (generate) | failed: see bench.log | | | |"
+    else
+        get() { echo "$line" | sed -E "s/.* $1=([^ ]+).*/\1/"; }
+        note "| ${m}_all-gpu (generate) | ok | $(get prefill_s) | $(get decode_s_per_step) | $(get decode_tok_s) |"
+    fi
+done
+# Every placement through the runner (flexbench-native run-case), as the orchestrator runs them.
 if [ ! -x "$BIN/flexbench-native" ]; then
     note "| all | not built (no flexbench-native binary was prepared) | | | |"
 else

@@ -4,8 +4,8 @@
 //! check is split in two:
 //!
 //! 1. Here, on the development machine: `cargo xtask gpu-check --prepare` builds the release
-//!    binaries (every backend-native test executable, `flexbench-native`, the `gpu_speed`
-//!    example), strips them into `target/gpu-check/bin/` (git-ignored, under 64 MiB in all), writes
+//!    binaries (every backend-native test executable, `flexbench-native`, the `gpu_speed` and
+//!    `cuda_generate` examples), strips them into `target/gpu-check/bin/` (git-ignored, under 64 MiB in all), writes
 //!    the benchmark cases to `target/gpu-check/cases/`, and prints the device-tool call:
 //!
 //!    ```text
@@ -109,7 +109,12 @@ fn prepare(root: &Path, dir: &Path) -> Result<()> {
     )? {
         staged.insert(name, exe);
     }
-    for required in ["test-cuda_kernels", "test-cuda_golden", "gpu_speed"] {
+    for required in [
+        "test-cuda_kernels",
+        "test-cuda_golden",
+        "gpu_speed",
+        "cuda_generate",
+    ] {
         if !staged.contains_key(required) {
             bail!("cargo did not produce {required}; is crates/backend-native intact?");
         }
