@@ -220,24 +220,31 @@ fn main() -> Result<()> {
                 let x = upload(&dev, &[batch, k], 6, 1.0)?;
                 let bias = upload(&dev, &[m], 7, 0.1)?;
                 let mut y = dev.empty(DType::F16, &[batch, m])?;
-                let ms = time_ms(&dev, &stream, |i| {
-                    dev.gemm_into(
-                        &x,
-                        &ws[i % copies],
-                        Some(&bias),
-                        Activation::None,
-                        &mut y,
-                        true,
-                    )
-                })?;
-                let bytes = ((m * k) + batch * k + batch * m + m) * 2;
-                let bw = bytes as f64 / (ms * 1e-3);
-                push(
-                    format!("decode GEMM {model} {label} batch {batch} [{k}x{m}]"),
-                    format!("{:.0} GB/s ({:.1} us)", bw / 1e9, ms * 1e3),
-                    Some(bw / d2d),
-                    Some(0.7),
-                );
+                // Both GEMM paths: the engine uses cuBLASLt's fused epilogue where it has an
+                // algorithm; the other is the fallback (and the faster one is worth knowing).
+                for (lt, path) in [
+                    (true, "cublasLt+bias epilogue"),
+                    (false, "cublasGemmEx+bias kernel"),
+                ] {
+                    let ms = time_ms(&dev, &stream, |i| {
+                        dev.gemm_into(
+                            &x,
+                            &ws[i % copies],
+                            Some(&bias),
+                            Activation::None,
+                            &mut y,
+                            lt,
+                        )
+                    })?;
+                    let bytes = ((m * k) + batch * k + batch * m + m) * 2;
+                    let bw = bytes as f64 / (ms * 1e-3);
+                    push(
+                        format!("decode GEMM {model} {label} batch {batch} [{k}x{m}] {path}"),
+                        format!("{:.0} GB/s ({:.1} us)", bw / 1e9, ms * 1e3),
+                        Some(bw / d2d),
+                        Some(0.7),
+                    );
+                }
             }
         }
     }

@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas, Gemm, GemmConfig};
-use cudarc::cublaslt::{Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
     sys, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError, LaunchConfig,
     PushKernelArg,
 };
 use half::f16;
 
+use super::lt::LtGemm;
 use super::memory::{self, dptr, dptr_mut, CopyStreams};
 use super::module::{default_cache_root, KernelSet};
 use super::presence;
@@ -67,10 +67,6 @@ const ATTN_THREADS: u32 = 128;
 const DECODE_MAX_CHUNK: usize = 1024;
 /// Must match PF_BQ in kernels/attention_prefill.cu.
 const PREFILL_BQ: usize = 16;
-/// Below this many rows the GEMM is a weight-streaming (decode) product: plain cuBLAS plus the
-/// bias kernel avoids cuBLASLt's per-call heuristic query, which costs more than the kernel it
-/// saves. At or above it cuBLASLt fuses bias and ReLU into the GEMM's epilogue.
-const LT_MIN_ROWS: usize = 128;
 
 /// The CUDA device.
 pub struct CudaDevice {
@@ -79,7 +75,8 @@ pub struct CudaDevice {
     /// Upload / download streams for transfers that overlap with compute.
     pub copies: CopyStreams,
     blas: CudaBlas,
-    blaslt: Option<CudaBlasLT>,
+    /// cuBLASLt with cached plans (bias/ReLU fused); None where it cannot be created.
+    lt: Option<LtGemm>,
     kernels: KernelSet,
     label: String,
     sm_count: usize,
@@ -113,7 +110,6 @@ impl CudaDevice {
         let copies = CopyStreams::new(&ctx)?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
-        let blaslt = CudaBlasLT::new(stream.clone()).ok();
         let root = cache_root
             .map(Path::to_path_buf)
             .unwrap_or_else(default_cache_root);
@@ -122,6 +118,10 @@ impl CudaDevice {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| drv(e, "reading the SM count"))? as usize;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (cc_major, _) = ctx
+            .compute_capability()
+            .map_err(|e| drv(e, "reading the compute capability"))?;
+        let lt = LtGemm::new(stream.clone(), cc_major).ok();
         let label = format!(
             "cuda:{ordinal} ({gpu}, {}, {} SMs, driver CUDA {}.{})",
             kernels.arch, sm_count, found.driver_version.0, found.driver_version.1
@@ -131,7 +131,7 @@ impl CudaDevice {
             stream,
             copies,
             blas,
-            blaslt,
+            lt,
             kernels,
             label,
             sm_count,
@@ -277,8 +277,9 @@ impl CudaDevice {
     }
 
     /// `y[n, out] = x[n, in] W[out, in]^T` with cuBLAS (f16 in/out, f32 accumulation, tensor
-    /// cores), then bias and activation: fused in cuBLASLt's epilogue for large products,
-    /// otherwise by the bias kernel.
+    /// cores), then bias and activation: fused in cuBLASLt's epilogue (cached plan per shape),
+    /// or, where cuBLASLt has no algorithm or `allow_lt` is false, cublasGemmEx and the bias
+    /// kernel.
     fn gemm_bias_act(
         &self,
         x: &CudaTensor,
@@ -303,39 +304,26 @@ impl CudaDevice {
             bias.is_some() || act == Activation::None,
             "linear: ReLU without a bias is not supported"
         );
-        if allow_lt && n >= LT_MIN_ROWS {
-            if let Some(lt) = &self.blaslt {
-                let cfg = MatmulConfig {
-                    transa: true,
-                    transb: false,
-                    transc: false,
-                    m: m as u64,
-                    n: n as u64,
-                    k: k as u64,
-                    alpha: 1.0,
-                    lda: k as i64,
-                    ldb: k as i64,
-                    beta: 0.0,
-                    ldc: m as i64,
-                    stride_a: None,
-                    stride_b: None,
-                    stride_c: None,
-                    stride_bias: None,
-                    batch_size: None,
-                };
-                let lt_act = match act {
-                    Activation::Relu => Some(LtActivation::Relu),
-                    Activation::None => None,
-                };
-                let (wv, xv) = (w.f16_view(), x.f16_view());
-                let bv = bias.map(|b| b.f16_view());
-                let mut yv = y.f16_view_mut();
-                // SAFETY: shapes were checked above; all views are F16 of the right lengths.
-                let r = unsafe { lt.matmul(cfg, &wv, &xv, &mut yv, bv.as_ref(), lt_act.as_ref()) };
-                if r.is_ok() {
+        if allow_lt {
+            if let Some(lt) = &self.lt {
+                // SAFETY: shapes and dtypes were checked above; the buffers outlive the launch
+                // (they are freed in stream order).
+                let done = unsafe {
+                    lt.gemm(
+                        &x.buf,
+                        &w.buf,
+                        bias.map(|b| &b.buf),
+                        &mut y.buf,
+                        n,
+                        k,
+                        m,
+                        act == Activation::Relu,
+                    )
+                }?;
+                if done {
                     return Ok(());
                 }
-                // No cuBLASLt algorithm for this shape: fall through to cuBLAS + the bias kernel.
+                // No cuBLASLt algorithm for this shape: cuBLAS + the bias kernel below.
             }
         }
         let cfg = GemmConfig {

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod kernels;
+pub mod lt;
 pub mod memory;
 pub mod module;
 pub mod nvrtc;
