@@ -24,6 +24,11 @@ pub struct Args {
     /// Directory for the NVRTC wheels (default: $FLEXBENCH_CACHE or ~/.cache/flexbench, + /nvrtc).
     #[arg(long)]
     nvrtc_dir: Option<PathBuf>,
+    /// Also run every kernel on the CPU under kernels/emu (one OS thread per CUDA thread) against
+    /// double-precision references: catches indexing, synchronisation and masking bugs without a
+    /// GPU. Needs a C++20 compiler ($CXX, default c++).
+    #[arg(long)]
+    emulate: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -82,6 +87,47 @@ pub fn run(args: Args) -> Result<()> {
         "ok: {} kernel files x {} architectures compiled with no warning in {:.1}s",
         files.len(),
         ARCHS.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.emulate {
+        emulate(&root)?;
+    }
+    Ok(())
+}
+
+/// Builds kernels/emu/check.cpp (which includes every kernel source) for the host and runs it.
+fn emulate(root: &Path) -> Result<()> {
+    let started = Instant::now();
+    let emu = root.join("kernels").join("emu");
+    let exe = root.join("target").join("kernels-emu-check");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let status = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-fno-strict-aliasing",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-I",
+        ])
+        .arg(&emu)
+        .arg("-o")
+        .arg(&exe)
+        .arg(emu.join("check.cpp"))
+        .status()
+        .with_context(|| format!("running {cxx} (set CXX to a C++20 compiler)"))?;
+    if !status.success() {
+        bail!("compiling kernels/emu/check.cpp with {cxx} failed ({status})");
+    }
+    let status = Command::new(&exe)
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !status.success() {
+        bail!("the emulated kernel check failed ({status}); its output above names the kernel");
+    }
+    println!(
+        "ok: emulated kernel check in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
