@@ -8,7 +8,7 @@
 #define PF_WARPS 4          // 128 threads; each warp owns PF_BQ / PF_WARPS query rows
 #define PF_ROWS (PF_BQ / PF_WARPS)
 #define PF_MAX_HD 128       // every OPT size has head_dim <= 128 (64, 80 or 128)
-#define PF_DPL (PF_MAX_HD / 32)  // output elements per lane
+#define PF_PAIRS (PF_MAX_HD / 64)  // output element pairs per lane (lane owns d = 2 * (lane + 32 e) + {0, 1})
 
 // Queries: row (b * new_len + i) of q holds query i of sequence b, head h at column h * head_dim
 // (row stride q_stride elements); its absolute position is past_len + i. Keys and values come from
@@ -34,7 +34,7 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)
     // different key row at the same column, hit 32 different banks.
     const int kw = head_dim / 2;              // 32-bit words per key row
     const int kws = (kw & 1) ? kw : kw + 1;   // padded stride in words
-    __shared__ float qs[PF_BQ][PF_MAX_HD];
+    __shared__ __align__(16) float qs[PF_BQ][PF_MAX_HD];
     __shared__ __half2 ks[PF_BK * (PF_MAX_HD / 2 + 1)];
     __shared__ __align__(16) __half vs[PF_BK][PF_MAX_HD];
     __shared__ float ps[PF_WARPS][PF_BK];
@@ -55,13 +55,13 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)
                        : 0.0f;
     }
 
-    float m[PF_ROWS], l[PF_ROWS], o[PF_ROWS][PF_DPL];
+    float m[PF_ROWS], l[PF_ROWS], o[PF_ROWS][2 * PF_PAIRS];
 #pragma unroll
     for (int r = 0; r < PF_ROWS; ++r) {
         m[r] = NEG_INF;
         l[r] = 0.0f;
 #pragma unroll
-        for (int e = 0; e < PF_DPL; ++e) o[r][e] = 0.0f;
+        for (int e = 0; e < 2 * PF_PAIRS; ++e) o[r][e] = 0.0f;
     }
 
     // Causality: no query of this block looks past its last row's position.
@@ -99,10 +99,13 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)
                 const int j = lane + 32 * t;
                 float acc = 0.0f;
                 const __half2* kr = ks + j * kws;
+                // q pairs are read as float2 (one shared load per two FMAs instead of two).
+                const float2* qr = reinterpret_cast<const float2*>(qs[row]);
                 for (int w = 0; w < kw; ++w) {
                     const float2 kf = __half22float2(kr[w]);
-                    acc = fmaf(qs[row][2 * w], kf.x, acc);
-                    acc = fmaf(qs[row][2 * w + 1], kf.y, acc);
+                    const float2 qv = qr[w];
+                    acc = fmaf(qv.x, kf.x, acc);
+                    acc = fmaf(qv.y, kf.y, acc);
                 }
                 const bool ok = kvalid[j] && (kt + j) <= qpos;
                 s[t] = ok ? acc : NEG_INF;
@@ -118,14 +121,19 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)
             ps[warp][lane + 32] = p1;
             __syncwarp();
 #pragma unroll
-            for (int e = 0; e < PF_DPL; ++e) o[r][e] *= corr;
+            for (int e = 0; e < 2 * PF_PAIRS; ++e) o[r][e] *= corr;
             const int jn = min(PF_BK, qpos + 1 - kt);  // later keys have p = 0
             for (int j = 0; j < jn; ++j) {
                 const float p = ps[warp][j];
+                const __half2* vr = reinterpret_cast<const __half2*>(vs[j]);
 #pragma unroll
-                for (int e = 0; e < PF_DPL; ++e) {
-                    const int d = lane + 32 * e;
-                    if (d < head_dim) o[r][e] = fmaf(p, __half2float(vs[j][d]), o[r][e]);
+                for (int e = 0; e < PF_PAIRS; ++e) {
+                    const int pi = lane + 32 * e;
+                    if (2 * pi < head_dim) {
+                        const float2 vf = __half22float2(vr[pi]);
+                        o[r][2 * e] = fmaf(p, vf.x, o[r][2 * e]);
+                        o[r][2 * e + 1] = fmaf(p, vf.y, o[r][2 * e + 1]);
+                    }
                 }
             }
             __syncwarp();  // ps is rewritten for the next row
@@ -139,9 +147,10 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         __half* orow = out + ((size_t)b * new_len + qi) * out_stride + (size_t)h * head_dim;
 #pragma unroll
-        for (int e = 0; e < PF_DPL; ++e) {
-            const int d = lane + 32 * e;
-            if (d < head_dim) orow[d] = __float2half_rn(o[r][e] * inv);
+        for (int e = 0; e < PF_PAIRS; ++e) {
+            const int pi = lane + 32 * e;
+            if (2 * pi < head_dim)
+                reinterpret_cast<__half2*>(orow)[pi] = __floats2half2_rn(o[r][2 * e] * inv, o[r][2 * e + 1] * inv);
         }
     }
 }
