@@ -1,12 +1,18 @@
 // A CPU emulation of the small part of CUDA that kernels/*.cu use, so that `cargo xtask
 // check-kernels --emulate` can run every kernel on a machine without a GPU: one OS thread per
 // CUDA thread, blocks run one after another (so `__shared__` can be a function-local static),
-// __syncthreads / __syncwarp are std::barrier waits, and warp shuffles go through a per-warp
-// exchange buffer between two warp barriers. fp16 is emulated bit-exactly (round to nearest even).
-// It checks indexing, synchronisation and numerics, not speed; it says nothing about races that
-// only real hardware scheduling would expose beyond what the barriers already order.
+// warp shuffles go through a per-warp exchange buffer between two warp barriers, and fp16 is
+// emulated bit-exactly (round to nearest even).
+// Between two __syncthreads only one warp runs at a time, the warps taking turns in a random
+// order drawn per phase: a missing __syncthreads (one warp reading shared memory another warp
+// writes in the same phase) then reads stale data deterministically often instead of by luck.
+// It checks indexing, synchronisation and numerics, not speed.
 #pragma once
+#include <algorithm>
 #include <barrier>
+#include <condition_variable>
+#include <mutex>
+#include <random>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -78,13 +84,49 @@ template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 
 // ---- synchronisation ----
 struct EmuBlock {
-    std::unique_ptr<std::barrier<>> block;
+    std::mutex mu;
+    std::condition_variable cv;
+    int nwarps = 0;
+    std::vector<int> order;  // the warps' turns in this phase
+    int turn = 0;            // index into order of the warp that may run
+    int phase = 0;
+    std::vector<int> arrived, alive;  // per warp, at the current __syncthreads / not exited
+    std::mt19937_64 rng;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<uint64_t> xchg;  // 32 slots per warp
+
+    bool warp_done(int w) const { return arrived[w] == alive[w]; }
+    // The running warp has reached the barrier or exited: hand the turn on, and start the next
+    // phase (new random order) once every warp is through.
+    void advance() {
+        do ++turn;
+        while (turn < nwarps && warp_done(order[turn]));
+        if (turn < nwarps) return;
+        bool any = false;
+        for (int w = 0; w < nwarps; ++w) any |= alive[w] > 0;
+        if (!any) return;
+        ++phase;
+        std::fill(arrived.begin(), arrived.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        turn = 0;
+        while (turn < nwarps && alive[order[turn]] == 0) ++turn;
+    }
+    bool my_turn(int w) const { return turn < nwarps && order[turn] == w; }
 };
 inline EmuBlock* g_emu = nullptr;
+inline uint64_t g_emu_seed = 1;
 
-inline void __syncthreads() { g_emu->block->arrive_and_wait(); }
+inline void __syncthreads() {
+    EmuBlock& b = *g_emu;
+    const int w = threadIdx.x / 32;
+    std::unique_lock<std::mutex> lk(b.mu);
+    const int my_phase = b.phase;
+    if (++b.arrived[w] == b.alive[w]) {
+        b.advance();
+        b.cv.notify_all();
+    }
+    b.cv.wait(lk, [&] { return b.phase != my_phase && b.my_turn(w); });
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { g_emu->warps[threadIdx.x / 32]->arrive_and_wait(); }
 template <class T> inline T emu_shfl(T v, int src) {
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
@@ -118,19 +160,36 @@ template <class F, class... A> void emu_launch(F f, dim3 grid, dim3 block, A... 
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = {x, y, z};
                 EmuBlock b;
-                b.block = std::make_unique<std::barrier<>>(n);
-                for (unsigned w = 0; w < (n + 31) / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
-                b.xchg.assign(((n + 31) / 32) * 32, 0);
+                b.nwarps = (int)((n + 31) / 32);
+                b.order.resize(b.nwarps);
+                for (int w = 0; w < b.nwarps; ++w) b.order[w] = w;
+                b.rng.seed(g_emu_seed++);
+                std::shuffle(b.order.begin(), b.order.end(), b.rng);
+                b.arrived.assign(b.nwarps, 0);
+                b.alive.assign(b.nwarps, 0);
+                for (unsigned t = 0; t < n; ++t) b.alive[t / 32]++;
+                for (int w = 0; w < b.nwarps; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(b.alive[w]));
+                b.xchg.assign((size_t)b.nwarps * 32, 0);
                 g_emu = &b;
                 std::vector<std::thread> ts;
                 ts.reserve(n);
                 for (unsigned t = 0; t < n; ++t)
                     ts.emplace_back([&, t] {
                         threadIdx = {t, 0, 0};
+                        const int w = (int)(t / 32);
+                        {
+                            std::unique_lock<std::mutex> lk(b.mu);
+                            b.cv.wait(lk, [&] { return b.phase == 0 && b.my_turn(w); });
+                        }
                         f(args...);
                         // An exited thread no longer takes part in barriers, as on the GPU.
-                        b.warps[t / 32]->arrive_and_drop();
-                        b.block->arrive_and_drop();
+                        b.warps[w]->arrive_and_drop();
+                        std::unique_lock<std::mutex> lk(b.mu);
+                        --b.alive[w];
+                        if (b.my_turn(w) && b.warp_done(w)) {
+                            b.advance();
+                            b.cv.notify_all();
+                        }
                     });
                 for (auto& t : ts) t.join();
                 g_emu = nullptr;
