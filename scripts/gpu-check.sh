@@ -10,14 +10,15 @@
 #   2. Device tool (the working tree travels; the prepared folder is carried):
 #          run(command="bash scripts/gpu-check.sh", carry=["target/gpu-check"], timeout_s=540)
 #   3. Results come back under $OUT: report.md (the tables), gpu-check.log (all output), and one
-#      log per step (kernels, tests, golden, speed, bench): 7 files, within the 8-file limit.
+#      log per step (kernels, tests, golden, speed, bench, sanitize): 8 files, the limit.
 #
 # Steps here: nvidia-smi; every CUDA kernel against the CPU device on fresh random inputs
 # (relative error per kernel); the other CUDA tests (presence probe, NVRTC compile with this
 # machine's NVRTC); the golden checkpoints on CUDA (tokens identical to transformers'); the speed
 # goals (cuBLAS GEMM rate, copy bandwidth, prefill/decode GEMMs, decode attention); a short
 # benchmark (opt-1.3b and opt-6.7b dummy weights: all on GPU, weights on CPU, cache on CPU with
-# CPU attention) through flexbench-native. Each step has a time limit, and steps are skipped
+# CPU attention) through flexbench-native; then compute-sanitizer (memcheck, racecheck) on the
+# kernel tests. Each step has a time limit, and steps are skipped
 # once the whole budget (GPU_CHECK_BUDGET_S, default 450 s) is spent, so it ends within 8 minutes.
 # A step that fails is recorded and the next one runs; the exit code is 1 if any step failed.
 
@@ -199,6 +200,24 @@ else:
     print(f"| {name} | ok | {steps[0]:.3f} | {per:.4f} | {batch / per:.1f} |")
 EOF
     done
+fi
+
+# ---- 6. compute-sanitizer on the kernel tests (memcheck: out-of-bounds and misaligned accesses;
+#         racecheck: shared-memory races), last because it is the slowest and optional ----
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+note ""
+note "## compute-sanitizer"
+note ""
+if [ -x "$SANITIZER" ]; then
+    for tool in memcheck racecheck; do
+        if step sanitize 90 "$SANITIZER" --tool "$tool" --error-exitcode 9 "$BIN/test-cuda_kernels" --ignored --test-threads=1; then
+            note "- $tool: clean ($(grep -h 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1))"
+        else
+            note "- $tool: FAILED or timed out ($(grep -h 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1)); see sanitize.log"
+        fi
+    done
+else
+    note "- not run: compute-sanitizer not found"
 fi
 
 note ""

@@ -14,7 +14,8 @@
 //!
 //! 2. There: `scripts/gpu-check.sh` (committed; it travels with the working tree) runs
 //!    nvidia-smi, every CUDA kernel against the CPU device, the other CUDA tests, the golden
-//!    checkpoints on CUDA, the speed goals (`gpu_speed`) and a short benchmark, and writes
+//!    checkpoints on CUDA, the speed goals (`gpu_speed`), a short benchmark (`cuda_generate`
+//!    and `flexbench-native run-case`) and compute-sanitizer on the kernel tests, and writes
 //!    `report.md` and logs under `$OUT`, within 8 minutes.
 //!
 //! Without `--prepare` it prepares and then runs the script here (for a developer machine that
