@@ -87,7 +87,7 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
 
 /// The benchmark's prompts: deterministic pseudo-random ids, never pad (1) or eos (2).
 pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
-    let mut rng = crate::generate::Rng::new(0xb0_0c_a5e);
+    let mut rng = crate::generate::Rng::new(0x0b00_ca5e);
     let hi = vocab.max(4) as u64;
     (0..batch)
         .map(|_| {

@@ -72,7 +72,7 @@ pub fn parse_config(text: &str, dir: &Path) -> Result<ModelConfig> {
     if !c.enable_bias || !c.layer_norm_elementwise_affine {
         bail!("OPT variants without biases or layer-norm affine parameters are not supported");
     }
-    if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         bail!(
             "hidden_size {} is not a multiple of num_attention_heads {}",
             c.hidden_size,

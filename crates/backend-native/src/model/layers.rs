@@ -28,6 +28,7 @@ pub fn embed<D: Device>(
 
 /// The attention half of layer `w`, in place on `x` (`[batch * new_len, hidden]`); appends this
 /// step's keys and values to the layer's cache.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_block<D: Device>(
     dev: &D,
     cfg: &ModelConfig,
