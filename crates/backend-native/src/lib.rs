@@ -2,6 +2,7 @@
 //! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
 
 pub mod backend;
+pub mod checkpoint_writer;
 pub mod dummy;
 
 pub use backend::NativeBackend;

@@ -2,12 +2,14 @@
 //!
 //! - [`case`]: one benchmark case and its placement policy;
 //! - [`model`]: the OPT model registry and size formulas;
+//! - [`prompts`]: the deterministic prompt token ids every framework uses;
 //! - [`protocol`]: the child protocol between the orchestrator and runner processes;
 //! - [`backend`]: the trait every framework wrapper implements.
 
 pub mod backend;
 pub mod case;
 pub mod model;
+pub mod prompts;
 pub mod protocol;
 
 pub use backend::{Backend, RunContext};
