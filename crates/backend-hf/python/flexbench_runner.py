@@ -257,4 +257,9 @@ def main_guard(body):
             os._exit(EXIT_OOM)
         traceback.print_exc()
         sys.stderr.flush()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Often this rank only saw a peer die (connection reset in a collective). The deepspeed
+            # launcher reports the first failed rank it polls (once a second) and kills the rest, so
+            # linger: the rank that failed first, with the telling exit code, gets reported.
+            time.sleep(3)
         os._exit(1)
