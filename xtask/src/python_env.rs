@@ -25,13 +25,25 @@ pub struct Args {
 
 /// What DeepSpeed needs to build from its sdist without build isolation (it imports torch at
 /// build time), and what its ops need at run time.
-const DEEPSPEED_BUILD_DEPS: &[&str] =
-    &["ninja", "py-cpuinfo", "hjson", "msgpack", "einops", "packaging", "psutil", "pydantic", "tqdm"];
+const DEEPSPEED_BUILD_DEPS: &[&str] = &[
+    "ninja",
+    "py-cpuinfo",
+    "hjson",
+    "msgpack",
+    "einops",
+    "packaging",
+    "psutil",
+    "pydantic",
+    "tqdm",
+];
 
 pub fn run(args: Args) -> Result<()> {
     let venv = pyenv::venv_dir();
     if args.check {
-        let python = args.python.clone().unwrap_or_else(|| pyenv::venv_python(&venv));
+        let python = args
+            .python
+            .clone()
+            .unwrap_or_else(|| pyenv::venv_python(&venv));
         let ok = report(&python, args.python.is_none());
         system_packages();
         if !ok {
@@ -45,25 +57,44 @@ pub fn run(args: Args) -> Result<()> {
         println!("{} is complete; reusing it", venv.display());
     } else {
         if !python.exists() {
-            let base = args.python.clone().unwrap_or_else(|| PathBuf::from("python3"));
+            let base = args
+                .python
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("python3"));
             println!("creating {} with {}", venv.display(), base.display());
             std::fs::create_dir_all(venv.parent().unwrap_or(Path::new(".")))?;
-            run_step(Command::new(&base).arg("-m").arg("venv").arg(&venv), "creating the virtual environment")
-                .with_context(|| format!("is {} a Python 3 with the venv module?", base.display()))?;
+            run_step(
+                Command::new(&base).arg("-m").arg("venv").arg(&venv),
+                "creating the virtual environment",
+            )
+            .with_context(|| format!("is {} a Python 3 with the venv module?", base.display()))?;
         } else {
             println!("completing {}", venv.display());
         }
         let pin = |m: &str| format!("{m}=={}", pyenv::pinned(m).expect("pinned"));
-        let mut core: Vec<String> = ["torch", "transformers", "accelerate"].iter().map(|m| pin(m)).collect();
+        let mut core: Vec<String> = ["torch", "transformers", "accelerate"]
+            .iter()
+            .map(|m| pin(m))
+            .collect();
         core.extend(pyenv::UNPINNED.iter().map(|m| m.to_string()));
         pip(&python, &core, false)?;
-        pip(&python, &DEEPSPEED_BUILD_DEPS.iter().map(|s| s.to_string()).collect::<Vec<_>>(), false)?;
+        pip(
+            &python,
+            &DEEPSPEED_BUILD_DEPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            false,
+        )?;
         pip(&python, &[pin("deepspeed")], true)?;
     }
     let ok = report(&python, true);
     system_packages();
     if !ok {
-        bail!("{} is still incomplete after installing; see the messages above", venv.display());
+        bail!(
+            "{} is still incomplete after installing; see the messages above",
+            venv.display()
+        );
     }
     Ok(())
 }
@@ -81,7 +112,9 @@ fn pip(python: &Path, packages: &[String], no_build_isolation: bool) -> Result<(
 
 fn run_step(cmd: &mut Command, what: &str) -> Result<()> {
     println!("$ {what}");
-    let status = cmd.status().with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -94,7 +127,9 @@ fn report(python: &Path, strict: bool) -> bool {
         Ok(versions) => {
             println!("{}: ok", python.display());
             for (m, v) in &versions {
-                let pin = pyenv::pinned(m).map(|p| format!(" (pinned {p})")).unwrap_or_default();
+                let pin = pyenv::pinned(m)
+                    .map(|p| format!(" (pinned {p})"))
+                    .unwrap_or_default();
                 println!("  {m:<13} {v}{pin}");
             }
             true
@@ -113,9 +148,17 @@ fn system_packages() {
         "system package libaio-dev (DeepSpeed NVMe offload, deepspeed cases with placement disk): {}",
         if libaio { "installed" } else { "NOT installed: apt-get install libaio-dev" }
     );
-    let gxx = Command::new("g++").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let gxx = Command::new("g++")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     println!(
         "g++ (DeepSpeed compiles its ops at first use): {}",
-        if gxx { "installed" } else { "NOT installed: apt-get install g++" }
+        if gxx {
+            "installed"
+        } else {
+            "NOT installed: apt-get install g++"
+        }
     );
 }

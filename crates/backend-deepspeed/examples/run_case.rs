@@ -14,13 +14,27 @@ use bench_core::{Backend, RunContext};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let case_path = PathBuf::from(args.next().context("usage: run_case CASE.json [WORK_DIR]")?);
+    let case_path = PathBuf::from(
+        args.next()
+            .context("usage: run_case CASE.json [WORK_DIR]")?,
+    );
     let case = bench_core::protocol::read_case(&case_path)?;
-    case.validate().map_err(anyhow::Error::msg).context("invalid case")?;
-    let work = args.next().map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("flexbench-run-case"));
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cache = std::env::var_os("FLEXBENCH_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/flexbench"));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize()?;
+    case.validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid case")?;
+    let work = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("flexbench-run-case"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cache = std::env::var_os("FLEXBENCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or(home.join(".cache/flexbench"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()?;
     let ctx = RunContext {
         project_root: root.clone(),
         case_file: work.join("case.json"),
@@ -34,18 +48,43 @@ fn main() -> Result<()> {
         "deepspeed" => &DeepSpeedBackend,
         other => bail!("run_case runs hf and deepspeed cases, not {other}"),
     };
-    backend.probe(&ctx).map_err(anyhow::Error::msg).context("backend unavailable")?;
-    backend.check_case(&case, &ctx).map_err(anyhow::Error::msg).context("case unavailable")?;
+    backend
+        .probe(&ctx)
+        .map_err(anyhow::Error::msg)
+        .context("backend unavailable")?;
+    backend
+        .check_case(&case, &ctx)
+        .map_err(anyhow::Error::msg)
+        .context("case unavailable")?;
     let _ = std::fs::remove_dir_all(&work);
     let timeout = Duration::from_secs(case.timeout_s.unwrap_or(1800));
     let out = child::run_case(backend, &case, &ctx, timeout)?;
     eprintln!("--- stderr tail ---");
-    for line in out.stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev() {
+    for line in out
+        .stderr
+        .lines()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
         eprintln!("{line}");
     }
     println!("exit: {:?}, wall {:.1} s", out.status, out.wall_s);
     let result = bench_core::protocol::find_result(&out.stdout)?.context("no result line")?;
-    let steps: Vec<String> = result.step_times_s.iter().map(|r| format!("{:?}", r.iter().map(|t| (t * 1e4).round() / 10.0).collect::<Vec<_>>())).collect();
+    let steps: Vec<String> = result
+        .step_times_s
+        .iter()
+        .map(|r| {
+            format!(
+                "{:?}",
+                r.iter()
+                    .map(|t| (t * 1e4).round() / 10.0)
+                    .collect::<Vec<_>>()
+            )
+        })
+        .collect();
     println!("step times (ms) per repetition:\n  {}", steps.join("\n  "));
     let mut r = result.clone();
     r.tokens = None;

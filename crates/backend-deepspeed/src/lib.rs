@@ -26,12 +26,18 @@ pub const HOSTFILE_ENV: &str = "FLEXBENCH_HOSTFILE";
 
 /// Where the deepspeed runner script is.
 pub fn script_path(project_root: &Path) -> PathBuf {
-    project_root.join("crates").join("backend-deepspeed").join("python").join(SCRIPT)
+    project_root
+        .join("crates")
+        .join("backend-deepspeed")
+        .join("python")
+        .join(SCRIPT)
 }
 
 /// Whether the libaio headers DeepSpeed's async_io op compiles against are installed.
 pub fn libaio_installed() -> bool {
-    ["/usr/include/libaio.h", "/usr/local/include/libaio.h"].iter().any(|p| Path::new(p).exists())
+    ["/usr/include/libaio.h", "/usr/local/include/libaio.h"]
+        .iter()
+        .any(|p| Path::new(p).exists())
 }
 
 pub struct DeepSpeedBackend;
@@ -50,14 +56,24 @@ impl Backend for DeepSpeedBackend {
         }
         pyenv::probe_ctx(ctx, pyenv::DS_MODULES)?;
         // DeepSpeed compiles its communication op at first init (and async_io for NVMe).
-        if Command::new("g++").arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {
-            return Err("DeepSpeed compiles its ops with g++, which is not installed: apt-get install g++".into());
+        if Command::new("g++")
+            .arg("--version")
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Err(
+                "DeepSpeed compiles its ops with g++, which is not installed: apt-get install g++"
+                    .into(),
+            );
         }
         Ok(())
     }
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
         if let Placement::Policy(_) = case.placement {
-            return Err("deepspeed takes a preset placement (gpu, cpu or disk), not a policy".into());
+            return Err(
+                "deepspeed takes a preset placement (gpu, cpu or disk), not a policy".into(),
+            );
         }
         if case.placement == Placement::Disk && !libaio_installed() {
             return Err("NVMe offload needs libaio: apt-get install libaio-dev".into());
@@ -68,11 +84,11 @@ impl Backend for DeepSpeedBackend {
                 case.num_nodes
             ));
         }
-        if case.batch_size() % (case.num_nodes * case.num_gpus_per_node) != 0 {
+        let ranks = case.num_nodes * case.num_gpus_per_node;
+        if case.batch_size().checked_rem(ranks) != Some(0) {
             return Err(format!(
-                "batch {} does not split over {} ranks",
-                case.batch_size(),
-                case.num_nodes * case.num_gpus_per_node
+                "batch {} does not split over {ranks} ranks",
+                case.batch_size()
             ));
         }
         gpu::check_device(case.device)
@@ -88,7 +104,10 @@ impl Backend for DeepSpeedBackend {
         cmd.arg("-u").arg("-m").arg("deepspeed.launcher.runner");
         if case.num_nodes > 1 {
             let hostfile = std::env::var_os(HOSTFILE_ENV).unwrap_or_default();
-            cmd.arg("--hostfile").arg(hostfile).arg("--num_nodes").arg(case.num_nodes.to_string());
+            cmd.arg("--hostfile")
+                .arg(hostfile)
+                .arg("--num_nodes")
+                .arg(case.num_nodes.to_string());
         }
         cmd.arg("--num_gpus")
             .arg(case.num_gpus_per_node.to_string())

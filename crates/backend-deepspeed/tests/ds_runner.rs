@@ -16,10 +16,20 @@ fn processes_with(marker: &str) -> Vec<u32> {
     let needle = format!("FLEXBENCH_TEST_MARKER={marker}");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
         let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false);
         if !zombie && env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
             found.push(pid);
@@ -40,7 +50,10 @@ fn zero3_cpu_offload_runs_and_matches_hf_tokens() {
     assert!(out.status.unwrap().success(), "{}", out.stderr);
     let r = find_result(&out.stdout).unwrap().expect("a result line");
     assert_eq!(r.step_times_s.len(), 2);
-    assert!(r.step_times_s.iter().all(|s| s.len() == 5 && s.iter().all(|t| *t > 0.0)));
+    assert!(r
+        .step_times_s
+        .iter()
+        .all(|s| s.len() == 5 && s.iter().all(|t| *t > 0.0)));
     assert_eq!(r.generated_tokens, 10);
     assert_eq!(r.versions["deepspeed"], "0.19.8".to_string());
     assert!(r.notes[0].contains("offload_param cpu"), "{:?}", r.notes);
@@ -76,7 +89,11 @@ fn zero3_nvme_offload_runs() {
     // the parameters live in swap files (fp32: 4 bytes each) and are read back for every step
     let disk = r.peak_memory_bytes.get("disk").copied().unwrap_or(0);
     assert!(disk > 400 << 20, "{:?}", r.peak_memory_bytes);
-    assert!(r.bytes_moved["disk_read"] > 100 << 20, "{:?}", r.bytes_moved);
+    assert!(
+        r.bytes_moved["disk_read"] > 100 << 20,
+        "{:?}",
+        r.bytes_moved
+    );
 }
 
 /// Two ranks; rank 1 fails with the OOM code mid-generation while rank 0 waits for it in a
@@ -94,9 +111,12 @@ fn failing_rank_ends_the_launcher_with_its_code() {
     DeepSpeedBackend.prepare(&case, &ctx).unwrap();
     let marker = format!("rankfail-{}", std::process::id());
     let mut cmd = DeepSpeedBackend.command(&case, &ctx).unwrap();
-    cmd.env("FLEXBENCH_TEST_FAULT", format!("exit:{EXIT_OOM}@1")).env("FLEXBENCH_TEST_MARKER", &marker);
+    cmd.env("FLEXBENCH_TEST_FAULT", format!("exit:{EXIT_OOM}@1"))
+        .env("FLEXBENCH_TEST_MARKER", &marker);
     let out = child::run(cmd, Duration::from_secs(600)).unwrap();
-    let status = out.status.expect("the launcher ends by itself, no timeout needed");
+    let status = out
+        .status
+        .expect("the launcher ends by itself, no timeout needed");
     assert_eq!(status.code(), Some(EXIT_OOM), "{}", out.stderr);
     assert!(find_result(&out.stdout).unwrap().is_none());
     assert_eq!(processes_with(&marker), Vec::<u32>::new());
@@ -116,10 +136,20 @@ fn hung_rank_is_killed_with_its_group() {
     DeepSpeedBackend.prepare(&case, &ctx).unwrap();
     let marker = format!("hang-{}", std::process::id());
     let mut cmd = DeepSpeedBackend.command(&case, &ctx).unwrap();
-    cmd.env("FLEXBENCH_TEST_FAULT", "hang@1").env("FLEXBENCH_TEST_MARKER", &marker);
+    cmd.env("FLEXBENCH_TEST_FAULT", "hang@1")
+        .env("FLEXBENCH_TEST_MARKER", &marker);
     let out = child::run(cmd, Duration::from_secs(90)).unwrap();
-    assert!(out.status.is_none(), "expected a hang, got {:?}: {}", out.status, out.stderr);
-    assert!(out.stderr.contains("test fault injected: hang"), "the hang was reached: {}", out.stderr);
+    assert!(
+        out.status.is_none(),
+        "expected a hang, got {:?}: {}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("test fault injected: hang"),
+        "the hang was reached: {}",
+        out.stderr
+    );
     // killpg is asynchronous: give the kernel a moment to reap
     let mut left = processes_with(&marker);
     for _ in 0..50 {

@@ -31,7 +31,9 @@ impl Backend for HfBackend {
             return Err("hf takes a preset placement (gpu, cpu or disk), not a policy".into());
         }
         if case.num_nodes > 1 {
-            return Err("hf (accelerate device maps) runs on one node; use deepspeed for several".into());
+            return Err(
+                "hf (accelerate device maps) runs on one node; use deepspeed for several".into(),
+            );
         }
         gpu::check_device(case.device)
     }

@@ -22,8 +22,14 @@ pub struct ChildOutput {
 }
 
 /// Writes the case file, prepares, builds the backend's command and runs it with a timeout.
-pub fn run_case(backend: &dyn Backend, case: &Case, ctx: &RunContext, timeout: Duration) -> Result<ChildOutput> {
-    std::fs::create_dir_all(&ctx.work_dir).with_context(|| format!("creating {}", ctx.work_dir.display()))?;
+pub fn run_case(
+    backend: &dyn Backend,
+    case: &Case,
+    ctx: &RunContext,
+    timeout: Duration,
+) -> Result<ChildOutput> {
+    std::fs::create_dir_all(&ctx.work_dir)
+        .with_context(|| format!("creating {}", ctx.work_dir.display()))?;
     std::fs::write(&ctx.case_file, serde_json::to_vec(case)?)
         .with_context(|| format!("writing {}", ctx.case_file.display()))?;
     backend.prepare(case, ctx)?;
@@ -35,9 +41,14 @@ pub fn run_case(backend: &dyn Backend, case: &Case, ctx: &RunContext, timeout: D
 /// Runs `cmd` in its own process group; on timeout kills the group (every process the child
 /// started, e.g. the deepspeed launcher's ranks) with SIGKILL.
 pub fn run(mut cmd: Command, timeout: Duration) -> Result<ChildOutput> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     let pgid = child.id() as i32;
     let mut out_pipe = child.stdout.take().expect("piped");
     let mut err_pipe = child.stderr.take().expect("piped");

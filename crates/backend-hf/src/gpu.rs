@@ -25,8 +25,9 @@ pub fn check_device(device: bench_core::Device) -> Result<(), String> {
     match device {
         bench_core::Device::Cpu => Ok(()),
         bench_core::Device::Cuda if nvidia_gpu_present() => Ok(()),
-        bench_core::Device::Cuda => {
-            Err("no CUDA GPU here (no /dev/nvidia0, nvidia-smi finds none); run device cpu cases".into())
-        }
+        bench_core::Device::Cuda => Err(
+            "no CUDA GPU here (no /dev/nvidia0, nvidia-smi finds none); run device cpu cases"
+                .into(),
+        ),
     }
 }

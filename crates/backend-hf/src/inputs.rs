@@ -21,7 +21,11 @@ pub fn checkpoint_dir(case: &Case, ctx: &RunContext) -> Result<PathBuf> {
         Weights::Dummy => {
             let cfg = bench_core::model::lookup(&case.model)
                 .with_context(|| format!("no dummy weights for unknown model `{}`", case.model))?;
-            Ok(checkpoint_writer::dummy_checkpoint_dir(&ctx.cache_dir, &cfg.name, DEFAULT_SEED))
+            Ok(checkpoint_writer::dummy_checkpoint_dir(
+                &ctx.cache_dir,
+                &cfg.name,
+                DEFAULT_SEED,
+            ))
         }
     }
 }

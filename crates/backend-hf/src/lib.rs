@@ -22,5 +22,8 @@ pub use backend::HfBackend;
 
 /// The directory holding the shared Python runner module (`flexbench_runner.py`).
 pub fn python_dir(project_root: &Path) -> PathBuf {
-    project_root.join("crates").join("backend-hf").join("python")
+    project_root
+        .join("crates")
+        .join("backend-hf")
+        .join("python")
 }

@@ -23,16 +23,31 @@ pub const PINNED: &[(&str, &str)] = &[
 pub const UNPINNED: &[&str] = &["safetensors", "numpy"];
 
 /// What the hf runner imports.
-pub const HF_MODULES: &[&str] = &["torch", "transformers", "accelerate", "safetensors", "numpy"];
+pub const HF_MODULES: &[&str] = &[
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "numpy",
+];
 /// What the deepspeed runner imports.
-pub const DS_MODULES: &[&str] = &["torch", "transformers", "accelerate", "safetensors", "numpy", "deepspeed"];
+pub const DS_MODULES: &[&str] = &[
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "deepspeed",
+];
 
 /// Where the virtual environment lives: `$FLEXBENCH_VENV`, else `~/.cache/flexbench/venv`.
 pub fn venv_dir() -> PathBuf {
     if let Some(p) = std::env::var_os(VENV_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("flexbench").join("venv")
 }
 
@@ -43,7 +58,9 @@ pub fn venv_python(venv: &Path) -> PathBuf {
 
 /// The interpreter a case uses: `--python` when given, else the flexbench venv's.
 pub fn python_for(ctx: &RunContext) -> PathBuf {
-    ctx.python.clone().unwrap_or_else(|| venv_python(&venv_dir()))
+    ctx.python
+        .clone()
+        .unwrap_or_else(|| venv_python(&venv_dir()))
 }
 
 /// The pinned version of a package, if it has one.
@@ -68,7 +85,11 @@ const PROBE_MARK: &str = "FLEXBENCH_PROBE ";
 pub fn probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, String> {
     type Key = (PathBuf, Vec<String>, bool);
     static CACHE: OnceLock<Mutex<HashMap<Key, Result<Versions, String>>>> = OnceLock::new();
-    let key = (python.to_path_buf(), modules.iter().map(|m| m.to_string()).collect(), strict);
+    let key = (
+        python.to_path_buf(),
+        modules.iter().map(|m| m.to_string()).collect(),
+        strict,
+    );
     let cache = CACHE.get_or_init(Default::default);
     if let Some(hit) = cache.lock().unwrap().get(&key) {
         return hit.clone();
@@ -79,9 +100,13 @@ pub fn probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
 }
 
 fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, String> {
-    const FIX: &str = "run `cargo xtask python-env` (or pass --python with an interpreter that has them)";
+    const FIX: &str =
+        "run `cargo xtask python-env` (or pass --python with an interpreter that has them)";
     if !python.exists() {
-        return Err(format!("Python interpreter {} not found: {FIX}", python.display()));
+        return Err(format!(
+            "Python interpreter {} not found: {FIX}",
+            python.display()
+        ));
     }
     let script = format!(
         "import importlib, json\nout = {{}}\nfor m in {mods:?}:\n    try:\n        out[m] = getattr(importlib.import_module(m), '__version__', 'unknown')\n    except Exception as e:\n        out[m] = 'ERROR ' + type(e).__name__ + ': ' + str(e).splitlines()[0] if str(e) else 'ERROR ' + type(e).__name__\nprint({mark:?} + json.dumps(out))\n",
@@ -95,7 +120,11 @@ fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
         .output()
         .map_err(|e| format!("cannot run {}: {e}: {FIX}", python.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = stdout.lines().rev().find_map(|l| l.strip_prefix(PROBE_MARK)) else {
+    let Some(line) = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(PROBE_MARK))
+    else {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(format!(
@@ -109,7 +138,10 @@ fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
         serde_json::from_str(line).map_err(|e| format!("unreadable probe answer {line:?}: {e}"))?;
     let mut problems = Vec::new();
     for m in modules {
-        let v = versions.get(*m).map(String::as_str).unwrap_or("ERROR not reported");
+        let v = versions
+            .get(*m)
+            .map(String::as_str)
+            .unwrap_or("ERROR not reported");
         if let Some(err) = v.strip_prefix("ERROR ") {
             problems.push(format!("cannot import {m} ({err})"));
         } else if let (true, Some(pin)) = (strict, pinned(m)) {
@@ -121,7 +153,11 @@ fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
     if problems.is_empty() {
         Ok(versions)
     } else {
-        Err(format!("{}: {}; {FIX}", python.display(), problems.join(", ")))
+        Err(format!(
+            "{}: {}; {FIX}",
+            python.display(),
+            problems.join(", ")
+        ))
     }
 }
 
@@ -159,18 +195,27 @@ mod tests {
     #[test]
     fn missing_interpreter_says_what_to_do() {
         let err = probe(Path::new("/nonexistent/bin/python"), HF_MODULES, true).unwrap_err();
-        assert!(err.contains("not found") && err.contains("cargo xtask python-env"), "{err}");
+        assert!(
+            err.contains("not found") && err.contains("cargo xtask python-env"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_module_is_named() {
-        let Some(py) = ["/usr/bin/python3", "/usr/local/bin/python3"].into_iter().map(Path::new).find(|p| p.exists())
+        let Some(py) = ["/usr/bin/python3", "/usr/local/bin/python3"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
         else {
             eprintln!("no system python3: nothing to probe");
             return;
         };
         let err = probe(py, &["json", "flexbench_no_such_module"], false).unwrap_err();
-        assert!(err.contains("cannot import flexbench_no_such_module"), "{err}");
+        assert!(
+            err.contains("cannot import flexbench_no_such_module"),
+            "{err}"
+        );
         assert!(err.contains("cargo xtask python-env"), "{err}");
         let ok = probe(py, &["json"], false).unwrap();
         assert!(ok.contains_key("json"));

@@ -8,7 +8,8 @@ use safetensors::{Dtype, SafeTensors};
 
 #[test]
 fn safetensors_crate_reads_exact_values() {
-    let cache = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("st-{}", std::process::id()));
+    let cache = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("st-{}", std::process::id()));
     for model in ["opt-tiny", "opt-tiny-postln"] {
         let cfg = bench_core::model::lookup(model).unwrap();
         let dir = ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
@@ -20,7 +21,11 @@ fn safetensors_crate_reads_exact_values() {
             let t = st.tensor(&spec.name).unwrap();
             assert_eq!(t.dtype(), Dtype::F16);
             assert_eq!(t.shape(), &spec.shape[..]);
-            let got: Vec<f16> = t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let got: Vec<f16> = t
+                .data()
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                .collect();
             assert_eq!(got, tensor(spec, DEFAULT_SEED), "{model}: {}", spec.name);
         }
     }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use bench_core::{Case, Device, Placement, RunContext, Weights};
 
 pub fn project_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// A context whose cache persists across test runs (dummy checkpoints are reused) and whose work
@@ -52,7 +55,10 @@ pub fn python_ready(backend: &dyn bench_core::Backend, ctx: &RunContext) -> bool
     match backend.probe(ctx) {
         Ok(()) => true,
         Err(e) if std::env::var("FLEXBENCH_REQUIRE_PYTHON").as_deref() == Ok("1") => {
-            panic!("FLEXBENCH_REQUIRE_PYTHON=1 but the {} backend is unavailable: {e}", backend.name())
+            panic!(
+                "FLEXBENCH_REQUIRE_PYTHON=1 but the {} backend is unavailable: {e}",
+                backend.name()
+            )
         }
         Err(e) => {
             eprintln!("SKIPPED: {} backend unavailable here: {e}", backend.name());

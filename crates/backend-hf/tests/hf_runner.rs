@@ -19,10 +19,17 @@ fn every_placement_runs_and_agrees_token_for_token() {
         let case = common::case("opt-tiny-odd", "hf", placement.clone());
         HfBackend.check_case(&case, &ctx).unwrap();
         let out = child::run_case(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
-        assert!(out.status.unwrap().success(), "{placement:?}: {}", out.stderr);
+        assert!(
+            out.status.unwrap().success(),
+            "{placement:?}: {}",
+            out.stderr
+        );
         let r = find_result(&out.stdout).unwrap().expect("a result line");
         assert_eq!(r.step_times_s.len(), 2, "one list per repetition");
-        assert!(r.step_times_s.iter().all(|s| s.len() == 5 && s.iter().all(|t| *t > 0.0)));
+        assert!(r
+            .step_times_s
+            .iter()
+            .all(|s| s.len() == 5 && s.iter().all(|t| *t > 0.0)));
         assert_eq!(r.generated_tokens, 2 * 5);
         let t = r.tokens.clone().unwrap();
         assert_eq!((t.len(), t[0].len()), (2, 5));
@@ -30,10 +37,18 @@ fn every_placement_runs_and_agrees_token_for_token() {
         assert!(r.peak_memory_bytes["host_rss"] > 10 << 20);
         assert_eq!(r.versions["transformers"], "5.23.0".to_string());
         if placement == Placement::Cpu {
-            assert!(r.notes.iter().any(|n| n.contains("offloads nothing")), "{:?}", r.notes);
+            assert!(
+                r.notes.iter().any(|n| n.contains("offloads nothing")),
+                "{:?}",
+                r.notes
+            );
         }
         if placement == Placement::Disk {
-            assert!(r.peak_memory_bytes.get("disk").copied().unwrap_or(0) > 0, "{:?}", r.peak_memory_bytes);
+            assert!(
+                r.peak_memory_bytes.get("disk").copied().unwrap_or(0) > 0,
+                "{:?}",
+                r.peak_memory_bytes
+            );
         }
         tokens.push(t);
     }
@@ -75,7 +90,12 @@ fn cuda_case_is_refused_without_a_gpu() {
         return;
     }
     let out = child::run_case(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
-    assert_eq!(out.status.unwrap().code(), Some(EXIT_UNAVAILABLE), "{}", out.stderr);
+    assert_eq!(
+        out.status.unwrap().code(),
+        Some(EXIT_UNAVAILABLE),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("no CUDA GPU"), "{}", out.stderr);
 }
 

@@ -107,9 +107,8 @@ fn header_bytes(specs: &[TensorSpec]) -> Vec<u8> {
     }
     let mut bytes = serde_json::to_vec(&map).expect("a header always serializes");
     // The data must start 8-byte aligned so readers can memory-map tensors in place.
-    while bytes.len() % 8 != 0 {
-        bytes.push(b' ');
-    }
+    let pad = (8 - bytes.len() % 8) % 8;
+    bytes.extend(std::iter::repeat_n(b' ', pad));
     bytes
 }
 
@@ -146,10 +145,15 @@ fn write_checkpoint(dir: &Path, cfg: &ModelConfig, specs: &[TensorSpec], seed: u
         }
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     let len = fs::metadata(&path)?.len();
     if len != expected_file_len(specs) {
-        bail!("{} has {len} bytes, expected {}", path.display(), expected_file_len(specs));
+        bail!(
+            "{} has {len} bytes, expected {}",
+            path.display(),
+            expected_file_len(specs)
+        );
     }
     Ok(())
 }
@@ -162,13 +166,19 @@ pub fn hf_config(cfg: &ModelConfig, seed: u64) -> serde_json::Value {
     };
     put("architectures", serde_json::json!(["OPTForCausalLM"]));
     put("model_type", "opt".into());
-    put("_name_or_path", format!("flexbench-dummy/{}", cfg.name).into());
+    put(
+        "_name_or_path",
+        format!("flexbench-dummy/{}", cfg.name).into(),
+    );
     put("hidden_size", cfg.hidden_size.into());
     put("num_hidden_layers", cfg.num_hidden_layers.into());
     put("num_attention_heads", cfg.num_attention_heads.into());
     put("ffn_dim", cfg.ffn_dim.into());
     put("vocab_size", cfg.vocab_size.into());
-    put("max_position_embeddings", cfg.max_position_embeddings.into());
+    put(
+        "max_position_embeddings",
+        cfg.max_position_embeddings.into(),
+    );
     put("word_embed_proj_dim", cfg.word_embed_proj_dim.into());
     put("do_layer_norm_before", cfg.do_layer_norm_before.into());
     put("pad_token_id", cfg.pad_token_id.into());
@@ -210,7 +220,10 @@ mod tests {
         let cache = scratch("exact");
         let cfg = bench_core::model::lookup("opt-tiny-odd").unwrap();
         let dir = ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
-        assert_eq!(dir, dummy_checkpoint_dir(&cache, "opt-tiny-odd", DEFAULT_SEED));
+        assert_eq!(
+            dir,
+            dummy_checkpoint_dir(&cache, "opt-tiny-odd", DEFAULT_SEED)
+        );
         let bytes = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!(n % 8, 0);
@@ -235,9 +248,15 @@ mod tests {
         assert_eq!(config["vocab_size"], 997);
 
         // A second call reuses the file (same modification time, no temp dirs left behind).
-        let before = fs::metadata(dir.join(WEIGHTS_FILE)).unwrap().modified().unwrap();
+        let before = fs::metadata(dir.join(WEIGHTS_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
         ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
-        let after = fs::metadata(dir.join(WEIGHTS_FILE)).unwrap().modified().unwrap();
+        let after = fs::metadata(dir.join(WEIGHTS_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(before, after);
         let leftovers: Vec<_> = fs::read_dir(cache.join("dummy"))
             .unwrap()

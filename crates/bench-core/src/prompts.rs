@@ -20,7 +20,9 @@ const DEFAULT_VOCAB: usize = 50272;
 /// `batch_size()` rows of `prompt_len` token ids in `[3, vocab)`. Row r, column c depends only on
 /// (r, c, vocab), so a larger batch extends a smaller one.
 pub fn prompt_tokens(case: &Case) -> Vec<Vec<u32>> {
-    let vocab = model::lookup(&case.model).map(|m| m.vocab_size).unwrap_or(DEFAULT_VOCAB);
+    let vocab = model::lookup(&case.model)
+        .map(|m| m.vocab_size)
+        .unwrap_or(DEFAULT_VOCAB);
     tokens(case.batch_size(), case.prompt_len, vocab)
 }
 
@@ -31,7 +33,8 @@ pub fn tokens(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
         .map(|r| {
             (0..prompt_len)
                 .map(|c| {
-                    let key = PROMPT_SEED ^ ((r as u64) << 32 | c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let key = PROMPT_SEED
+                        ^ ((r as u64) << 32 | c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                     FIRST_ID + (splitmix64(key) % span) as u32
                 })
                 .collect()
@@ -59,7 +62,10 @@ mod tests {
         assert_eq!(a, tokens(4, 128, 50272));
         // a bigger batch or a longer prompt extends, never reshuffles
         let b = tokens(16, 256, 50272);
-        assert_eq!(&b[..4].iter().map(|r| r[..128].to_vec()).collect::<Vec<_>>(), &a);
+        assert_eq!(
+            &b[..4].iter().map(|r| r[..128].to_vec()).collect::<Vec<_>>(),
+            &a
+        );
         // rows differ and ids spread over the vocabulary
         assert_ne!(a[0], a[1]);
         let distinct: std::collections::BTreeSet<_> = a.iter().flatten().collect();
