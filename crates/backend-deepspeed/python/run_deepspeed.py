@@ -114,6 +114,8 @@ def run():
                     f"{ds_cfg['zero_optimization'].get('offload_param', {}).get('device', 'none')}, "
                     f"{world} rank(s), {'nccl' if on_cuda else 'gloo'}")
 
+    notes.append(f"torch threads {torch.get_num_threads()}")
+
     # Must exist before from_pretrained: it makes transformers build the model under zero.Init, so
     # parameters are partitioned (and offloaded) as they load instead of materializing whole.
     dschf = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - kept alive on purpose

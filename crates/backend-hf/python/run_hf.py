@@ -77,6 +77,7 @@ def run():
         raise fr.Unavailable(f"case wants {num_gpus} GPUs, torch sees {torch.cuda.device_count()}")
     dmap = device_map(placement, device, num_gpus)
     notes.append(f"dtype {str(dtype).replace('torch.', '')}")
+    notes.append(f"torch threads {torch.get_num_threads()}")
     notes.append(f"device_map {dmap if dmap is not None else 'none (plain ' + device + ')'}")
 
     offload = os.path.join(args.offload_dir, "hf_offload")
