@@ -141,3 +141,109 @@ fn python_path(project_root: &Path) -> std::ffi::OsString {
     }
     std::env::join_paths(dirs).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bench_core::{Device, Policy, Weights};
+
+    fn ctx() -> RunContext {
+        RunContext {
+            project_root: PathBuf::from("/repo"),
+            case_file: PathBuf::from("/w/case.json"),
+            work_dir: PathBuf::from("/w"),
+            cache_dir: PathBuf::from("/cache"),
+            bin_dir: PathBuf::from("/repo/target/release"),
+            python: Some(PathBuf::from("/opt/py/bin/python")),
+        }
+    }
+
+    fn case() -> Case {
+        Case {
+            model: "opt-125m".into(),
+            framework: "deepspeed".into(),
+            prompt_len: 128,
+            gen_len: 32,
+            cut_gen_len: None,
+            gpu_batch_size: 4,
+            num_gpu_batches: 1,
+            placement: Placement::Cpu,
+            device: Device::Cpu,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 2,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn command_goes_through_the_launcher_with_the_shared_module_on_the_path() {
+        let cmd = DeepSpeedBackend.command(&case(), &ctx()).unwrap();
+        assert_eq!(cmd.get_program(), "/opt/py/bin/python");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let launcher = args
+            .iter()
+            .position(|a| a == "deepspeed.launcher.runner")
+            .unwrap();
+        let gpus = args.iter().position(|a| a == "--num_gpus").unwrap();
+        let script = args
+            .iter()
+            .position(|a| a.ends_with("backend-deepspeed/python/run_deepspeed.py"))
+            .unwrap();
+        // launcher options come before the script, the script's own after it
+        assert!(launcher < gpus && gpus < script);
+        assert_eq!(args[gpus + 1], "2");
+        assert!(!args.contains(&"--hostfile".to_string()));
+        let ckpt = args.iter().position(|a| a == "--checkpoint").unwrap();
+        assert_eq!(args[ckpt + 1], "/cache/dummy/opt-125m-5eedf1e8");
+        let env: std::collections::HashMap<_, _> = cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_owned())))
+            .collect();
+        let pp = env["PYTHONPATH"].clone().unwrap();
+        assert!(
+            pp.to_string_lossy()
+                .starts_with("/repo/crates/backend-hf/python"),
+            "{pp:?}"
+        );
+        assert_eq!(
+            env["DS_ACCELERATOR"].as_deref(),
+            Some(std::ffi::OsStr::new("cpu"))
+        );
+        assert!(env["PATH"]
+            .clone()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("/opt/py/bin"));
+    }
+
+    #[test]
+    fn check_case_refuses_what_cannot_run() {
+        let mut c = case();
+        c.gpu_batch_size = 3;
+        assert!(DeepSpeedBackend
+            .check_case(&c, &ctx())
+            .unwrap_err()
+            .contains("does not split"));
+        let mut c = case();
+        c.placement = Placement::Policy(Policy::new([0, 100, 100, 0, 100, 0]));
+        assert!(DeepSpeedBackend
+            .check_case(&c, &ctx())
+            .unwrap_err()
+            .contains("preset placement"));
+        let mut c = case();
+        c.num_nodes = 2;
+        if std::env::var_os(HOSTFILE_ENV).is_none() {
+            assert!(DeepSpeedBackend
+                .check_case(&c, &ctx())
+                .unwrap_err()
+                .contains(HOSTFILE_ENV));
+        }
+        assert!(DeepSpeedBackend.check_case(&case(), &ctx()).is_ok());
+    }
+}

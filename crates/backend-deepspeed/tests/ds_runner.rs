@@ -1,7 +1,7 @@
 //! Runs the deepspeed runner for real (launcher + rank processes) on small dummy models, including
 //! the failure paths: a failing rank, a hung rank, and what is left behind (nothing).
 
-#[path = "../../backend-hf/tests/common.rs"]
+#[path = "../../backend-hf/tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
