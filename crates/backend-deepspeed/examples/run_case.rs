@@ -86,6 +86,10 @@ fn main() -> Result<()> {
         })
         .collect();
     println!("step times (ms) per repetition:\n  {}", steps.join("\n  "));
+    let saved = work.join("result.json");
+    std::fs::write(&saved, serde_json::to_vec(&result)?)
+        .with_context(|| format!("writing {}", saved.display()))?;
+    println!("full result (with tokens) in {}", saved.display());
     let mut r = result.clone();
     r.tokens = None;
     r.step_times_s = vec![];
