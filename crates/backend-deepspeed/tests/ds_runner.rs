@@ -161,3 +161,29 @@ fn hung_rank_is_killed_with_its_group() {
     }
     assert_eq!(left, Vec::<u32>::new(), "processes left behind");
 }
+
+/// The launcher itself cannot start (an interpreter without DeepSpeed, as when the probe is
+/// bypassed): the child fails fast with a non-zero code and says why on stderr.
+#[test]
+fn launcher_failure_is_a_quick_error_with_the_reason() {
+    let Some(py) = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        eprintln!("SKIPPED: no system python3 without DeepSpeed to launch with");
+        return;
+    };
+    let mut ctx = common::ctx("ds-nolauncher");
+    ctx.python = Some(py.clone());
+    if DeepSpeedBackend.probe(&ctx).is_ok() {
+        eprintln!("SKIPPED: {} has DeepSpeed", py.display());
+        return;
+    }
+    let case = common::case("opt-tiny", "deepspeed", Placement::Cpu);
+    let out = child::run_case(&DeepSpeedBackend, &case, &ctx, Duration::from_secs(120)).unwrap();
+    let status = out.status.expect("fails by itself");
+    assert!(!status.success());
+    assert!(out.stderr.contains("No module named"), "{}", out.stderr);
+    assert!(find_result(&out.stdout).unwrap().is_none());
+}

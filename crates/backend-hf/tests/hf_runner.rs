@@ -106,3 +106,15 @@ fn missing_interpreter_makes_the_backend_unavailable() {
     let err = HfBackend.probe(&ctx).unwrap_err();
     assert!(err.contains("cargo xtask python-env"), "{err}");
 }
+
+#[test]
+fn checkpoint_without_config_is_a_clear_prepare_error() {
+    let ctx = common::ctx("hf-badckpt");
+    let mut case = common::case("opt-tiny", "hf", Placement::Gpu);
+    case.weights = bench_core::Weights::Checkpoint(ctx.work_dir.join("no-such-checkpoint"));
+    let err = format!("{:#}", HfBackend.prepare(&case, &ctx).unwrap_err());
+    assert!(
+        err.contains("no config.json") && err.contains("no-such-checkpoint"),
+        "{err}"
+    );
+}
