@@ -1,1 +1,249 @@
-//! backend-deepspeed: placeholder, built in issue 6.
+//! backend-deepspeed: runs DeepSpeed ZeRO-Inference (ZeRO stage 3 with parameter offload) through
+//! the `deepspeed` launcher, one process per rank, with FlexLLMGen's baseline settings.
+//!
+//! The runner script is `python/run_deepspeed.py`; the protocol code it shares with the hf runner
+//! (`flexbench_runner.py`) lives in backend-hf's `python/` directory and reaches the ranks through
+//! `PYTHONPATH`. The Python environment, the shared dummy checkpoint and the prompts are
+//! backend-hf's too (`backend_hf::{pyenv, inputs}`).
+//!
+//! Process hygiene: the launcher (`python -m deepspeed.launcher.runner`, which is what the
+//! `deepspeed` command runs) starts `deepspeed.launcher.launch`, which starts the ranks with plain
+//! `Popen`: no new session or group, so the orchestrator's kill of the child's process group
+//! reaches every rank. When a rank exits non-zero, `launch` kills the other ranks and exits with
+//! that rank's code, which the runner passes on, so exit codes 3 (OOM) and 4 (unavailable) survive.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use backend_hf::{gpu, inputs, pyenv, python_dir};
+use bench_core::{Backend, Case, Placement, RunContext};
+
+/// The runner script, relative to this crate's `python/` directory.
+pub const SCRIPT: &str = "run_deepspeed.py";
+
+/// Environment variable naming a DeepSpeed hostfile, needed for cases with `num_nodes` > 1.
+pub const HOSTFILE_ENV: &str = "FLEXBENCH_HOSTFILE";
+
+/// Where the deepspeed runner script is.
+pub fn script_path(project_root: &Path) -> PathBuf {
+    project_root
+        .join("crates")
+        .join("backend-deepspeed")
+        .join("python")
+        .join(SCRIPT)
+}
+
+/// Whether the libaio headers DeepSpeed's async_io op compiles against are installed.
+pub fn libaio_installed() -> bool {
+    ["/usr/include/libaio.h", "/usr/local/include/libaio.h"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
+pub struct DeepSpeedBackend;
+
+impl Backend for DeepSpeedBackend {
+    fn name(&self) -> &'static str {
+        "deepspeed"
+    }
+    fn frameworks(&self) -> &'static [&'static str] {
+        &["deepspeed"]
+    }
+    fn probe(&self, ctx: &RunContext) -> Result<(), String> {
+        let script = script_path(&ctx.project_root);
+        if !script.is_file() {
+            return Err(format!("runner script {} is missing", script.display()));
+        }
+        pyenv::probe_ctx(ctx, pyenv::DS_MODULES)?;
+        // DeepSpeed compiles its communication op at first init (and async_io for NVMe).
+        if Command::new("g++")
+            .arg("--version")
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Err(
+                "DeepSpeed compiles its ops with g++, which is not installed: apt-get install g++"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+    fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
+        if let Placement::Policy(_) = case.placement {
+            return Err(
+                "deepspeed takes a preset placement (gpu, cpu or disk), not a policy".into(),
+            );
+        }
+        if case.placement == Placement::Disk && !libaio_installed() {
+            return Err("NVMe offload needs libaio: apt-get install libaio-dev".into());
+        }
+        if case.num_nodes > 1 && std::env::var_os(HOSTFILE_ENV).is_none() {
+            return Err(format!(
+                "{} nodes need a DeepSpeed hostfile: set {HOSTFILE_ENV} to one listing them",
+                case.num_nodes
+            ));
+        }
+        let ranks = case.num_nodes * case.num_gpus_per_node;
+        if case.batch_size().checked_rem(ranks) != Some(0) {
+            return Err(format!(
+                "batch {} does not split over {ranks} ranks",
+                case.batch_size()
+            ));
+        }
+        gpu::check_device(case.device)
+    }
+    fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
+        inputs::prepare(case, ctx)
+    }
+    fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
+        let python = pyenv::python_for(ctx);
+        let mut cmd = Command::new(&python);
+        // `python -m deepspeed.launcher.runner` is the `deepspeed` command, bound to this interpreter
+        // (the launcher starts the ranks with the interpreter it runs under).
+        cmd.arg("-u").arg("-m").arg("deepspeed.launcher.runner");
+        if case.num_nodes > 1 {
+            let hostfile = std::env::var_os(HOSTFILE_ENV).unwrap_or_default();
+            cmd.arg("--hostfile")
+                .arg(hostfile)
+                .arg("--num_nodes")
+                .arg(case.num_nodes.to_string());
+        }
+        cmd.arg("--num_gpus")
+            .arg(case.num_gpus_per_node.to_string())
+            .arg(script_path(&ctx.project_root))
+            .arg("--case")
+            .arg(&ctx.case_file)
+            .arg("--checkpoint")
+            .arg(inputs::checkpoint_dir(case, ctx)?)
+            .arg("--prompts")
+            .arg(inputs::prompts_file(ctx))
+            .arg("--offload-dir")
+            .arg(&ctx.work_dir)
+            .env("PATH", pyenv::path_with_interpreter_bin(&python))
+            .env("PYTHONPATH", python_path(&ctx.project_root))
+            .env("PYTHONUNBUFFERED", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1");
+        if case.device == bench_core::Device::Cpu {
+            // Without it DeepSpeed picks CUDA whenever torch sees a GPU, even for a cpu case.
+            cmd.env("DS_ACCELERATOR", "cpu");
+        }
+        Ok(cmd)
+    }
+}
+
+/// `PYTHONPATH` with the shared runner module first, keeping the caller's entries.
+fn python_path(project_root: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![python_dir(project_root)];
+    if let Some(p) = std::env::var_os("PYTHONPATH") {
+        dirs.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(dirs).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bench_core::{Device, Policy, Weights};
+
+    fn ctx() -> RunContext {
+        RunContext {
+            project_root: PathBuf::from("/repo"),
+            case_file: PathBuf::from("/w/case.json"),
+            work_dir: PathBuf::from("/w"),
+            cache_dir: PathBuf::from("/cache"),
+            bin_dir: PathBuf::from("/repo/target/release"),
+            python: Some(PathBuf::from("/opt/py/bin/python")),
+        }
+    }
+
+    fn case() -> Case {
+        Case {
+            model: "opt-125m".into(),
+            framework: "deepspeed".into(),
+            prompt_len: 128,
+            gen_len: 32,
+            cut_gen_len: None,
+            gpu_batch_size: 4,
+            num_gpu_batches: 1,
+            placement: Placement::Cpu,
+            device: Device::Cpu,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 2,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn command_goes_through_the_launcher_with_the_shared_module_on_the_path() {
+        let cmd = DeepSpeedBackend.command(&case(), &ctx()).unwrap();
+        assert_eq!(cmd.get_program(), "/opt/py/bin/python");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let launcher = args
+            .iter()
+            .position(|a| a == "deepspeed.launcher.runner")
+            .unwrap();
+        let gpus = args.iter().position(|a| a == "--num_gpus").unwrap();
+        let script = args
+            .iter()
+            .position(|a| a.ends_with("backend-deepspeed/python/run_deepspeed.py"))
+            .unwrap();
+        // launcher options come before the script, the script's own after it
+        assert!(launcher < gpus && gpus < script);
+        assert_eq!(args[gpus + 1], "2");
+        assert!(!args.contains(&"--hostfile".to_string()));
+        let ckpt = args.iter().position(|a| a == "--checkpoint").unwrap();
+        assert_eq!(args[ckpt + 1], "/cache/dummy/opt-125m-5eedf1e8");
+        let env: std::collections::HashMap<_, _> = cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_owned())))
+            .collect();
+        let pp = env["PYTHONPATH"].clone().unwrap();
+        assert!(
+            pp.to_string_lossy()
+                .starts_with("/repo/crates/backend-hf/python"),
+            "{pp:?}"
+        );
+        assert_eq!(
+            env["DS_ACCELERATOR"].as_deref(),
+            Some(std::ffi::OsStr::new("cpu"))
+        );
+        assert!(env["PATH"]
+            .clone()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("/opt/py/bin"));
+    }
+
+    #[test]
+    fn check_case_refuses_what_cannot_run() {
+        let mut c = case();
+        c.gpu_batch_size = 3;
+        assert!(DeepSpeedBackend
+            .check_case(&c, &ctx())
+            .unwrap_err()
+            .contains("does not split"));
+        let mut c = case();
+        c.placement = Placement::Policy(Policy::new([0, 100, 100, 0, 100, 0]));
+        assert!(DeepSpeedBackend
+            .check_case(&c, &ctx())
+            .unwrap_err()
+            .contains("preset placement"));
+        let mut c = case();
+        c.num_nodes = 2;
+        if std::env::var_os(HOSTFILE_ENV).is_none() {
+            assert!(DeepSpeedBackend
+                .check_case(&c, &ctx())
+                .unwrap_err()
+                .contains(HOSTFILE_ENV));
+        }
+        assert!(DeepSpeedBackend.check_case(&case(), &ctx()).is_ok());
+    }
+}

@@ -2,7 +2,9 @@
 //! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
 
 pub mod backend;
+pub mod checkpoint_writer;
 pub mod device;
+
 pub mod dummy;
 pub mod floor;
 pub mod generate;

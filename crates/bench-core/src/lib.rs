@@ -4,6 +4,7 @@
 //! - [`model`]: the OPT model registry and size formulas;
 //! - [`suite`]: suite files (RON), their validation and expansion into cases;
 //! - [`filter`]: `--filter key=value` selection on the cases' JSON fields;
+//! - [`prompts`]: the deterministic prompt token ids every framework uses;
 //! - [`protocol`]: the child protocol between the orchestrator and runner processes;
 //! - [`backend`]: the trait every framework wrapper implements;
 //! - [`metrics`]: FlexLLMGen's latency/throughput definitions and projection;
@@ -18,6 +19,7 @@ pub mod env;
 pub mod filter;
 pub mod metrics;
 pub mod model;
+pub mod prompts;
 pub mod protocol;
 pub mod record;
 pub mod run;

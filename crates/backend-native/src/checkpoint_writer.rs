@@ -1,0 +1,280 @@
+//! Writes a dummy checkpoint as a HuggingFace model directory (`config.json` + `model.safetensors`)
+//! so that every framework (native, HF Accelerate, DeepSpeed) runs on the very same weights.
+//!
+//! The checkpoint is streamed tensor by tensor, chunk by chunk, so writing opt-175b never holds more
+//! than one chunk in memory. It is written into a temporary sibling directory and renamed into place
+//! only when complete, so a run killed halfway never leaves a checkpoint that looks usable.
+//!
+//! The safetensors layout is simple enough to write by hand (which is what lets us stream): an
+//! 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}` padded
+//! with spaces to a multiple of 8 bytes, then the tensors' bytes back to back.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bench_core::ModelConfig;
+use half::f16;
+use rayon::prelude::*;
+
+use crate::dummy::{fill_chunk, opt_tensor_specs, TensorSpec};
+
+/// File names inside a checkpoint directory (HuggingFace's).
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Values generated per chunk: 4 Mi f16 = 8 MiB, large enough for rayon to split usefully.
+const CHUNK: usize = 4 << 20;
+
+/// Where the dummy checkpoint of `model` with `seed` lives under a cache directory.
+pub fn dummy_checkpoint_dir(cache_dir: &Path, model: &str, seed: u64) -> PathBuf {
+    cache_dir.join("dummy").join(format!("{model}-{seed:x}"))
+}
+
+/// Makes sure the dummy checkpoint of `cfg` with `seed` exists under `cache_dir` and returns its
+/// directory. Reuses a complete one; writes it otherwise.
+pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<PathBuf> {
+    let dir = dummy_checkpoint_dir(cache_dir, &cfg.name, seed);
+    let specs = opt_tensor_specs(cfg);
+    if is_complete(&dir, &specs) {
+        return Ok(dir);
+    }
+    if dir.exists() {
+        // Only a rename publishes a directory, so an incomplete one was damaged by hand: rebuild it.
+        fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing incomplete dummy checkpoint {}", dir.display()))?;
+    }
+    let parent = dir.parent().expect("checkpoint dir has a parent");
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}-{}",
+        dir.file_name().unwrap().to_string_lossy(),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let written = write_checkpoint(&tmp, cfg, &specs, seed);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing dummy checkpoint into {}", tmp.display())));
+    }
+    if let Err(e) = fs::rename(&tmp, &dir) {
+        let _ = fs::remove_dir_all(&tmp);
+        // Another process may have published the same checkpoint meanwhile; theirs is as good.
+        if is_complete(&dir, &specs) {
+            return Ok(dir);
+        }
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()));
+    }
+    Ok(dir)
+}
+
+/// A checkpoint directory is complete when both files exist and the weights have the exact size
+/// the header promises (the rename already guarantees it was fully written; this guards against
+/// hand edits and a changed tensor layout).
+fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
+    let Ok(meta) = fs::metadata(dir.join(WEIGHTS_FILE)) else {
+        return false;
+    };
+    dir.join(CONFIG_FILE).is_file() && meta.len() == expected_file_len(specs)
+}
+
+fn expected_file_len(specs: &[TensorSpec]) -> u64 {
+    let header = header_bytes(specs);
+    let data: usize = specs.iter().map(|s| s.numel() * 2).sum();
+    8 + header.len() as u64 + data as u64
+}
+
+/// The safetensors JSON header for f16 tensors laid out in `specs` order, padded to 8 bytes.
+fn header_bytes(specs: &[TensorSpec]) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    map.insert(
+        "__metadata__".into(),
+        serde_json::json!({ "format": "pt", "generator": "flexbench dummy weights" }),
+    );
+    let mut offset = 0usize;
+    for s in specs {
+        let end = offset + s.numel() * 2;
+        map.insert(
+            s.name.clone(),
+            serde_json::json!({ "dtype": "F16", "shape": s.shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut bytes = serde_json::to_vec(&map).expect("a header always serializes");
+    // The data must start 8-byte aligned so readers can memory-map tensors in place.
+    let pad = (8 - bytes.len() % 8) % 8;
+    bytes.extend(std::iter::repeat_n(b' ', pad));
+    bytes
+}
+
+fn write_checkpoint(dir: &Path, cfg: &ModelConfig, specs: &[TensorSpec], seed: u64) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = serde_json::to_vec_pretty(&hf_config(cfg, seed))?;
+    fs::write(dir.join(CONFIG_FILE), config)
+        .with_context(|| format!("writing {}", dir.join(CONFIG_FILE).display()))?;
+
+    let path = dir.join(WEIGHTS_FILE);
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let header = header_bytes(specs);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    let mut values = vec![f16::ZERO; CHUNK];
+    let mut bytes = vec![0u8; CHUNK * 2];
+    for spec in specs {
+        let n = spec.numel();
+        let mut start = 0;
+        while start < n {
+            let len = CHUNK.min(n - start);
+            // Parallel fill: each value depends only on its index, so sub-chunks are independent.
+            values[..len]
+                .par_chunks_mut(1 << 16)
+                .enumerate()
+                .for_each(|(i, sub)| fill_chunk(spec, seed, start + i * (1 << 16), sub));
+            for (v, b) in values[..len].iter().zip(bytes.chunks_exact_mut(2)) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            out.write_all(&bytes[..len * 2])
+                .with_context(|| format!("writing {}", path.display()))?;
+            start += len;
+        }
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    let len = fs::metadata(&path)?.len();
+    if len != expected_file_len(specs) {
+        bail!(
+            "{} has {len} bytes, expected {}",
+            path.display(),
+            expected_file_len(specs)
+        );
+    }
+    Ok(())
+}
+
+/// HuggingFace's `OPTConfig` for the model, as `config.json` holds it.
+pub fn hf_config(cfg: &ModelConfig, seed: u64) -> serde_json::Value {
+    let mut c = BTreeMap::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        c.insert(k.to_string(), v);
+    };
+    put("architectures", serde_json::json!(["OPTForCausalLM"]));
+    put("model_type", "opt".into());
+    put(
+        "_name_or_path",
+        format!("flexbench-dummy/{}", cfg.name).into(),
+    );
+    put("hidden_size", cfg.hidden_size.into());
+    put("num_hidden_layers", cfg.num_hidden_layers.into());
+    put("num_attention_heads", cfg.num_attention_heads.into());
+    put("ffn_dim", cfg.ffn_dim.into());
+    put("vocab_size", cfg.vocab_size.into());
+    put(
+        "max_position_embeddings",
+        cfg.max_position_embeddings.into(),
+    );
+    put("word_embed_proj_dim", cfg.word_embed_proj_dim.into());
+    put("do_layer_norm_before", cfg.do_layer_norm_before.into());
+    put("pad_token_id", cfg.pad_token_id.into());
+    put("bos_token_id", cfg.bos_token_id.into());
+    put("eos_token_id", cfg.eos_token_id.into());
+    put("activation_function", "relu".into());
+    put("dropout", 0.0.into());
+    put("attention_dropout", 0.0.into());
+    put("activation_dropout", 0.0.into());
+    put("layerdrop", 0.0.into());
+    put("init_std", 0.02.into());
+    put("enable_bias", true.into());
+    put("layer_norm_elementwise_affine", true.into());
+    put("_remove_final_layer_norm", false.into());
+    put("tie_word_embeddings", true.into());
+    put("use_cache", true.into());
+    // `dtype` is transformers 5's key, `torch_dtype` the older one.
+    put("dtype", "float16".into());
+    put("torch_dtype", "float16".into());
+    put("flexbench_dummy_seed", seed.into());
+    serde_json::to_value(c).expect("a config always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dummy::{tensor, DEFAULT_SEED};
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("flexbench-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    /// Parses the file back with our own reader of the format; the cross-check against the
+    /// `safetensors` crate and transformers lives in backend-hf's tests.
+    #[test]
+    fn writes_exact_values_and_reuses_complete_checkpoints() {
+        let cache = scratch("exact");
+        let cfg = bench_core::model::lookup("opt-tiny-odd").unwrap();
+        let dir = ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
+        assert_eq!(
+            dir,
+            dummy_checkpoint_dir(&cache, "opt-tiny-odd", DEFAULT_SEED)
+        );
+        let bytes = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let data = &bytes[8 + n..];
+        let specs = opt_tensor_specs(&cfg);
+        for spec in &specs {
+            let entry = &header[&spec.name];
+            assert_eq!(entry["dtype"], "F16");
+            let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone()).unwrap();
+            assert_eq!(shape, spec.shape);
+            let off: Vec<usize> = serde_json::from_value(entry["data_offsets"].clone()).unwrap();
+            let got: Vec<f16> = data[off[0]..off[1]]
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            assert_eq!(got, tensor(spec, DEFAULT_SEED), "{}", spec.name);
+        }
+        let config: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(config["ffn_dim"], 200);
+        assert_eq!(config["vocab_size"], 997);
+
+        // A second call reuses the file (same modification time, no temp dirs left behind).
+        let before = fs::metadata(dir.join(WEIGHTS_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
+        let after = fs::metadata(dir.join(WEIGHTS_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after);
+        let leftovers: Vec<_> = fs::read_dir(cache.join("dummy"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(leftovers, vec![format!("opt-tiny-odd-{DEFAULT_SEED:x}")]);
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn damaged_checkpoint_is_rewritten() {
+        let cache = scratch("damaged");
+        let cfg = bench_core::model::lookup("opt-tiny").unwrap();
+        let dir = ensure_dummy_checkpoint(&cache, &cfg, 7).unwrap();
+        let full = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+        fs::write(dir.join(WEIGHTS_FILE), &full[..full.len() / 2]).unwrap();
+        ensure_dummy_checkpoint(&cache, &cfg, 7).unwrap();
+        assert_eq!(fs::read(dir.join(WEIGHTS_FILE)).unwrap(), full);
+        fs::remove_dir_all(&cache).unwrap();
+    }
+}
