@@ -4,7 +4,6 @@
 pub mod backend;
 pub mod checkpoint_writer;
 pub mod device;
-
 pub mod dummy;
 pub mod floor;
 pub mod generate;
