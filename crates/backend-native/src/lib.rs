@@ -7,6 +7,8 @@ pub mod dummy;
 pub mod floor;
 pub mod generate;
 pub mod model;
+pub mod offload;
 pub mod runner;
+pub mod schedule;
 
 pub use backend::NativeBackend;
