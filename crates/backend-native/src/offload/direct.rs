@@ -203,6 +203,7 @@ fn io_error(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error {
 
 /// The offload directory of one run: a private subdirectory of the given directory, created on
 /// open and removed (with everything in it) on drop, so a failed run leaves no stray files.
+#[derive(Debug)]
 pub struct OffloadDir {
     dir: PathBuf,
 }
