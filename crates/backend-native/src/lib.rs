@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod disk_speed;
 pub mod dummy;
 pub mod floor;
 pub mod generate;

@@ -143,8 +143,41 @@ impl DirectFile {
         })
     }
 
+    /// Opens an existing file read-only with O_DIRECT (buffered where the filesystem refuses).
+    pub fn open_read(path: &Path) -> Result<DirectFile> {
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let file = match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                BUFFERED_FALLBACK.store(true, Ordering::Relaxed);
+                open(false)
+            }
+            r => r,
+        }
+        .with_context(|| format!("opening {}", path.display()))?;
+        Ok(DirectFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Length of the file in bytes.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .with_context(|| format!("reading the size of {}", self.path.display()))?
+            .len())
     }
 
     /// Writes `buf[..len]` at `offset` (both multiples of [`ALIGN`]).
@@ -225,11 +258,11 @@ impl OffloadDir {
         let free = free_bytes(parent)?;
         if need_bytes > free {
             bail!(
-                "offload directory {} has {:.2} GiB free, the placement needs {:.2} GiB on disk: \
+                "offload directory {} has {} free, the placement needs {} on disk: \
                  free space, pass another --offload-dir, or move less to disk",
                 parent.display(),
-                free as f64 / GIB,
-                need_bytes as f64 / GIB
+                human(free),
+                human(need_bytes)
             );
         }
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -273,7 +306,38 @@ impl Drop for OffloadDir {
     }
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes for messages: GiB, MiB or KiB.
+fn human(b: u64) -> String {
+    let f = b as f64;
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", f / (1u64 << 30) as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MiB", f / (1u64 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", f / 1024.0)
+    }
+}
+
+/// Sequential O_DIRECT read bandwidth over `paths`, read whole in blocks of `block` bytes (as
+/// `dd if=FILE of=/dev/null bs=BLOCK iflag=direct`): (bytes, seconds).
+pub fn sequential_read(paths: &[PathBuf], block: usize) -> Result<(u64, f64)> {
+    let block = align_up(block);
+    let mut buf = AlignedBuf::new(block)?;
+    let mut total = 0u64;
+    let t0 = std::time::Instant::now();
+    for p in paths {
+        let f = DirectFile::open_read(p)?;
+        let len = f.len()? as usize;
+        let mut off = 0;
+        while off < len {
+            let n = align_up(block.min(len - off));
+            f.read_at(&mut buf, n, off as u64)?;
+            off += n;
+            total += n as u64;
+        }
+    }
+    Ok((total, t0.elapsed().as_secs_f64()))
+}
 
 /// Bytes available to this user on the filesystem of `path`.
 pub fn free_bytes(path: &Path) -> Result<u64> {

@@ -88,6 +88,14 @@ impl Stats {
     pub fn compute_s(&self) -> f64 {
         self.compute_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
+    /// Zeroes the link counters and times (not the memory peaks): the measured run starts here.
+    pub fn reset_counters(&self) {
+        for m in &self.moved {
+            m.store(0, Ordering::Relaxed);
+        }
+        self.io_wait_ns.store(0, Ordering::Relaxed);
+        self.compute_ns.store(0, Ordering::Relaxed);
+    }
     /// Link counters as `RawResult.bytes_moved` wants them.
     pub fn bytes_moved(&self) -> BTreeMap<String, u64> {
         Link::ALL

@@ -7,7 +7,7 @@
 //! thread), [`TieredWeights::materialize`] copies host and disk tensors to the compute device
 //! (the transfer thread; a CUDA copy stream later).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use bench_core::{ModelConfig, Policy};
@@ -179,14 +179,22 @@ pub struct TieredWeights<T> {
     units: Vec<Vec<usize>>,
     files: Vec<Option<UnitFile>>,
     stats: Arc<Stats>,
+    /// Read buffers returned by finished fetches: reused so the disk thread never waits for
+    /// fresh pages to be zeroed between reads.
+    pool: Mutex<Vec<PooledBuf>>,
     _mem: Vec<MemGuard>,
+}
+
+/// An aligned buffer with its host-memory accounting.
+pub struct PooledBuf {
+    buf: AlignedBuf,
+    _mem: MemGuard,
 }
 
 /// A unit's disk tensors read into host memory (stage one of a fetch).
 pub struct DiskRead {
     /// (owning unit, buffer holding that unit's file from offset 0)
-    bufs: Vec<(usize, AlignedBuf)>,
-    _mem: Vec<MemGuard>,
+    bufs: Vec<(usize, PooledBuf)>,
 }
 
 /// A unit's tensors on the compute device (stage two of a fetch), in the unit's order.
@@ -269,8 +277,36 @@ impl<T: DeviceTensor> TieredWeights<T> {
             units: plan.units.clone(),
             files,
             stats: stats.clone(),
+            pool: Mutex::new(Vec::new()),
             _mem: mem,
         })
+    }
+
+    /// A buffer of at least `len` bytes: the smallest pooled one that fits, or a new one.
+    fn take_buf(&self, len: usize) -> Result<PooledBuf> {
+        let mut pool = self.pool.lock().expect("buffer pool lock");
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.buf.len() >= len)
+            .min_by_key(|(_, b)| b.buf.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => Ok(pool.swap_remove(i)),
+            None => {
+                drop(pool);
+                let buf = AlignedBuf::new(len)?;
+                let mem = MemGuard::new(&self.stats, Tier::Host, buf.len());
+                Ok(PooledBuf { buf, _mem: mem })
+            }
+        }
+    }
+
+    fn give_back(&self, read: DiskRead) {
+        self.pool
+            .lock()
+            .expect("buffer pool lock")
+            .extend(read.bufs.into_iter().map(|(_, b)| b));
     }
 
     pub fn num_units(&self) -> usize {
@@ -302,20 +338,18 @@ impl<T: DeviceTensor> TieredWeights<T> {
         owners.sort_unstable();
         owners.dedup();
         let mut bufs = Vec::new();
-        let mut mem = Vec::new();
         for owner in owners {
             let f = self.files[owner]
                 .as_ref()
                 .expect("disk tensors have a file");
-            let mut buf = AlignedBuf::new(f.len)?;
-            mem.push(MemGuard::new(&self.stats, Tier::Host, f.len));
+            let mut b = self.take_buf(f.len)?;
             f.file
-                .read_at(&mut buf, f.len, 0)
+                .read_at(&mut b.buf, f.len, 0)
                 .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
             self.stats.moved(Link::DiskRead, f.len);
-            bufs.push((owner, buf));
+            bufs.push((owner, b));
         }
-        Ok(DiskRead { bufs, _mem: mem })
+        Ok(DiskRead { bufs })
     }
 
     /// Stage two: the unit's tensors on the compute device.
@@ -340,7 +374,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     let buf = disk
                         .as_ref()
                         .and_then(|d| d.bufs.iter().find(|(u, _)| *u == s.plan.unit))
-                        .map(|(_, b)| b)
+                        .map(|(_, b)| &b.buf)
                         .with_context(|| {
                             format!("{} was not read from disk before its upload", s.plan.name)
                         })?;
@@ -351,6 +385,9 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 }
             };
             tensors.push(t);
+        }
+        if let Some(d) = disk {
+            self.give_back(d);
         }
         Ok(Fetched { tensors, _mem: mem })
     }
