@@ -29,6 +29,12 @@ pub fn open_checkpoint(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
     let cfg = load_config(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     ckpt.check_against(&cfg)?;
+    if !crate::model::config::tied_lm_head(dir)? && !ckpt.contains("lm_head.weight") {
+        anyhow::bail!(
+            "{} sets tie_word_embeddings = false but the checkpoint has no lm_head.weight",
+            dir.join("config.json").display()
+        );
+    }
     Ok((cfg, ckpt))
 }
 

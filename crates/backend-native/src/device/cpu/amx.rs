@@ -63,10 +63,7 @@ pub fn pack_w(w: &[f16], m: usize, k: usize) -> Vec<u16> {
             let mut row = vec![0f32; k];
             for jj in 0..BLOCK.min(m - pi * BLOCK) {
                 let j = pi * BLOCK + jj;
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                    &w[j * k..(j + 1) * k],
-                    &mut row,
-                );
+                super::convert::f16_to_f32(&w[j * k..(j + 1) * k], &mut row);
                 for (p, v) in row.iter().enumerate() {
                     panel[(p / 2) * BLOCK * 2 + jj * 2 + p % 2] = super::bf16::to_bf16_bits(*v);
                 }

@@ -5,7 +5,6 @@
 //! vectorizable dot products over contiguous rows.
 
 use anyhow::{bail, ensure, Result};
-use half::f16;
 use rayon::prelude::*;
 
 use super::{try_zeros, CpuTensor, Storage};
@@ -66,11 +65,9 @@ pub fn append_kv(
             }
         };
         match &mut cache.data {
-            Storage::F16(c) => put(&mut |at, src| {
-                for (o, x) in c[at..at + src.len()].iter_mut().zip(src) {
-                    *o = f16::from_f32(*x);
-                }
-            }),
+            Storage::F16(c) => {
+                put(&mut |at, src| super::convert::f32_to_f16(src, &mut c[at..at + src.len()]))
+            }
             Storage::F32(c) => put(&mut |at, src| c[at..at + src.len()].copy_from_slice(src)),
             Storage::U32(_) => bail!("append_kv: a u32 cache"),
         }
@@ -110,7 +107,7 @@ fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> 
     match &cache.data {
         Storage::F16(c) => {
             buf.resize(len, 0.0);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&c[start..start + len], buf);
+            super::convert::f16_to_f32(&c[start..start + len], buf);
         }
         Storage::F32(c) => buf.extend_from_slice(&c[start..start + len]),
         Storage::U32(_) => bail!("attention: a u32 cache"),

@@ -133,7 +133,7 @@ pub fn to_f32(w: &[f16]) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     out.par_chunks_mut(1 << 16)
         .zip(w.par_chunks(1 << 16))
-        .for_each(|(o, i)| i.convert_to_f32_slice(o));
+        .for_each(|(o, i)| super::convert::f16_to_f32(i, o));
     out
 }
 

@@ -8,6 +8,7 @@
 pub mod amx;
 pub mod attention;
 pub mod bf16;
+pub mod convert;
 pub mod matmul;
 
 use std::sync::OnceLock;
@@ -306,9 +307,7 @@ impl Device for CpuDevice {
                 "gather_rows: id {id} out of range for a table of {rows} rows"
             );
             let src = &t[id as usize * width..(id as usize + 1) * width];
-            for (a, b) in o.iter_mut().zip(src) {
-                *a = b.to_f32();
-            }
+            convert::f16_to_f32(src, o);
         }
         CpuTensor::from_f32(&[ids.len(), width], out)
     }
