@@ -243,12 +243,14 @@ fn init_threads(d: &DeviceArgs) -> Result<()> {
 
 /// Keeps large freed blocks in the heap: the engine allocates activation-sized buffers every
 /// op, and glibc's default (mmap above 128 KiB, unmap on free) makes each one fresh zeroed pages,
-/// which cost more than the arithmetic on them.
+/// which cost more than the arithmetic on them. M_MMAP_MAX = 0 serves every allocation from the
+/// heap (M_MMAP_THRESHOLD cannot exceed 32 MiB, smaller than prefill activations); the trim
+/// threshold keeps freed memory for reuse.
 fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

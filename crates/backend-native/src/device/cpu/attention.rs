@@ -5,7 +5,6 @@
 //! vectorizable dot products over contiguous rows.
 
 use anyhow::{bail, ensure, Result};
-use half::f16;
 use rayon::prelude::*;
 
 use super::{try_zeros, CpuTensor, Storage};
@@ -66,11 +65,9 @@ pub fn append_kv(
             }
         };
         match &mut cache.data {
-            Storage::F16(c) => put(&mut |at, src| {
-                for (o, x) in c[at..at + src.len()].iter_mut().zip(src) {
-                    *o = f16::from_f32(*x);
-                }
-            }),
+            Storage::F16(c) => {
+                put(&mut |at, src| super::convert::f32_to_f16(src, &mut c[at..at + src.len()]))
+            }
             Storage::F32(c) => put(&mut |at, src| c[at..at + src.len()].copy_from_slice(src)),
             Storage::U32(_) => bail!("append_kv: a u32 cache"),
         }
@@ -110,12 +107,128 @@ fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> 
     match &cache.data {
         Storage::F16(c) => {
             buf.resize(len, 0.0);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&c[start..start + len], buf);
+            super::convert::f16_to_f32(&c[start..start + len], buf);
         }
         Storage::F32(c) => buf.extend_from_slice(&c[start..start + len]),
         Storage::U32(_) => bail!("attention: a u32 cache"),
     }
     Ok(())
+}
+
+/// One (sequence, head) pair with a single query (decode): dot products over the cache.
+fn pair_loop(q: &[f32], kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<f32> {
+    let (d, t) = (s.head_dim, s.total_len());
+    let scale = s.scale();
+    let mut out = vec![0f32; d];
+    let mut p = vec![0f32; t];
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..t {
+        if m[j] != 0 {
+            let sc = dot(q, &kb[j * d..(j + 1) * d]) * scale;
+            p[j] = sc;
+            max = max.max(sc);
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        return out; // no visible key
+    }
+    let mut sum = 0f32;
+    for j in 0..t {
+        if m[j] != 0 {
+            p[j] = (p[j] - max).exp();
+            sum += p[j];
+        }
+    }
+    let inv = 1.0 / sum;
+    for j in 0..t {
+        if m[j] != 0 {
+            axpy(&mut out, p[j] * inv, &vb[j * d..(j + 1) * d]);
+        }
+    }
+    out
+}
+
+/// `dst[r, c] = sum_p a[r * a_rs + p] * b[p * b_rs + c * b_cs]` (single-threaded: callers
+/// parallelize over pairs).
+#[allow(clippy::too_many_arguments)]
+fn small_gemm(
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    dst: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
+    assert!(dst.len() >= rows * cols);
+    assert!(rows == 0 || a.len() >= (rows - 1) * a_rs + inner);
+    assert!(inner == 0 || cols == 0 || b.len() > (inner - 1) * b_rs + (cols - 1) * b_cs);
+    // SAFETY: the asserts above bound every element the strides reach.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// One (sequence, head) pair with several queries (prefill): scores = Q K^T and out = P V as
+/// matrix products, masked softmax in between. `q` starts at the pair's first query; its rows
+/// are `q_rs` apart.
+fn pair_gemm(q: &[f32], q_rs: usize, kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<f32> {
+    let (d, t, n) = (s.head_dim, s.total_len(), s.new_len);
+    let scale = s.scale();
+    let mut scores = vec![0f32; n * t];
+    // K^T: element (c, j) is kb[j * d + c]
+    small_gemm(n, t, d, &mut scores, q, q_rs, kb, 1, d);
+    for (i, row) in scores.chunks_mut(t).enumerate() {
+        let visible = s.past_len + i + 1;
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..visible {
+            if m[j] != 0 {
+                row[j] *= scale;
+                max = max.max(row[j]);
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            row.iter_mut().for_each(|x| *x = 0.0);
+            continue;
+        }
+        let mut sum = 0f32;
+        for j in 0..t {
+            let p = if j < visible && m[j] != 0 {
+                (row[j] - max).exp()
+            } else {
+                0.0
+            };
+            row[j] = p;
+            sum += p;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    let mut out = vec![0f32; n * d];
+    small_gemm(n, d, t, &mut out, &scores, t, vb, d, 1);
+    out
 }
 
 pub fn attention(
@@ -137,7 +250,6 @@ pub fn attention(
     );
     let (q, mask) = (q.f32()?, mask.u32()?);
     let (d, h, hid) = (s.head_dim, s.heads, s.hidden());
-    let scale = s.scale();
     // each (sequence, head) pair writes head_dim columns of new_len rows: collect per pair, then scatter
     let per_pair: Vec<Result<Vec<f32>>> = (0..s.batch * h)
         .into_par_iter()
@@ -148,37 +260,12 @@ pub fn attention(
             slab_f32(k_cache, start, t * d, &mut kb)?;
             slab_f32(v_cache, start, t * d, &mut vb)?;
             let m = &mask[b * t..(b + 1) * t];
-            let mut out = vec![0f32; s.new_len * d];
-            let mut p = vec![0f32; t];
-            for i in 0..s.new_len {
-                let qrow = &q[(b * s.new_len + i) * hid + head * d..][..d];
-                let visible = s.past_len + i + 1;
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    if m[j] != 0 {
-                        let sc = dot(qrow, &kb[j * d..(j + 1) * d]) * scale;
-                        p[j] = sc;
-                        max = max.max(sc);
-                    }
-                }
-                if max == f32::NEG_INFINITY {
-                    continue; // no visible key: a pad query, zeros
-                }
-                let mut sum = 0f32;
-                for j in 0..visible {
-                    if m[j] != 0 {
-                        p[j] = (p[j] - max).exp();
-                        sum += p[j];
-                    }
-                }
-                let o = &mut out[i * d..(i + 1) * d];
-                let inv = 1.0 / sum;
-                for j in 0..visible {
-                    if m[j] != 0 {
-                        axpy(o, p[j] * inv, &vb[j * d..(j + 1) * d]);
-                    }
-                }
-            }
+            let q0 = b * s.new_len * hid + head * d;
+            let out = if s.new_len > 1 {
+                pair_gemm(&q[q0..], hid, &kb, &vb, m, s)
+            } else {
+                pair_loop(&q[q0..q0 + d], &kb, &vb, m, s)
+            };
             Ok(out)
         })
         .collect();

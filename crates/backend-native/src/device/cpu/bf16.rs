@@ -28,6 +28,27 @@ pub fn available() -> bool {
     }
 }
 
+/// f32 -> bf16 bits, round to nearest even; written branch-free so loops over it vectorize
+/// (`half::bf16::from_f32` is a scalar call). NaNs stay NaNs (quiet).
+#[inline(always)]
+pub fn to_bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    if v.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Converts a row of f32 to bf16 bits.
+pub fn round_row(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = to_bf16_bits(*s);
+    }
+}
+
 /// `k` rounded up to whole pairs.
 fn k_pairs(k: usize) -> usize {
     k.div_ceil(2)
@@ -41,7 +62,7 @@ fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u16> {
         .zip(x.par_chunks(k))
         .for_each(|(o, r)| {
             for (a, b) in o.iter_mut().zip(r) {
-                *a = bf16::from_f32(*b).to_bits();
+                *a = to_bf16_bits(*b);
             }
         });
     out
@@ -190,6 +211,33 @@ mod kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_matches_half() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.003_906_2,
+            1.005_859_4,
+            -3.1e-5,
+            65504.0,
+            1e30,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ] {
+            assert_eq!(to_bf16_bits(v), bf16::from_f32(v).to_bits(), "{v}");
+        }
+        assert!(bf16::from_bits(to_bf16_bits(f32::NAN)).is_nan());
+        let mut r = 12345u32;
+        for _ in 0..10000 {
+            r = r.wrapping_mul(1664525).wrapping_add(1013904223);
+            let v = f32::from_bits(r);
+            if !v.is_nan() {
+                assert_eq!(to_bf16_bits(v), bf16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
 
     #[test]
     fn matches_rounded_reference() {

@@ -10,6 +10,8 @@
 //!
 //! [`linear_reference`] is the slow, obviously-correct version both are tested against.
 
+use std::sync::OnceLock;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -18,6 +20,8 @@ use super::MatmulMode;
 
 /// Rows up to which the matrix-vector path beats converting `W` and running a GEMM.
 pub const MATVEC_MAX_ROWS: usize = 16;
+/// Rows from which the bf16 mode uses AMX (where available) instead of the matrix-vector path.
+pub const AMX_MIN_ROWS: usize = 4;
 
 /// The SIMD level the kernels dispatch to, for the device name.
 pub fn simd_level() -> &'static str {
@@ -52,6 +56,22 @@ pub fn linear(
     m: usize,
     out: &mut [f32],
 ) {
+    linear_cached(mode, x, w, None, bias, n, k, m, out)
+}
+
+/// [`linear`] with a place to keep `w` packed for AMX (bf16 mode), so it is packed only once.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_cached(
+    mode: MatmulMode,
+    x: &[f32],
+    w: &[f16],
+    packed: Option<&OnceLock<Vec<u16>>>,
+    bias: Option<&[f16]>,
+    n: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), n * k);
     assert_eq!(w.len(), m * k);
     assert_eq!(out.len(), n * m);
@@ -59,6 +79,19 @@ pub fn linear(
         return;
     }
     match mode {
+        // AMX tiles use each weight 16 times per instruction: from a handful of rows on, they
+        // beat the fp16 matrix-vector kernel, whose FMAs limit it at 8-16 rows
+        MatmulMode::Bf16 if n > AMX_MIN_ROWS && super::amx::available() => match packed {
+            Some(cell) => super::amx::linear(
+                x,
+                cell.get_or_init(|| super::amx::pack_w(w, m, k)),
+                n,
+                k,
+                m,
+                out,
+            ),
+            None => super::amx::linear(x, &super::amx::pack_w(w, m, k), n, k, m, out),
+        },
         _ if n <= MATVEC_MAX_ROWS => matvec(x, w, n, k, m, out),
         MatmulMode::Bf16 if super::bf16::available() => super::bf16::linear(x, w, n, k, m, out),
         _ => gemm_f32(x, w, n, k, m, out),
@@ -100,7 +133,7 @@ pub fn to_f32(w: &[f16]) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     out.par_chunks_mut(1 << 16)
         .zip(w.par_chunks(1 << 16))
-        .for_each(|(o, i)| i.convert_to_f32_slice(o));
+        .for_each(|(o, i)| super::convert::f16_to_f32(i, o));
     out
 }
 

@@ -5,9 +5,13 @@
 //! [`matmul`] (a GEMM crate for many rows, a tuned fp16 matrix-vector path for few rows, and a
 //! slow obviously-correct reference they are tested against).
 
+pub mod amx;
 pub mod attention;
 pub mod bf16;
+pub mod convert;
 pub mod matmul;
+
+use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
@@ -57,6 +61,9 @@ pub enum Storage {
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Storage,
+    /// The weight packed for AMX, made on first use in the bf16 mode (a second copy of the
+    /// weight in bf16: the bf16 mode trades memory for prefill speed).
+    packed: OnceLock<Vec<u16>>,
 }
 
 impl DeviceTensor for CpuTensor {
@@ -123,6 +130,7 @@ impl CpuTensor {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F32(data),
+            packed: OnceLock::new(),
         })
     }
     /// An f16 tensor from owned data (no copy).
@@ -135,6 +143,7 @@ impl CpuTensor {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F16(data),
+            packed: OnceLock::new(),
         })
     }
     /// Rows and width of a 2-D tensor.
@@ -220,6 +229,7 @@ impl Device for CpuDevice {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data,
+            packed: OnceLock::new(),
         })
     }
 
@@ -231,6 +241,7 @@ impl Device for CpuDevice {
             data.len()
         );
         let r = offset..offset + data.len();
+        dst.packed = OnceLock::new(); // the values change: a packed copy would be stale
         match (&mut dst.data, data) {
             (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
             (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
@@ -254,6 +265,7 @@ impl Device for CpuDevice {
         Ok(CpuTensor {
             shape: shape.to_vec(),
             data,
+            packed: OnceLock::new(),
         })
     }
 
@@ -295,9 +307,7 @@ impl Device for CpuDevice {
                 "gather_rows: id {id} out of range for a table of {rows} rows"
             );
             let src = &t[id as usize * width..(id as usize + 1) * width];
-            for (a, b) in o.iter_mut().zip(src) {
-                *a = b.to_f32();
-            }
+            convert::f16_to_f32(src, o);
         }
         CpuTensor::from_f32(&[ids.len(), width], out)
     }
@@ -386,10 +396,11 @@ impl Device for CpuDevice {
             None => None,
         };
         let mut out = try_zeros::<f32>(n * m)?;
-        matmul::linear(
+        matmul::linear_cached(
             self.opts.matmul,
             x.f32()?,
             w.f16()?,
+            Some(&w.packed),
             bias,
             n,
             k,

@@ -1,0 +1,267 @@
+//! bf16 matrix products on Intel AMX tiles (`tdpbf16ps`: a 16x16 f32 tile += 16x32 bf16 x 32x16
+//! bf16 per instruction), the fast path of the bf16 mode where the CPU has AMX.
+//!
+//! Written with inline assembly because Rust's AMX intrinsics are not stable. Linux hands AMX
+//! state to a process only after `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; without
+//! that permission [`available`] is false and the bf16 mode uses AVX-512 BF16 instead.
+//! Layout: x as bf16 rows padded to a multiple of 32 columns and 32 rows; W^T packed per panel of
+//! 32 output columns as `[k/2][32][2]` (two 16-column B tiles side by side in each 128-byte row).
+//! Each task computes 32x32 outputs at a time in four accumulator tiles.
+
+use std::sync::OnceLock;
+
+use half::f16;
+use rayon::prelude::*;
+
+const TILE_K: usize = 32; // bf16 values per A-tile row (64 bytes)
+const BLOCK: usize = 32; // output rows and columns per pass (2 x 2 tiles of 16)
+
+/// Whether AMX-BF16 is usable by this process (asks the kernel for the tile state once).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // CPUID leaf 7: EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE (the std detection macro
+            // for AMX is unstable)
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain syscall asking for a permission; no memory is passed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
+}
+
+fn round_up(v: usize, to: usize) -> usize {
+    v.div_ceil(to) * to
+}
+
+/// W `[m, k]` fp16 packed for [`linear`]: panels of 32 output columns, `[kpad/2][32][2]` bf16
+/// (zeros pad m and k). The CPU device packs each weight once and keeps it beside the fp16 copy.
+pub fn pack_w(w: &[f16], m: usize, k: usize) -> Vec<u16> {
+    let kpad = round_up(k, TILE_K);
+    let panels = m.div_ceil(BLOCK);
+    let psize = kpad / 2 * BLOCK * 2;
+    let mut wp = vec![0u16; panels * psize];
+    wp.par_chunks_mut(psize)
+        .enumerate()
+        .for_each(|(pi, panel)| {
+            let mut row = vec![0f32; k];
+            for jj in 0..BLOCK.min(m - pi * BLOCK) {
+                let j = pi * BLOCK + jj;
+                super::convert::f16_to_f32(&w[j * k..(j + 1) * k], &mut row);
+                for (p, v) in row.iter().enumerate() {
+                    panel[(p / 2) * BLOCK * 2 + jj * 2 + p % 2] = super::bf16::to_bf16_bits(*v);
+                }
+            }
+        });
+    wp
+}
+
+/// `out[n, m] = bf16(x) · W^T` with W packed by [`pack_w`]. Requires [`available`].
+pub fn linear(x: &[f32], wp: &[u16], n: usize, k: usize, m: usize, out: &mut [f32]) {
+    assert!(available(), "AMX matmul called without AMX");
+    let kpad = round_up(k, TILE_K);
+    let npad = round_up(n, BLOCK);
+    let panels = m.div_ceil(BLOCK);
+    let psize = kpad / 2 * BLOCK * 2;
+    assert_eq!(wp.len(), panels * psize, "packed weight of the wrong size");
+    // x: [npad][kpad] bf16 bits, zero padded
+    let mut xp = vec![0u16; npad * kpad];
+    xp.par_chunks_mut(kpad)
+        .zip(x.par_chunks(k))
+        .for_each(|(o, r)| {
+            for (a, b) in o.iter_mut().zip(r) {
+                *a = super::bf16::to_bf16_bits(*b);
+            }
+        });
+    // tasks: (group of row blocks, group of panels); each loads the tile config once
+    const ROW_BLOCKS_PER_TASK: usize = 4;
+    const PANELS_PER_TASK: usize = 4;
+    let row_blocks = npad / BLOCK;
+    let groups = row_blocks.div_ceil(ROW_BLOCKS_PER_TASK);
+    let pgroups = panels.div_ceil(PANELS_PER_TASK);
+    let tiles: Vec<(usize, usize, usize, Vec<f32>)> = (0..groups * pgroups)
+        .into_par_iter()
+        .map(|t| {
+            let (g, pg) = (t / pgroups, t % pgroups);
+            let rb0 = g * ROW_BLOCKS_PER_TASK;
+            let rb1 = (rb0 + ROW_BLOCKS_PER_TASK).min(row_blocks);
+            let p0 = pg * PANELS_PER_TASK;
+            let p1 = (p0 + PANELS_PER_TASK).min(panels);
+            let per = BLOCK * BLOCK;
+            let mut c = vec![0f32; (rb1 - rb0) * (p1 - p0) * per];
+            // SAFETY: AMX is available; `a` holds 32 rows of kpad bf16, each panel kpad/2 rows
+            // of 64 bf16, each destination 32 x 32 f32, as the kernel reads and writes.
+            unsafe {
+                kernel::configure();
+                for rb in rb0..rb1 {
+                    let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
+                    for pi in p0..p1 {
+                        let at = ((rb - rb0) * (p1 - p0) + (pi - p0)) * per;
+                        kernel::block(
+                            a,
+                            &wp[pi * psize..(pi + 1) * psize],
+                            kpad,
+                            &mut c[at..at + per],
+                        );
+                    }
+                }
+                kernel::release();
+            }
+            (rb0, p0, p1 - p0, c)
+        })
+        .collect();
+    for (rb0, p0, np, c) in tiles {
+        for (bi, blk) in c.chunks(BLOCK * BLOCK).enumerate() {
+            let (r0, j0) = ((rb0 + bi / np) * BLOCK, (p0 + bi % np) * BLOCK);
+            let cols = BLOCK.min(m - j0);
+            for (i, row) in blk.chunks(BLOCK).enumerate() {
+                if r0 + i >= n {
+                    break;
+                }
+                out[(r0 + i) * m + j0..(r0 + i) * m + j0 + cols].copy_from_slice(&row[..cols]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::asm;
+
+    /// Tile configuration: palette 1; tmm0-3 = C (16 rows x 64 bytes), tmm4-5 = A (16 x 64),
+    /// tmm6-7 = B (16 x 64).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    fn config() -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        TileConfig(c)
+    }
+
+    /// Loads the tile configuration on this thread.
+    pub unsafe fn configure() {
+        let cfg = config();
+        asm!("ldtilecfg [{cfg}]", cfg = in(reg) &cfg as *const TileConfig);
+    }
+
+    /// Releases this thread's tile state.
+    pub unsafe fn release() {
+        asm!("tilerelease");
+    }
+
+    /// `dst[32][32] = a[32][kpad] · panel` (bf16 in, f32 out). Needs [`configure`] first.
+    pub unsafe fn block(a: &[u16], panel: &[u16], kpad: usize, dst: &mut [f32]) {
+        let a_stride = kpad * 2; // bytes per x row
+        let b_stride = 128usize; // bytes per packed pair-row of the panel (32 columns)
+        let c_stride = 128usize; // bytes per output row (32 f32)
+        let ap = a.as_ptr() as *const u8;
+        let bp = panel.as_ptr() as *const u8;
+        let cp = dst.as_mut_ptr() as *mut u8;
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3"
+        );
+        for k0 in (0..kpad).step_by(super::TILE_K) {
+            let a0 = ap.add(k0 * 2);
+            let a1 = ap.add(16 * a_stride + k0 * 2);
+            let b0 = bp.add((k0 / 2) * b_stride);
+            let b1 = b0.add(64);
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                sa = in(reg) a_stride,
+                sb = in(reg) b_stride,
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            c0 = in(reg) cp,
+            c1 = in(reg) cp.add(64),
+            c2 = in(reg) cp.add(16 * c_stride),
+            c3 = in(reg) cp.add(16 * c_stride + 64),
+            sc = in(reg) c_stride,
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    pub unsafe fn configure() {}
+    pub unsafe fn release() {}
+    pub unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32]) {
+        unreachable!("amx::available() is false off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_rounded_reference() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16 for this process");
+            return;
+        }
+        for &(n, k, m) in &[
+            (1, 2, 1),
+            (17, 33, 70),
+            (32, 64, 32),
+            (70, 100, 65),
+            (40, 48, 31),
+        ] {
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
+                .collect();
+            let w: Vec<f16> = (0..m * k)
+                .map(|i| f16::from_f32(((i * 53 % 89) as f32 - 44.0) / 61.0))
+                .collect();
+            let mut out = vec![0f32; n * m];
+            linear(&x, &pack_w(&w, m, k), n, k, m, &mut out);
+            let r = super::super::bf16::reference(&x, &w, n, k, m);
+            let scale = r.iter().fold(0f32, |a, b| a.max(b.abs()));
+            let err = out
+                .iter()
+                .zip(&r)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+                / scale;
+            assert!(err < 1e-5, "n={n} k={k} m={m}: {err}");
+        }
+    }
+}
