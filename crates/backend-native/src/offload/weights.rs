@@ -7,6 +7,7 @@
 //! thread), [`TieredWeights::materialize`] copies host and disk tensors to the compute device
 //! (the transfer thread; a CUDA copy stream later).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -16,7 +17,7 @@ use half::f16;
 use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
 use super::placement::{place_weights, Tier};
 use super::stats::{Link, MemGuard, Stats};
-use crate::device::{Device, DeviceTensor, HostSlice};
+use crate::device::{DType, Device, DeviceTensor, HostSlice};
 use crate::model::weights::{layer_tensor_names, LayerWeights};
 use crate::model::TensorSource;
 
@@ -182,6 +183,7 @@ pub struct TieredWeights<T> {
     /// Read buffers returned by finished fetches: reused so the disk thread never waits for
     /// fresh pages to be zeroed between reads.
     pool: Mutex<Vec<PooledBuf>>,
+    cpool: Arc<ComputePool<T>>,
     _mem: Vec<MemGuard>,
 }
 
@@ -200,7 +202,30 @@ pub struct DiskRead {
 /// A unit's tensors on the compute device (stage two of a fetch), in the unit's order.
 pub struct Fetched<T> {
     pub tensors: Vec<Arc<T>>,
-    _mem: Vec<MemGuard>,
+    /// Which tensors are copies from the compute pool (returned to it on drop) and their
+    /// memory accounting.
+    copies: Vec<Option<(Vec<usize>, MemGuard)>>,
+    pool: Arc<ComputePool<T>>,
+}
+
+/// Compute-device buffers of fetched tensors, by shape, kept for the next fetch: refilling a
+/// buffer ([`Device::write`]) costs one copy, a fresh one an allocation, zeroing and a copy.
+pub struct ComputePool<T>(Mutex<HashMap<Vec<usize>, Vec<(T, MemGuard)>>>);
+
+impl<T> Drop for Fetched<T> {
+    fn drop(&mut self) {
+        let Ok(mut pool) = self.pool.0.lock() else {
+            return;
+        };
+        for (t, c) in self.tensors.drain(..).zip(self.copies.drain(..)) {
+            if let Some((shape, g)) = c {
+                // still shared (a caller kept a clone): let it go instead
+                if let Ok(t) = Arc::try_unwrap(t) {
+                    pool.entry(shape).or_default().push((t, g));
+                }
+            }
+        }
+    }
 }
 
 /// Values per chunk when streaming a tensor to disk (8 MiB of fp16).
@@ -278,6 +303,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
             files,
             stats: stats.clone(),
             pool: Mutex::new(Vec::new()),
+            cpool: Arc::new(ComputePool(Mutex::new(HashMap::new()))),
             _mem: mem,
         })
     }
@@ -360,16 +386,16 @@ impl<T: DeviceTensor> TieredWeights<T> {
         disk: Option<DiskRead>,
     ) -> Result<Fetched<T>> {
         let mut tensors = Vec::with_capacity(self.units[unit].len());
-        let mut mem = Vec::new();
+        let mut copies = Vec::with_capacity(self.units[unit].len());
         for &i in &self.units[unit] {
             let s = &self.stored[i];
-            let t = match &s.home {
-                Home::Compute(t) => t.clone(),
-                Home::Host(data) => {
-                    self.stats.moved(Link::HostToCompute, s.plan.bytes());
-                    mem.push(MemGuard::new(&self.stats, Tier::Compute, s.plan.bytes()));
-                    Arc::new(dev.upload(HostSlice::F16(data), &s.plan.shape)?)
+            let data = match &s.home {
+                Home::Compute(t) => {
+                    tensors.push(t.clone());
+                    copies.push(None);
+                    continue;
                 }
+                Home::Host(data) => &data[..],
                 Home::Disk { offset } => {
                     let buf = disk
                         .as_ref()
@@ -378,18 +404,45 @@ impl<T: DeviceTensor> TieredWeights<T> {
                         .with_context(|| {
                             format!("{} was not read from disk before its upload", s.plan.name)
                         })?;
-                    let n = s.plan.bytes() / 2;
-                    self.stats.moved(Link::HostToCompute, s.plan.bytes());
-                    mem.push(MemGuard::new(&self.stats, Tier::Compute, s.plan.bytes()));
-                    Arc::new(dev.upload(HostSlice::F16(buf.f16s(*offset, n)), &s.plan.shape)?)
+                    buf.f16s(*offset, s.plan.bytes() / 2)
                 }
             };
-            tensors.push(t);
+            let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
+            dev.write(&mut t, 0, HostSlice::F16(data))
+                .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+            self.stats.moved(Link::HostToCompute, s.plan.bytes());
+            tensors.push(Arc::new(t));
+            copies.push(Some((s.plan.shape.clone(), g)));
         }
         if let Some(d) = disk {
             self.give_back(d);
         }
-        Ok(Fetched { tensors, _mem: mem })
+        Ok(Fetched {
+            tensors,
+            copies,
+            pool: self.cpool.clone(),
+        })
+    }
+
+    /// A compute buffer for an f16 tensor of `shape`: a pooled one or a new one.
+    fn compute_buf<D: Device<Tensor = T>>(
+        &self,
+        dev: &D,
+        shape: &[usize],
+    ) -> Result<(T, MemGuard)> {
+        if let Some(b) = self
+            .cpool
+            .0
+            .lock()
+            .expect("compute pool lock")
+            .get_mut(shape)
+            .and_then(|v| v.pop())
+        {
+            return Ok(b);
+        }
+        let bytes = shape.iter().product::<usize>() * 2;
+        let t = dev.zeros(DType::F16, shape)?;
+        Ok((t, MemGuard::new(&self.stats, Tier::Compute, bytes)))
     }
 
     /// Both stages at once.
