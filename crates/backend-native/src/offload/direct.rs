@@ -63,23 +63,23 @@ impl AlignedBuf {
     }
     /// `n` f16 values starting at byte `offset` (which must be even; ours are 4096-aligned).
     pub fn f16s(&self, offset: usize, n: usize) -> &[f16] {
-        assert!(offset % 2 == 0 && offset + 2 * n <= self.len);
+        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
         // SAFETY: in bounds (checked), 2-byte aligned (ptr is 4096-aligned, offset even), and
         // every bit pattern is a valid f16.
         unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f16, n) }
     }
     pub fn f16s_mut(&mut self, offset: usize, n: usize) -> &mut [f16] {
-        assert!(offset % 2 == 0 && offset + 2 * n <= self.len);
+        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
         // SAFETY: as in f16s, with unique access through &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f16, n) }
     }
     pub fn f32s(&self, offset: usize, n: usize) -> &[f32] {
-        assert!(offset % 4 == 0 && offset + 4 * n <= self.len);
+        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
         // SAFETY: in bounds, 4-byte aligned, every bit pattern is a valid f32.
         unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f32, n) }
     }
     pub fn f32s_mut(&mut self, offset: usize, n: usize) -> &mut [f32] {
-        assert!(offset % 4 == 0 && offset + 4 * n <= self.len);
+        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
         // SAFETY: as in f32s, with unique access through &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f32, n) }
     }
@@ -172,7 +172,7 @@ impl DirectFile {
     }
 
     /// Length of the file in bytes.
-    pub fn len(&self) -> Result<u64> {
+    pub fn size(&self) -> Result<u64> {
         Ok(self
             .file
             .metadata()
@@ -183,7 +183,7 @@ impl DirectFile {
     /// Writes `buf[..len]` at `offset` (both multiples of [`ALIGN`]).
     pub fn write_at(&self, buf: &AlignedBuf, len: usize, offset: u64) -> Result<()> {
         ensure!(
-            len % ALIGN == 0 && offset % ALIGN as u64 == 0 && len <= buf.len(),
+            len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64) && len <= buf.len(),
             "unaligned offload write"
         );
         self.file
@@ -194,7 +194,7 @@ impl DirectFile {
     /// Reads `len` bytes at `offset` into `buf[..len]` (multiples of [`ALIGN`]).
     pub fn read_at(&self, buf: &mut AlignedBuf, len: usize, offset: u64) -> Result<()> {
         ensure!(
-            len % ALIGN == 0 && offset % ALIGN as u64 == 0 && len <= buf.len(),
+            len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64) && len <= buf.len(),
             "unaligned offload read"
         );
         self.file
@@ -327,7 +327,7 @@ pub fn sequential_read(paths: &[PathBuf], block: usize) -> Result<(u64, f64)> {
     let t0 = std::time::Instant::now();
     for p in paths {
         let f = DirectFile::open_read(p)?;
-        let len = f.len()? as usize;
+        let len = f.size()? as usize;
         let mut off = 0;
         while off < len {
             let n = align_up(block.min(len - off));

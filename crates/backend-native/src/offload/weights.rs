@@ -210,7 +210,10 @@ pub struct Fetched<T> {
 
 /// Compute-device buffers of fetched tensors, by shape, kept for the next fetch: refilling a
 /// buffer ([`Device::write`]) costs one copy, a fresh one an allocation, zeroing and a copy.
-pub struct ComputePool<T>(Mutex<HashMap<Vec<usize>, Vec<(T, MemGuard)>>>);
+pub struct ComputePool<T>(Mutex<HashMap<Vec<usize>, Vec<Pooled<T>>>>);
+
+/// A pooled compute buffer and its memory accounting.
+type Pooled<T> = (T, MemGuard);
 
 impl<T> Drop for Fetched<T> {
     fn drop(&mut self) {
