@@ -171,7 +171,6 @@ struct Stored<T> {
 /// A unit's disk file: its disk tensors back to back, each at an aligned offset.
 struct UnitFile {
     file: DirectFile,
-    len: usize,
 }
 
 /// All weights of a model, on their tiers.
@@ -196,7 +195,8 @@ pub struct PooledBuf {
 /// A unit's disk tensors read into host memory (stage one of a fetch).
 pub struct DiskRead {
     /// (owning unit, buffer holding that unit's file from offset 0)
-    bufs: Vec<(usize, PooledBuf)>,
+    /// (owning unit, file offset of the buffer's first byte, buffer)
+    bufs: Vec<(usize, usize, PooledBuf)>,
 }
 
 /// A unit's tensors on the compute device (stage two of a fetch), in the unit's order.
@@ -260,7 +260,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     .context("weights placed on disk need an offload directory (--offload-dir)")?;
                 let file = dir.file(&format!("weights-{u:04}.bin"))?;
                 file.allocate(len as u64)?;
-                Some(UnitFile { file, len })
+                Some(UnitFile { file })
             } else {
                 None
             });
@@ -335,7 +335,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
         self.pool
             .lock()
             .expect("buffer pool lock")
-            .extend(read.bufs.into_iter().map(|(_, b)| b));
+            .extend(read.bufs.into_iter().map(|(_, _, b)| b));
     }
 
     pub fn num_units(&self) -> usize {
@@ -359,24 +359,34 @@ impl<T: DeviceTensor> TieredWeights<T> {
     /// Stage one: reads every file that holds a disk tensor of `unit`, each with one sequential
     /// O_DIRECT read.
     pub fn read_disk(&self, unit: usize) -> Result<DiskRead> {
-        let mut owners: Vec<usize> = self.units[unit]
-            .iter()
-            .filter(|&&i| matches!(self.stored[i].home, Home::Disk { .. }))
-            .map(|&i| self.stored[i].plan.unit)
-            .collect();
-        owners.sort_unstable();
-        owners.dedup();
+        // per file, the span covering this unit's tensors in it (all of the unit's own file; the
+        // embedding table alone when the output head reads the input's file)
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (owner, start, end)
+        for &i in &self.units[unit] {
+            let s = &self.stored[i];
+            if let Home::Disk { offset } = s.home {
+                let end = offset + align_up(s.plan.bytes());
+                match spans.iter_mut().find(|(o, _, _)| *o == s.plan.unit) {
+                    Some(sp) => {
+                        sp.1 = sp.1.min(offset);
+                        sp.2 = sp.2.max(end);
+                    }
+                    None => spans.push((s.plan.unit, offset, end)),
+                }
+            }
+        }
         let mut bufs = Vec::new();
-        for owner in owners {
+        for (owner, start, end) in spans {
             let f = self.files[owner]
                 .as_ref()
                 .expect("disk tensors have a file");
-            let mut b = self.take_buf(f.len)?;
+            let len = end - start;
+            let mut b = self.take_buf(len)?;
             f.file
-                .read_at(&mut b.buf, f.len, 0)
+                .read_at(&mut b.buf, len, start as u64)
                 .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
-            self.stats.moved(Link::DiskRead, f.len);
-            bufs.push((owner, b));
+            self.stats.moved(Link::DiskRead, len);
+            bufs.push((owner, start, b));
         }
         Ok(DiskRead { bufs })
     }
@@ -400,14 +410,14 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 }
                 Home::Host(data) => &data[..],
                 Home::Disk { offset } => {
-                    let buf = disk
+                    let (start, buf) = disk
                         .as_ref()
-                        .and_then(|d| d.bufs.iter().find(|(u, _)| *u == s.plan.unit))
-                        .map(|(_, b)| &b.buf)
+                        .and_then(|d| d.bufs.iter().find(|(u, _, _)| *u == s.plan.unit))
+                        .map(|(_, start, b)| (*start, &b.buf))
                         .with_context(|| {
                             format!("{} was not read from disk before its upload", s.plan.name)
                         })?;
-                    buf.f16s(*offset, s.plan.bytes() / 2)
+                    buf.f16s(*offset - start, s.plan.bytes() / 2)
                 }
             };
             let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
