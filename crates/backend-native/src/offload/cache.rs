@@ -173,9 +173,11 @@ impl DiskKv {
         }
         let len = positions * self.row_bytes;
         let mut buf = AlignedBuf::new(len)?;
+        let t0 = std::time::Instant::now();
         self.file
             .read_at(&mut buf, len, 0)
             .context("reading the KV cache from disk")?;
+        stats.add_disk_busy(t0.elapsed().as_secs_f64());
         stats.moved(Link::DiskRead, len);
         // row p: K [seqs, heads, d] then V; scatter to [seqs, heads, max_len, d]
         macro_rules! scatter {
@@ -239,9 +241,11 @@ impl DiskKv {
                 }
             }
         }
+        let t0 = std::time::Instant::now();
         self.file
             .write_at(&buf, len, (past * self.row_bytes) as u64)
             .context("writing the KV cache to disk")?;
+        stats.add_disk_busy(t0.elapsed().as_secs_f64());
         stats.moved(Link::DiskWrite, len);
         Ok(())
     }

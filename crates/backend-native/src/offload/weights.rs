@@ -382,9 +382,11 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 .expect("disk tensors have a file");
             let len = end - start;
             let mut b = self.take_buf(len)?;
+            let t0 = std::time::Instant::now();
             f.file
                 .read_at(&mut b.buf, len, start as u64)
                 .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
+            self.stats.add_disk_busy(t0.elapsed().as_secs_f64());
             self.stats.moved(Link::DiskRead, len);
             bufs.push((owner, start, b));
         }
@@ -420,9 +422,11 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     buf.f16s(*offset - start, s.plan.bytes() / 2)
                 }
             };
+            let t0 = std::time::Instant::now();
             let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
             dev.write(&mut t, 0, HostSlice::F16(data))
                 .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+            self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
             self.stats.moved(Link::HostToCompute, s.plan.bytes());
             tensors.push(Arc::new(t));
             copies.push(Some((s.plan.shape.clone(), g)));
