@@ -232,13 +232,10 @@ impl DirectFile {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a read thread panicked")))
-                })
-                .collect::<Result<()>>()
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a read thread panicked")))
+            })
         })
     }
 
