@@ -8,8 +8,18 @@
 //! - [`direct`]: O_DIRECT files, aligned buffers, the offload directory;
 //! - [`stats`]: bytes per link, memory per tier, I/O wait against compute time.
 //!
-//! "Compute memory" is whatever the [`crate::device::Device`] allocates; "host memory" is RAM
-//! (where pinned buffers go once the compute device is CUDA); "disk" is files.
+//! "Compute memory" is whatever the [`crate::device::Device`] allocates; "host memory" is RAM;
+//! "disk" is files.
+//!
+//! Pinned memory (the hook for the CUDA device): every host-tier buffer is made in one of three
+//! places, which is where a CUDA device registers it (cudaHostRegister) so copies run at the
+//! link's full rate and overlap compute: [`direct::AlignedBuf::new`] (disk read and write
+//! buffers, pooled by [`weights::TieredWeights`]), the `Home::Host` weights of
+//! [`weights::TieredWeights::build`], and the host segments of [`cache::BatchCache::new`].
+//!
+//! On the CPU device compute and host memory are both RAM, yet kept apart (separate buffers,
+//! explicit copies counted on the host_to_compute and compute_to_host links), so the same code
+//! drives the CUDA device and the CPU device tests it.
 
 pub mod cache;
 pub mod direct;
