@@ -160,7 +160,7 @@ enum Cmd {
         device: DeviceArgs,
     },
     /// Generate continuations of token-id prompts with a HuggingFace OPT checkpoint.
-    /// The input file is {"prompts": [[ids], ...], "max_new_tokens": N}; prompts of different
+    /// The input file is `{"prompts": [[ids], ...], "max_new_tokens": N}`; prompts of different
     /// lengths are left-padded together.
     Generate {
         /// Checkpoint directory: config.json + model.safetensors (or a sharded index).
@@ -259,7 +259,11 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     let is_case = matches!(cli.cmd, Cmd::RunCase { .. });
-    match run(cli) {
+    let result = run(cli);
+    if let Some(table) = backend_native::device::cpu::profile::report() {
+        eprint!("{table}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(reason) = runner::unavailable_reason(&e) {
