@@ -12,9 +12,11 @@ fn main() {
         (4, 3072, 768),
         (4, 768, 50272),
         (16, 768, 3072),
+        (16, 768, 50272),
         (512, 768, 3072),
-        (512, 3072, 768),
         (4096, 768, 768),
+        (4096, 768, 3072),
+        (4096, 3072, 768),
     ] {
         let x: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 * 0.01).collect();
         let w: Vec<f16> = (0..m * k)
@@ -26,7 +28,7 @@ fn main() {
             let mut best = f64::INFINITY;
             for _ in 0..5 {
                 let t = Instant::now();
-                matmul::linear_cached(mode, &x, &w, Some(&packed), None, n, k, m, &mut out);
+                matmul::linear_cached(mode, &x, &w, Some(&packed), None, false, n, k, m, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;

@@ -12,6 +12,7 @@ use crate::device::Device;
 use crate::dummy;
 use crate::generate::{generate, GenOptions, SampleMode};
 use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
+use crate::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 
 /// Why a case cannot run in this build; the runner exits with `EXIT_UNAVAILABLE`.
 #[derive(Debug)]
@@ -29,6 +30,12 @@ pub fn open_checkpoint(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
     let cfg = load_config(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     ckpt.check_against(&cfg)?;
+    if !crate::model::config::tied_lm_head(dir)? && !ckpt.contains("lm_head.weight") {
+        anyhow::bail!(
+            "{} sets tie_word_embeddings = false but the checkpoint has no lm_head.weight",
+            dir.join("config.json").display()
+        );
+    }
     Ok((cfg, ckpt))
 }
 
@@ -67,16 +74,14 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
         ));
     }
     let p = case.placement.policy();
-    if p.percent[0] != 100 || p.percent[2] != 100 || p.percent[4] != 100 {
-        return Err(Unavailable(format!(
-            "placement {} puts weights, cache or activations off the compute device (on the CPU device \
-             the gpu tier is RAM); the offloader is not built into this runner yet",
-            case.placement.label()
-        )));
-    }
     if p.compress_weight || p.compress_cache || p.attn_sparsity < 1.0 {
         return Err(Unavailable(
             "compression and sparse attention are not built yet".into(),
+        ));
+    }
+    if crate::offload::placement::activation_tier(&p) == crate::offload::Tier::Disk {
+        return Err(Unavailable(
+            "activations on disk are not supported by the native engine".into(),
         ));
     }
     if case.num_nodes * case.num_gpus_per_node != 1 {
@@ -110,11 +115,26 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Runs a case: load, warm up, measure; returns the raw result.
-pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
+/// Whether the case runs on the plain path: everything on the compute device, one GPU batch,
+/// attention on the device (the offloader's schedule would move nothing).
+pub fn is_plain(case: &Case) -> bool {
+    let p = case.placement.policy();
+    p.percent[0] == 100
+        && p.percent[2] == 100
+        && p.percent[4] == 100
+        && !p.cpu_attention
+        && case.num_gpu_batches == 1
+}
+
+/// Runs a case: load, warm up, measure; returns the raw result. `offload_dir` holds the disk
+/// tier of placements that have one.
+pub fn run_case(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Result<RawResult> {
     case.validate()
         .map_err(|e| anyhow::anyhow!("invalid case: {e}"))?;
     check_runnable(case)?;
+    if !is_plain(case) {
+        return run_offloaded(case, opts, offload_dir);
+    }
     let (cfg, src) = case_model(case)?;
     let dev = CpuDevice::new(opts);
     check_fits_in_memory(&cfg, case, &dev)?;
@@ -127,21 +147,10 @@ pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
     let weights = ModelWeights::load(&dev, src.as_ref(), &cfg)?;
     let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
     for _ in 0..case.warmup {
-        let o = GenOptions {
-            max_new_tokens: 1,
-            sample: SampleMode::Greedy,
-            stop_token: None,
-            keep_logits: false,
-        };
-        generate(&dev, &cfg, &weights, &prompts, &o).context("warm-up generation")?;
+        generate(&dev, &cfg, &weights, &prompts, &warmup_options())
+            .context("warm-up generation")?;
     }
-    let gen_len = case.measured_gen_len();
-    let o = GenOptions {
-        max_new_tokens: gen_len,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-    };
+    let o = measured_options(case);
     let mut result = RawResult::default();
     let mut last = None;
     for r in 0..case.repetitions {
@@ -156,9 +165,19 @@ pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
     result
         .peak_memory_bytes
         .insert("host_rss".into(), peak_rss_bytes());
+    let wbytes = weights.size_bytes() as u64;
+    result.peak_memory_bytes.insert("weights".into(), wbytes);
+    let cache = (2
+        * case.batch_size()
+        * (case.prompt_len + gen_len_of(case))
+        * cfg.num_hidden_layers
+        * cfg.hidden_size
+        * dev.kv_dtype().size()) as u64;
     result
         .peak_memory_bytes
-        .insert("weights".into(), weights.size_bytes() as u64);
+        .insert("compute".into(), wbytes + cache);
+    result.peak_memory_bytes.insert("host".into(), 0);
+    result.peak_memory_bytes.insert("disk".into(), 0);
     // everything is resident on the compute device: no link carries bytes during generation
     for link in [
         "disk_read",
@@ -169,14 +188,128 @@ pub fn run_case(case: &Case, opts: CpuOptions) -> Result<RawResult> {
         result.bytes_moved.insert(link.into(), 0);
     }
     result.versions = versions(&dev);
-    if case.num_gpu_batches > 1 {
-        result.notes.push(format!(
-            "all {} GPU batches run as one batch of {} (no offloading, so the block schedule changes nothing)",
-            case.num_gpu_batches,
-            case.batch_size()
-        ));
+    Ok(result)
+}
+
+fn gen_len_of(case: &Case) -> usize {
+    case.measured_gen_len()
+}
+
+fn warmup_options() -> GenOptions {
+    GenOptions {
+        max_new_tokens: 1,
+        sample: SampleMode::Greedy,
+        stop_token: None,
+        keep_logits: false,
+    }
+}
+
+fn measured_options(case: &Case) -> GenOptions {
+    GenOptions {
+        max_new_tokens: case.measured_gen_len(),
+        sample: SampleMode::Greedy,
+        stop_token: None,
+        keep_logits: false,
+    }
+}
+
+/// The schedule of a case's policy.
+pub fn schedule_options(case: &Case) -> ScheduleOptions {
+    let p = case.placement.policy();
+    ScheduleOptions {
+        num_gpu_batches: case.num_gpu_batches,
+        cpu_attention: p.cpu_attention,
+        overlap: p.overlap,
+    }
+}
+
+/// A case through the offloader: weights, cache and activations on the policy's tiers, the
+/// zig-zag block schedule over `num_gpu_batches` GPU batches.
+fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Result<RawResult> {
+    let (cfg, src) = case_model(case)?;
+    let dev = CpuDevice::new(opts);
+    let policy = case.placement.policy();
+    let max_len = case.prompt_len + case.measured_gen_len();
+    let cache_disk = schedule::cache_disk_bytes(
+        &cfg,
+        &policy,
+        dev.kv_dtype(),
+        case.batch_size(),
+        case.num_gpu_batches,
+        max_len,
+    );
+    check_ram(
+        &cfg,
+        case,
+        offload_ram_bytes(&cfg, case, dev.kv_dtype().size()),
+    )?;
+    eprintln!(
+        "placing {} ({}) by policy {} on {}",
+        cfg.name,
+        src.describe(),
+        policy.label(),
+        dev.name()
+    );
+    let model = OffloadModel::load(&dev, src.as_ref(), &cfg, &policy, offload_dir, cache_disk)?;
+    let sched = schedule_options(case);
+    let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
+    for _ in 0..case.warmup {
+        generate_offloaded(&dev, &model, &prompts, &warmup_options(), &sched)
+            .context("warm-up generation")?;
+    }
+    model.stats.reset_counters();
+    let o = measured_options(case);
+    let mut result = RawResult::default();
+    let mut last = None;
+    for r in 0..case.repetitions {
+        let out = generate_offloaded(&dev, &model, &prompts, &o, &sched)
+            .with_context(|| format!("repetition {r}"))?;
+        result.step_times_s.push(out.step_times_s);
+        last = Some(out.new_tokens);
+    }
+    let tokens = last.unwrap_or_default();
+    result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
+    result.tokens = Some(tokens);
+    result.peak_memory_bytes = model.stats.peaks();
+    result
+        .peak_memory_bytes
+        .insert("host_rss".into(), peak_rss_bytes());
+    result.bytes_moved = model.stats.bytes_moved();
+    result.io_wait_s = Some(model.stats.io_wait_s());
+    result.compute_s = Some(model.stats.compute_s());
+    result.versions = versions(&dev);
+    result.notes.push(
+        "on the CPU device the compute and host tiers are both RAM: host_to_compute and \
+         compute_to_host are memory copies"
+            .into(),
+    );
+    if crate::offload::direct::used_buffered_fallback() {
+        result.notes.push(
+            "the offload directory's filesystem refused O_DIRECT: disk I/O went through the page cache"
+                .into(),
+        );
     }
     Ok(result)
+}
+
+/// RAM an offloaded case needs: the weights on the compute and host tiers, the fetches in
+/// flight, the cache segments in RAM, and the prefill's activations.
+pub fn offload_ram_bytes(cfg: &ModelConfig, case: &Case, kv_bytes_per_value: usize) -> u64 {
+    use crate::offload::weights::WeightPlan;
+    use crate::offload::Tier;
+    let policy = case.placement.policy();
+    let plan = WeightPlan::new(cfg, &policy, false);
+    let weights = plan.bytes_on(Tier::Compute) + plan.bytes_on(Tier::Host);
+    // each fetch in flight: a disk buffer and its compute copy
+    let fetches = 2 * (schedule::LOOKAHEAD as u64 + 2) * plan.max_fetch_bytes();
+    let (_, _, disk_pct) = policy.cache();
+    let tokens = (case.batch_size() * (case.prompt_len + case.gen_len)) as u64;
+    let cache = 2 * tokens * (cfg.num_hidden_layers * cfg.hidden_size * kv_bytes_per_value) as u64;
+    let cache_ram =
+        cache * (100 - disk_pct as u64) / 100 + cache / cfg.num_hidden_layers as u64 * 2;
+    let rows = (case.batch_size() * case.prompt_len) as u64;
+    let acts = rows * (cfg.ffn_dim + 6 * cfg.hidden_size) as u64 * 4;
+    weights + fetches + cache_ram + acts
 }
 
 /// Bytes of host memory the case needs with everything resident: fp16 weights, the KV cache,
@@ -204,7 +337,10 @@ pub fn mem_available_bytes() -> Option<u64> {
 /// Fails with [`OutOfMemory`] before loading when the case cannot fit in available memory: the
 /// kernel's OOM killer would otherwise end the process without a word.
 fn check_fits_in_memory(cfg: &ModelConfig, case: &Case, dev: &CpuDevice) -> Result<()> {
-    let need = resident_bytes(cfg, case, dev.kv_dtype().size());
+    check_ram(cfg, case, resident_bytes(cfg, case, dev.kv_dtype().size()))
+}
+
+fn check_ram(cfg: &ModelConfig, case: &Case, need: u64) -> Result<()> {
     if let Some(avail) = mem_available_bytes() {
         if need > avail {
             return Err(anyhow::Error::new(crate::device::OutOfMemory {

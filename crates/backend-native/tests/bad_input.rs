@@ -209,3 +209,20 @@ fn runner_reports_errors_without_panicking() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn untied_head_must_be_present() {
+    let s = Scratch::copy_of("odd_f16", "untied");
+    let p = s.path("config.json");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "\"tie_word_embeddings\": true",
+        "\"tie_word_embeddings\": false",
+    );
+    assert!(text.contains("\"tie_word_embeddings\": false"));
+    std::fs::write(&p, text).unwrap();
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("lm_head.weight") && e.contains("tie_word_embeddings"),
+        "{e}"
+    );
+}

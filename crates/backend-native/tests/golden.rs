@@ -160,3 +160,69 @@ fn bf16_mode_prefill_is_close() {
         assert!(e < 5e-2, "{name}: bf16 mode prefill logits off by {e}");
     }
 }
+
+/// Stop token semantics (transformers'): a sequence that produces it gets pads afterwards, and
+/// generation ends when every sequence has stopped. The expectation is derived from the golden
+/// greedy tokens, which stopping cannot change before the stop (sequences are independent).
+#[test]
+fn stop_token_pads_and_ends() {
+    let dir = fixture("odd_f16");
+    let exp = expected(&dir);
+    let (cfg, dev, w) = load_cpu_model(
+        &dir,
+        CpuOptions {
+            kv_dtype: DType::F32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stop = 7; // sequence 2 produces it at once, sequence 0 at step 3, the others never
+    let opts = GenOptions {
+        max_new_tokens: exp.max_new_tokens,
+        sample: SampleMode::Greedy,
+        stop_token: Some(stop),
+        keep_logits: false,
+    };
+    let out = generate(&dev, &cfg, &w, &exp.prompts, &opts).unwrap();
+    let want: Vec<Vec<u32>> = exp
+        .new_tokens
+        .iter()
+        .map(|t| match t.iter().position(|&x| x == stop) {
+            Some(i) => t[..=i]
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(cfg.pad_token_id))
+                .take(t.len())
+                .collect(),
+            None => t.clone(),
+        })
+        .collect();
+    assert!(
+        want.iter().any(|t| t.contains(&stop)),
+        "fixture no longer exercises the stop token"
+    );
+    assert_eq!(out.new_tokens, want);
+}
+
+/// Temperature sampling: reproducible for a seed, different across seeds, and at a tiny
+/// temperature it is greedy.
+#[test]
+fn temperature_sampling() {
+    let dir = fixture("odd_f16");
+    let exp = expected(&dir);
+    let (cfg, dev, w) = load_cpu_model(&dir, CpuOptions::default()).unwrap();
+    let run = |temperature: f32, seed: u64| {
+        let opts = GenOptions {
+            max_new_tokens: 8,
+            sample: SampleMode::Temperature { temperature, seed },
+            stop_token: None,
+            keep_logits: false,
+        };
+        generate(&dev, &cfg, &w, &exp.prompts, &opts)
+            .unwrap()
+            .new_tokens
+    };
+    assert_eq!(run(1.5, 3), run(1.5, 3));
+    assert!((0..4).any(|s| run(1.5, s) != run(1.5, 3)));
+    assert_eq!(run(1e-4, 9), exp.new_tokens);
+}

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bench_core::protocol::{find_result, EXIT_OOM, EXIT_UNAVAILABLE};
-use bench_core::{Case, Device, Placement, Weights};
+use bench_core::{Case, Device, Placement, Policy, Weights};
 
 fn case(model: &str) -> Case {
     Case {
@@ -24,6 +24,20 @@ fn case(model: &str) -> Case {
         repetitions: 2,
         timeout_s: None,
     }
+}
+
+fn run_in(c: &Case, tag: &str, offload_dir: Option<&Path>) -> Output {
+    let file =
+        std::env::temp_dir().join(format!("flexbench-case-{}-{tag}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_string(c).unwrap()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flexbench-native"));
+    cmd.arg("run-case").arg("--case").arg(&file);
+    if let Some(d) = offload_dir {
+        cmd.arg("--offload-dir").arg(d);
+    }
+    let out = cmd.output().unwrap();
+    std::fs::remove_file(&file).ok();
+    out
 }
 
 fn run(c: &Case, tag: &str, via_env: bool) -> Output {
@@ -97,17 +111,82 @@ fn unavailable_cases_exit_4_with_a_reason() {
     assert_eq!(out.status.code(), Some(EXIT_UNAVAILABLE));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA"));
     let mut c = case("opt-tiny");
-    c.placement = Placement::Disk;
-    let out = run(&c, "disk", false);
+    let mut p = Policy::new([0, 0, 100, 0, 100, 0]);
+    p.compress_weight = true;
+    c.placement = Placement::Policy(p);
+    let out = run(&c, "compressed", false);
     assert_eq!(out.status.code(), Some(EXIT_UNAVAILABLE));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("offloader") && err.lines().count() == 1,
+        err.contains("compression") && err.lines().count() == 1,
         "{err}"
     );
     assert!(find_result(&String::from_utf8_lossy(&out.stdout))
         .unwrap()
         .is_none());
+}
+
+/// Offloaded placements run through the block schedule: the same tokens as all in memory, the
+/// bytes on the links the placement implies, memory per tier, I/O wait against compute, and no
+/// files left in the offload directory.
+#[test]
+fn offloaded_placements_run_and_report_their_traffic() {
+    let dir = std::env::temp_dir().join(format!("flexbench-rc-offload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = case("opt-tiny-odd");
+    let plain = find_result(&String::from_utf8_lossy(&run(&base, "plain", false).stdout))
+        .unwrap()
+        .unwrap();
+    for (tag, percent, nb) in [
+        ("wdisk", [0, 0, 100, 0, 100, 0], 1),
+        ("cdisk", [100, 0, 0, 0, 100, 0], 1),
+        ("split", [50, 50, 50, 50, 0, 100], 3),
+    ] {
+        let mut c = base.clone();
+        c.placement = Placement::Policy(Policy::new(percent));
+        c.num_gpu_batches = nb;
+        c.gpu_batch_size = 3 / nb;
+        let out = run_in(&c, tag, Some(&dir));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{tag}: {err}");
+        let r = find_result(&String::from_utf8_lossy(&out.stdout))
+            .unwrap()
+            .expect("a result line");
+        assert_eq!(
+            r.tokens, plain.tokens,
+            "{tag}: tokens depend on the placement"
+        );
+        let moved = |k: &str| r.bytes_moved[k];
+        let peak = |k: &str| r.peak_memory_bytes[k];
+        match tag {
+            "wdisk" => {
+                assert!(
+                    moved("disk_read") > 0 && moved("host_to_compute") > 0,
+                    "{tag}: {:?}",
+                    r.bytes_moved
+                );
+                assert_eq!(moved("disk_write"), 0);
+                assert!(peak("disk") > 0);
+            }
+            "cdisk" => {
+                assert!(
+                    moved("disk_write") > 0 && moved("disk_read") > 0,
+                    "{tag}: {:?}",
+                    r.bytes_moved
+                );
+                assert!(peak("disk") > 0);
+            }
+            _ => {
+                assert!(moved("host_to_compute") > 0 && moved("compute_to_host") > 0);
+                assert!(peak("host") > 0 && peak("compute") > 0);
+            }
+        }
+        assert!(r.io_wait_s.is_some() && r.compute_s.unwrap() > 0.0);
+        assert!(peak("host_rss") > 0);
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "stray files: {left:?}");
+    std::fs::remove_dir(&dir).unwrap();
 }
 
 #[test]

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use backend_native::device::cpu::CpuDevice;
 use backend_native::device::cpu::{CpuOptions, MatmulMode};
-use backend_native::device::{is_out_of_memory, DType};
+use backend_native::device::{is_out_of_memory, DType, Device};
 use backend_native::generate::{generate, GenOptions, SampleMode};
 use backend_native::runner;
+use backend_native::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 use bench_core::protocol::{self, EXIT_OOM, EXIT_UNAVAILABLE};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -67,6 +69,81 @@ impl DeviceArgs {
     }
 }
 
+/// FlexLLMGen's policy flags. Any of them runs generation through the offloader and the block
+/// schedule; the greedy tokens do not depend on them.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Six percents: weight gpu, weight cpu, cache gpu, cache cpu, activation gpu, activation cpu
+    /// (disk gets the rest of each pair; on the CPU device "gpu" is the compute device's RAM).
+    #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"])]
+    percent: Option<Vec<u8>>,
+    /// Sequences per GPU batch (default: all prompts over --num-gpu-batches).
+    #[arg(long)]
+    gpu_batch_size: Option<usize>,
+    /// GPU batches of the block schedule.
+    #[arg(long)]
+    num_gpu_batches: Option<usize>,
+    /// Directory for the disk tier (a private subdirectory is made and removed in it).
+    #[arg(long)]
+    offload_dir: Option<PathBuf>,
+    /// Attention over host and disk cache runs on the host.
+    #[arg(long)]
+    cpu_attention: bool,
+    /// Overlap I/O with compute on background threads.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    overlap: Option<bool>,
+}
+
+impl PolicyArgs {
+    fn given(&self) -> bool {
+        self.percent.is_some()
+            || self.gpu_batch_size.is_some()
+            || self.num_gpu_batches.is_some()
+            || self.offload_dir.is_some()
+            || self.cpu_attention
+            || self.overlap.is_some()
+    }
+
+    /// The policy and schedule for `n` prompts.
+    fn resolve(&self, n: usize) -> Result<(bench_core::Policy, ScheduleOptions)> {
+        let percent: [u8; 6] = match &self.percent {
+            Some(p) => p
+                .as_slice()
+                .try_into()
+                .context("--percent takes six numbers")?,
+            None => [100, 0, 100, 0, 100, 0],
+        };
+        let mut policy = bench_core::Policy::new(percent);
+        policy.cpu_attention = self.cpu_attention;
+        policy.overlap = self.overlap.unwrap_or(true);
+        policy
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--percent: {e}"))?;
+        let nb = match (self.gpu_batch_size, self.num_gpu_batches) {
+            (_, Some(nb)) => nb,
+            (Some(gbs), None) => n.div_ceil(gbs.max(1)),
+            (None, None) => 1,
+        };
+        runner::ensure_positive("--num-gpu-batches", nb)?;
+        if let Some(gbs) = self.gpu_batch_size {
+            runner::ensure_positive("--gpu-batch-size", gbs)?;
+            anyhow::ensure!(
+                gbs * nb >= n,
+                "--gpu-batch-size {gbs} x --num-gpu-batches {nb} holds {} sequences, the input has {n} prompts",
+                gbs * nb
+            );
+        }
+        Ok((
+            policy.clone(),
+            ScheduleOptions {
+                num_gpu_batches: nb,
+                cpu_attention: policy.cpu_attention,
+                overlap: policy.overlap,
+            },
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one benchmark case (the child protocol): load the model, warm up with one-token
@@ -83,7 +160,7 @@ enum Cmd {
         device: DeviceArgs,
     },
     /// Generate continuations of token-id prompts with a HuggingFace OPT checkpoint.
-    /// The input file is {"prompts": [[ids], ...], "max_new_tokens": N}; prompts of different
+    /// The input file is `{"prompts": [[ids], ...], "max_new_tokens": N}`; prompts of different
     /// lengths are left-padded together.
     Generate {
         /// Checkpoint directory: config.json + model.safetensors (or a sharded index).
@@ -108,6 +185,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// The disk-offload speed benchmark: dummy weights 100% on disk, greedy generation on the CPU
+    /// device; prints the decode phase's weight read rate against the sequential O_DIRECT read
+    /// bandwidth of the same files (measured before and after), and the memory peaks, as JSON.
+    DiskSpeed {
+        /// Registry model (dummy weights).
+        #[arg(long, default_value = "opt-1.3b")]
+        model: String,
+        /// Directory on the disk to measure.
+        #[arg(long)]
+        offload_dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Tokens generated (prefill + gen_len - 1 decode steps).
+        #[arg(long, default_value_t = 6)]
+        gen_len: usize,
+        /// Block size of the reference sequential read, MiB (dd's bs).
+        #[arg(long, default_value_t = 16)]
+        block_mib: usize,
+        #[command(flatten)]
         device: DeviceArgs,
     },
     /// Measure this machine's floors: f32 matrix-product rate (GFLOP/s) of the CPU device's
@@ -116,6 +218,17 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+}
+
+fn print_tokens(tokens: &[Vec<u32>], json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "new_tokens": tokens }));
+    } else {
+        for (i, t) in tokens.iter().enumerate() {
+            let s: Vec<String> = t.iter().map(|x| x.to_string()).collect();
+            println!("{i}: {}", s.join(" "));
+        }
+    }
 }
 
 fn init_threads(d: &DeviceArgs) -> Result<()> {
@@ -146,7 +259,11 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     let is_case = matches!(cli.cmd, Cmd::RunCase { .. });
-    match run(cli) {
+    let result = run(cli);
+    if let Some(table) = backend_native::device::cpu::profile::report() {
+        eprint!("{table}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(reason) = runner::unavailable_reason(&e) {
@@ -166,7 +283,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::RunCase {
             case,
-            offload_dir: _,
+            offload_dir,
             device,
         } => {
             init_threads(&device)?;
@@ -174,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => protocol::read_case(&p)?,
                 None => protocol::read_case_from_env()?,
             };
-            let result = runner::run_case(&case, device.options())?;
+            let result = runner::run_case(&case, device.options(), offload_dir.as_deref())?;
             println!("{}", result.to_line());
             Ok(())
         }
@@ -186,12 +303,48 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             stop_at_eos,
             json,
+            policy,
             device,
         } => {
             init_threads(&device)?;
             let inp = runner::read_generate_input(&input)?;
             let n = max_new_tokens.or(inp.max_new_tokens).unwrap_or(16);
             runner::ensure_positive("max_new_tokens", n)?;
+            if policy.given() {
+                let (pol, sched) = policy.resolve(inp.prompts.len())?;
+                let (cfg, ckpt) = runner::open_checkpoint(&model)?;
+                let dev = CpuDevice::new(device.options());
+                let prompt_len = inp.prompts.iter().map(Vec::len).max().unwrap_or(0);
+                let cache_disk = schedule::cache_disk_bytes(
+                    &cfg,
+                    &pol,
+                    dev.kv_dtype(),
+                    inp.prompts.len(),
+                    sched.num_gpu_batches,
+                    prompt_len + n,
+                );
+                let m = OffloadModel::load(
+                    &dev,
+                    &ckpt,
+                    &cfg,
+                    &pol,
+                    policy.offload_dir.as_deref(),
+                    cache_disk,
+                )?;
+                let opts = GenOptions {
+                    max_new_tokens: n,
+                    sample: if temperature > 0.0 {
+                        SampleMode::Temperature { temperature, seed }
+                    } else {
+                        SampleMode::Greedy
+                    },
+                    stop_token: stop_at_eos.then_some(cfg.eos_token_id),
+                    keep_logits: false,
+                };
+                let out = generate_offloaded(&dev, &m, &inp.prompts, &opts, &sched)?;
+                print_tokens(&out.new_tokens, json);
+                return Ok(());
+            }
             let (cfg, dev, weights) = runner::load_cpu_model(&model, device.options())?;
             let sample = if temperature > 0.0 {
                 SampleMode::Temperature { temperature, seed }
@@ -205,14 +358,29 @@ fn run(cli: Cli) -> Result<()> {
                 keep_logits: false,
             };
             let out = generate(&dev, &cfg, &weights, &inp.prompts, &opts)?;
-            if json {
-                println!("{}", serde_json::json!({ "new_tokens": out.new_tokens }));
-            } else {
-                for (i, t) in out.new_tokens.iter().enumerate() {
-                    let s: Vec<String> = t.iter().map(|x| x.to_string()).collect();
-                    println!("{i}: {}", s.join(" "));
-                }
-            }
+            print_tokens(&out.new_tokens, json);
+            Ok(())
+        }
+        Cmd::DiskSpeed {
+            model,
+            offload_dir,
+            batch,
+            prompt_len,
+            gen_len,
+            block_mib,
+            device,
+        } => {
+            init_threads(&device)?;
+            let r =
+                backend_native::disk_speed::measure(&backend_native::disk_speed::DiskSpeedArgs {
+                    model,
+                    offload_dir,
+                    batch,
+                    prompt_len,
+                    gen_len,
+                    block: block_mib << 20,
+                })?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Cmd::Floor { device } => {

@@ -25,6 +25,22 @@ pub trait TensorSource: Send + Sync {
     /// The tensor converted to fp16; an error names the tensor (and file) when it is missing, has
     /// another shape or an unsupported dtype.
     fn load_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>>;
+    /// The tensor in consecutive chunks of at most `chunk` values, handed to `f` in order. The
+    /// offloader streams tensors to disk through it; sources that can produce a chunk without the
+    /// whole tensor (dummy weights) override it so no tensor is ever whole in memory.
+    fn for_each_chunk(
+        &self,
+        name: &str,
+        shape: &[usize],
+        chunk: usize,
+        f: &mut dyn FnMut(&[f16]) -> Result<()>,
+    ) -> Result<()> {
+        let all = self.load_f16(name, shape)?;
+        for c in all.chunks(chunk.max(1)) {
+            f(c)?;
+        }
+        Ok(())
+    }
 }
 
 /// Name without the `model.` prefix that OPTForCausalLM adds; the key of the tensor index.
@@ -236,11 +252,44 @@ impl TensorSource for DummySource {
             spec.shape
         );
         let mut out = try_zeros::<f16>(spec.numel())?;
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| dummy::fill_chunk(spec, self.seed, i * CHUNK, c));
+        fill_parallel(spec, self.seed, 0, &mut out);
         Ok(out)
     }
+    fn for_each_chunk(
+        &self,
+        name: &str,
+        shape: &[usize],
+        chunk: usize,
+        f: &mut dyn FnMut(&[f16]) -> Result<()>,
+    ) -> Result<()> {
+        let spec = self
+            .specs
+            .get(name)
+            .with_context(|| format!("dummy weights have no tensor {name}"))?;
+        ensure!(
+            spec.shape == shape,
+            "dummy tensor {name} has shape {:?}, expected {shape:?}",
+            spec.shape
+        );
+        let n = spec.numel();
+        let chunk = chunk.max(1);
+        let mut buf = try_zeros::<f16>(chunk.min(n))?;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            fill_parallel(spec, self.seed, start, &mut buf[..len]);
+            f(&buf[..len])?;
+            start += len;
+        }
+        Ok(())
+    }
+}
+
+/// `out` = the tensor's dummy values from `start`, generated on all cores.
+fn fill_parallel(spec: &dummy::TensorSpec, seed: u64, start: usize, out: &mut [f16]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, c)| dummy::fill_chunk(spec, seed, start + i * CHUNK, c));
 }

@@ -31,6 +31,8 @@ struct HfOptConfig {
     eos_token_id: Option<u32>,
     #[serde(rename = "_name_or_path")]
     name_or_path: Option<String>,
+    #[serde(default = "yes")]
+    tie_word_embeddings: bool,
 }
 
 fn yes() -> bool {
@@ -50,6 +52,17 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
         )
     })?;
     parse_config(&text, dir).with_context(|| format!("in {}", path.display()))
+}
+
+/// Whether `lm_head` is tied to the token embeddings (config `tie_word_embeddings`, default
+/// true); an untied checkpoint must then contain `lm_head.weight`.
+pub fn tied_lm_head(dir: &Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let c: HfOptConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(c.tie_word_embeddings)
 }
 
 pub fn parse_config(text: &str, dir: &Path) -> Result<ModelConfig> {

@@ -1,0 +1,438 @@
+//! The disk tier's I/O: 4096-byte aligned host buffers and files opened with `O_DIRECT`, so that
+//! the page cache neither helps nor hides the disk's speed; and the offload directory itself
+//! (checked before generation, one private subdirectory per run, removed on drop).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, ensure, Context, Result};
+use half::f16;
+
+use crate::device::OutOfMemory;
+
+/// Alignment of O_DIRECT offsets, lengths and buffers (the page size; every Linux block device's
+/// logical block size divides it).
+pub const ALIGN: usize = 4096;
+
+/// Bytes per read request of [`DirectFile::read_at`].
+pub const REQUEST: usize = 16 << 20;
+
+/// Read requests [`DirectFile::read_at`] keeps in flight.
+pub const QUEUE_DEPTH: usize = 4;
+
+/// `n` rounded up to a multiple of [`ALIGN`].
+pub fn align_up(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// A zero-initialized host buffer aligned to [`ALIGN`], its length a multiple of [`ALIGN`].
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is uniquely owned memory, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// At least `len` bytes (rounded up to [`ALIGN`]); an allocation failure is [`OutOfMemory`].
+    pub fn new(len: usize) -> Result<AlignedBuf> {
+        let len = align_up(len.max(1));
+        let layout = Layout::from_size_align(len, ALIGN).context("aligned buffer layout")?;
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(anyhow::Error::new(OutOfMemory {
+                device: "host".into(),
+                bytes: len as u64,
+            }));
+        }
+        Ok(AlignedBuf { ptr, len })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialized bytes while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees uniqueness.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    /// `n` f16 values starting at byte `offset` (which must be even; ours are 4096-aligned).
+    pub fn f16s(&self, offset: usize, n: usize) -> &[f16] {
+        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
+        // SAFETY: in bounds (checked), 2-byte aligned (ptr is 4096-aligned, offset even), and
+        // every bit pattern is a valid f16.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f16, n) }
+    }
+    pub fn f16s_mut(&mut self, offset: usize, n: usize) -> &mut [f16] {
+        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
+        // SAFETY: as in f16s, with unique access through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f16, n) }
+    }
+    pub fn f32s(&self, offset: usize, n: usize) -> &[f32] {
+        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
+        // SAFETY: in bounds, 4-byte aligned, every bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f32, n) }
+    }
+    pub fn f32s_mut(&mut self, offset: usize, n: usize) -> &mut [f32] {
+        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
+        // SAFETY: as in f32s, with unique access through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f32, n) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, ALIGN)) }
+    }
+}
+
+/// A file of the disk tier. Offsets and lengths of every read and write are multiples of
+/// [`ALIGN`] and buffers are [`AlignedBuf`]s, as O_DIRECT requires.
+pub struct DirectFile {
+    file: File,
+    path: PathBuf,
+}
+
+/// Set once a filesystem refused O_DIRECT, so the warning is printed once per process.
+static BUFFERED_FALLBACK: AtomicBool = AtomicBool::new(false);
+
+/// Whether some offload file had to fall back to buffered I/O (the result's notes say so).
+pub fn used_buffered_fallback() -> bool {
+    BUFFERED_FALLBACK.load(Ordering::Relaxed)
+}
+
+impl DirectFile {
+    /// Creates (truncates) `path` for reading and writing with O_DIRECT. Filesystems without
+    /// O_DIRECT (tmpfs, some overlays) get buffered I/O and a warning: their numbers then include
+    /// the page cache.
+    pub fn create(path: &Path) -> Result<DirectFile> {
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let file = match open(true) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                if !BUFFERED_FALLBACK.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "flexbench-native: warning: the filesystem of {} refuses O_DIRECT; offload \
+                         files use buffered I/O, so disk numbers include the page cache (put the \
+                         offload directory on a real disk to measure it)",
+                        path.display()
+                    );
+                }
+                open(false).with_context(|| format!("creating offload file {}", path.display()))?
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating offload file {}", path.display()))
+            }
+        };
+        Ok(DirectFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing file read-only with O_DIRECT (buffered where the filesystem refuses).
+    pub fn open_read(path: &Path) -> Result<DirectFile> {
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let file = match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                BUFFERED_FALLBACK.store(true, Ordering::Relaxed);
+                open(false)
+            }
+            r => r,
+        }
+        .with_context(|| format!("opening {}", path.display()))?;
+        Ok(DirectFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Length of the file in bytes.
+    pub fn size(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .with_context(|| format!("reading the size of {}", self.path.display()))?
+            .len())
+    }
+
+    /// Writes `buf[..len]` at `offset` (both multiples of [`ALIGN`]).
+    pub fn write_at(&self, buf: &AlignedBuf, len: usize, offset: u64) -> Result<()> {
+        ensure!(
+            len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64) && len <= buf.len(),
+            "unaligned offload write"
+        );
+        self.file
+            .write_all_at(&buf.bytes()[..len], offset)
+            .map_err(|e| io_error(e, "writing", &self.path))
+    }
+
+    /// Reads `len` bytes at `offset` into `buf[..len]` (multiples of [`ALIGN`]).
+    pub fn read_at(&self, buf: &mut AlignedBuf, len: usize, offset: u64) -> Result<()> {
+        ensure!(
+            len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64) && len <= buf.len(),
+            "unaligned offload read"
+        );
+        // requests of REQUEST bytes, QUEUE_DEPTH of them in flight (as DeepSpeed's aio and
+        // NVMe drivers do): one large request at a time leaves the device's queue mostly empty
+        let chunks: Vec<(usize, &mut [u8])> = buf.bytes_mut()[..len]
+            .chunks_mut(REQUEST)
+            .enumerate()
+            .collect();
+        if chunks.len() <= 1 {
+            for (i, c) in chunks {
+                self.read_chunk(c, offset + (i * REQUEST) as u64)?;
+            }
+            return Ok(());
+        }
+        let lanes = QUEUE_DEPTH.min(chunks.len());
+        let mut per_lane: Vec<Vec<(usize, &mut [u8])>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (n, c) in chunks.into_iter().enumerate() {
+            per_lane[n % lanes].push(c);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = per_lane
+                .into_iter()
+                .map(|lane| {
+                    s.spawn(move || -> Result<()> {
+                        for (i, c) in lane {
+                            self.read_chunk(c, offset + (i * REQUEST) as u64)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a read thread panicked")))
+            })
+        })
+    }
+
+    fn read_chunk(&self, chunk: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(chunk, offset)
+            .map_err(|e| io_error(e, "reading", &self.path))
+    }
+
+    /// Reserves `len` bytes on disk now, so that a full disk fails here, before generation.
+    pub fn allocate(&self, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on an open file descriptor we own.
+        let r = unsafe {
+            libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), 0, len as i64)
+        };
+        match r {
+            0 => Ok(()),
+            // filesystems without fallocate: the writes will tell
+            libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+            e => Err(io_error(
+                std::io::Error::from_raw_os_error(e),
+                "reserving space for",
+                &self.path,
+            )),
+        }
+    }
+}
+
+fn io_error(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            ": the offload directory's disk is full; free space or pass another --offload-dir"
+        }
+        _ => "",
+    };
+    anyhow::Error::new(e).context(format!("{what} offload file {}{hint}", path.display()))
+}
+
+/// The offload directory of one run: a private subdirectory of the given directory, created on
+/// open and removed (with everything in it) on drop, so a failed run leaves no stray files.
+#[derive(Debug)]
+pub struct OffloadDir {
+    dir: PathBuf,
+}
+
+impl OffloadDir {
+    /// Checks `parent` (exists, is a writable directory, has `need_bytes` free) and creates the
+    /// run's subdirectory in it. Every failure says what to do.
+    pub fn open(parent: &Path, need_bytes: u64) -> Result<OffloadDir> {
+        ensure!(
+            parent.exists(),
+            "offload directory {} does not exist: create it or pass another --offload-dir",
+            parent.display()
+        );
+        ensure!(
+            parent.is_dir(),
+            "offload directory {} is not a directory: pass a directory with --offload-dir",
+            parent.display()
+        );
+        let free = free_bytes(parent)?;
+        if need_bytes > free {
+            bail!(
+                "offload directory {} has {} free, the placement needs {} on disk: \
+                 free space, pass another --offload-dir, or move less to disk",
+                parent.display(),
+                human(free),
+                human(need_bytes)
+            );
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = parent.join(format!(
+            "flexbench-offload-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
+                    " (it is read-only: pass a writable --offload-dir)"
+                }
+                _ => "",
+            };
+            anyhow::Error::new(e).context(format!(
+                "creating a subdirectory in offload directory {}{hint}",
+                parent.display()
+            ))
+        })?;
+        Ok(OffloadDir { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn file(&self, name: &str) -> Result<DirectFile> {
+        DirectFile::create(&self.dir.join(name))
+    }
+}
+
+impl Drop for OffloadDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!(
+                "flexbench-native: warning: could not remove offload files in {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// Bytes for messages: GiB, MiB or KiB.
+fn human(b: u64) -> String {
+    let f = b as f64;
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", f / (1u64 << 30) as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MiB", f / (1u64 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", f / 1024.0)
+    }
+}
+
+/// Sequential O_DIRECT read bandwidth over `paths`, read whole in blocks of `block` bytes (as
+/// `dd if=FILE of=/dev/null bs=BLOCK iflag=direct`): (bytes, seconds).
+pub fn sequential_read(paths: &[PathBuf], block: usize) -> Result<(u64, f64)> {
+    let block = align_up(block);
+    let mut buf = AlignedBuf::new(block)?;
+    let mut total = 0u64;
+    let t0 = std::time::Instant::now();
+    for p in paths {
+        let f = DirectFile::open_read(p)?;
+        let len = f.size()? as usize;
+        let mut off = 0;
+        while off < len {
+            let n = align_up(block.min(len - off));
+            f.read_at(&mut buf, n, off as u64)?;
+            off += n;
+            total += n as u64;
+        }
+    }
+    Ok((total, t0.elapsed().as_secs_f64()))
+}
+
+/// Bytes available to this user on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("offload directory {} has a NUL in its name", path.display()))?;
+    // SAFETY: statvfs fills the struct we pass; c is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(anyhow::Error::new(std::io::Error::last_os_error())).with_context(|| {
+            format!(
+                "checking free space of offload directory {}",
+                path.display()
+            )
+        });
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_round_trip_and_cleanup() {
+        let parent = std::env::temp_dir();
+        let dir = OffloadDir::open(&parent, 0).unwrap();
+        let sub = dir.path().to_path_buf();
+        let f = dir.file("t.bin").unwrap();
+        let mut b = AlignedBuf::new(3 * ALIGN).unwrap();
+        for (i, x) in b.bytes_mut().iter_mut().enumerate() {
+            *x = (i * 7 % 251) as u8;
+        }
+        f.write_at(&b, 2 * ALIGN, ALIGN as u64).unwrap();
+        let mut r = AlignedBuf::new(2 * ALIGN).unwrap();
+        f.read_at(&mut r, 2 * ALIGN, ALIGN as u64).unwrap();
+        assert_eq!(&r.bytes()[..2 * ALIGN], &b.bytes()[..2 * ALIGN]);
+        assert!(
+            f.write_at(&b, 100, 0).is_err(),
+            "unaligned writes are refused"
+        );
+        drop(f);
+        drop(dir);
+        assert!(!sub.exists(), "the run's subdirectory is removed");
+    }
+
+    #[test]
+    fn directory_errors_say_what_to_do() {
+        let e = OffloadDir::open(Path::new("/nonexistent/flexbench"), 0).unwrap_err();
+        assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+        let e = OffloadDir::open(&std::env::temp_dir(), u64::MAX / 2).unwrap_err();
+        assert!(format!("{e:#}").contains("free"), "{e:#}");
+    }
+}

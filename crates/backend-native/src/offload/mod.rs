@@ -1,0 +1,30 @@
+//! The three-tier offloader: weights, KV cache and activations placed on the compute device,
+//! host memory and disk by FlexLLMGen's policy, and moved between them by background threads
+//! while the compute thread works (see [`crate::schedule`]).
+//!
+//! - [`placement`]: the policy's percents -> a tier per weight tensor and per sequence's cache;
+//! - [`weights`]: weights on their tiers, fetched to the compute device one unit at a time;
+//! - [`cache`]: the KV cache split by whole sequences;
+//! - [`direct`]: O_DIRECT files, aligned buffers, the offload directory;
+//! - [`stats`]: bytes per link, memory per tier, I/O wait against compute time.
+//!
+//! "Compute memory" is whatever the [`crate::device::Device`] allocates; "host memory" is RAM;
+//! "disk" is files.
+//!
+//! Pinned memory (the hook for the CUDA device): every host-tier buffer is made in one of three
+//! places, which is where a CUDA device registers it (cudaHostRegister) so copies run at the
+//! link's full rate and overlap compute: [`direct::AlignedBuf::new`] (disk read and write
+//! buffers, pooled by [`weights::TieredWeights`]), the `Home::Host` weights of
+//! [`weights::TieredWeights::build`], and the host segments of [`cache::BatchCache::new`].
+//!
+//! On the CPU device compute and host memory are both RAM, yet kept apart (separate buffers,
+//! explicit copies counted on the host_to_compute and compute_to_host links), so the same code
+//! drives the CUDA device and the CPU device tests it.
+
+pub mod cache;
+pub mod direct;
+pub mod placement;
+pub mod stats;
+pub mod weights;
+
+pub use placement::Tier;

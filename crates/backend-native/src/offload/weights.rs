@@ -1,0 +1,571 @@
+//! Weights on tiers: every tensor lives whole on the compute device, in host memory or in a file
+//! of the offload directory, and the schedule fetches them to the compute device one unit (the
+//! input embedding, a decoder layer, the output head) at a time.
+//!
+//! A fetch has two stages so the disk never waits for a copy: [`TieredWeights::read_disk`] reads
+//! the unit's disk tensors with one sequential O_DIRECT read into an aligned buffer (the disk
+//! thread), [`TieredWeights::materialize`] copies host and disk tensors to the compute device
+//! (the transfer thread; a CUDA copy stream later).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use bench_core::{ModelConfig, Policy};
+use half::f16;
+
+use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
+use super::placement::{place_weights, Tier};
+use super::stats::{Link, MemGuard, Stats};
+use crate::device::{DType, Device, DeviceTensor, HostSlice};
+use crate::model::weights::{layer_tensor_names, LayerWeights};
+use crate::model::TensorSource;
+
+/// One tensor's place in the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorPlan {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub tier: Tier,
+    /// The unit whose disk file holds it (its first user).
+    pub unit: usize,
+}
+
+impl TensorPlan {
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * 2
+    }
+}
+
+/// Where every weight tensor goes, and which tensors each schedule unit uses.
+#[derive(Debug, Clone)]
+pub struct WeightPlan {
+    pub tensors: Vec<TensorPlan>,
+    /// Unit 0: input embedding; 1..=L: decoder layers; L + 1: output head. Tensor indices in the
+    /// order [`Fetched`]'s accessors expect.
+    pub units: Vec<Vec<usize>>,
+}
+
+impl WeightPlan {
+    /// FlexLLMGen's placement: the mid-point rule over each placement group (the input
+    /// embedding; each layer, or each of its attention and MLP halves with `sep_layer`; the
+    /// output head). A tied lm_head is the input's `embed_tokens` and lives where it does.
+    pub fn new(cfg: &ModelConfig, policy: &Policy, has_lm_head: bool) -> WeightPlan {
+        let (h, e, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let p = "model.decoder";
+        let mut tensors: Vec<TensorPlan> = Vec::new();
+        let mut units = Vec::new();
+        let group =
+            |list: Vec<(String, Vec<usize>)>, unit: usize, tensors: &mut Vec<TensorPlan>| {
+                let sizes: Vec<usize> = list
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>() * 2)
+                    .collect();
+                let tiers = place_weights(&sizes, policy);
+                let mut idx = Vec::new();
+                for ((name, shape), tier) in list.into_iter().zip(tiers) {
+                    idx.push(tensors.len());
+                    tensors.push(TensorPlan {
+                        name,
+                        shape,
+                        tier,
+                        unit,
+                    });
+                }
+                idx
+            };
+        let mut input = vec![
+            (format!("{p}.embed_tokens.weight"), vec![v, e]),
+            (
+                format!("{p}.embed_positions.weight"),
+                vec![cfg.max_position_embeddings + 2, h],
+            ),
+        ];
+        if e != h {
+            input.push((format!("{p}.project_in.weight"), vec![h, e]));
+        }
+        units.push(group(input, 0, &mut tensors));
+        for i in 0..cfg.num_hidden_layers {
+            let names = layer_tensor_names(cfg, i);
+            let u = if policy.sep_layer {
+                let mlp = names[10..].to_vec();
+                let mut a = group(names[..10].to_vec(), i + 1, &mut tensors);
+                a.extend(group(mlp, i + 1, &mut tensors));
+                a
+            } else {
+                group(names, i + 1, &mut tensors)
+            };
+            units.push(u);
+        }
+        let out_unit = cfg.num_hidden_layers + 1;
+        let mut out = Vec::new();
+        if cfg.do_layer_norm_before {
+            out.push((format!("{p}.final_layer_norm.weight"), vec![h]));
+            out.push((format!("{p}.final_layer_norm.bias"), vec![h]));
+        }
+        if e != h {
+            out.push((format!("{p}.project_out.weight"), vec![e, h]));
+        }
+        if has_lm_head {
+            out.push(("lm_head.weight".into(), vec![v, e]));
+        }
+        let mut u = group(out, out_unit, &mut tensors);
+        if !has_lm_head {
+            u.push(units[0][0]);
+        }
+        units.push(u);
+        WeightPlan { tensors, units }
+    }
+
+    /// Bytes of the disk files (each tensor padded to the O_DIRECT alignment).
+    pub fn disk_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|t| t.tier == Tier::Disk)
+            .map(|t| align_up(t.bytes()) as u64)
+            .sum()
+    }
+
+    /// Bytes of the tensors placed on `tier`.
+    pub fn bytes_on(&self, tier: Tier) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|t| t.tier == tier)
+            .map(|t| t.bytes() as u64)
+            .sum()
+    }
+
+    /// The largest number of bytes a unit moves to the compute device in one fetch.
+    pub fn max_fetch_bytes(&self) -> u64 {
+        self.units
+            .iter()
+            .map(|u| {
+                u.iter()
+                    .map(|&i| &self.tensors[i])
+                    .filter(|t| t.tier != Tier::Compute)
+                    .map(|t| t.bytes() as u64)
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A tensor's home.
+enum Home<T> {
+    Compute(Arc<T>),
+    /// Host RAM. (On CUDA this is where pinned memory goes: the transfer then runs at the
+    /// link's full rate and can overlap compute.)
+    Host(Vec<f16>),
+    /// `bytes` at `offset` of its unit's file.
+    Disk {
+        offset: usize,
+    },
+}
+
+struct Stored<T> {
+    plan: TensorPlan,
+    home: Home<T>,
+}
+
+/// A unit's disk file: its disk tensors back to back, each at an aligned offset.
+struct UnitFile {
+    file: DirectFile,
+}
+
+/// All weights of a model, on their tiers.
+pub struct TieredWeights<T> {
+    stored: Vec<Stored<T>>,
+    units: Vec<Vec<usize>>,
+    files: Vec<Option<UnitFile>>,
+    stats: Arc<Stats>,
+    /// Read buffers returned by finished fetches: reused so the disk thread never waits for
+    /// fresh pages to be zeroed between reads.
+    pool: Mutex<Vec<PooledBuf>>,
+    cpool: Arc<ComputePool<T>>,
+    _mem: Vec<MemGuard>,
+}
+
+/// An aligned buffer with its host-memory accounting.
+pub struct PooledBuf {
+    buf: AlignedBuf,
+    _mem: MemGuard,
+}
+
+/// A unit's disk tensors read into host memory (stage one of a fetch).
+pub struct DiskRead {
+    /// (owning unit, buffer holding that unit's file from offset 0)
+    /// (owning unit, file offset of the buffer's first byte, buffer)
+    bufs: Vec<(usize, usize, PooledBuf)>,
+}
+
+/// A unit's tensors on the compute device (stage two of a fetch), in the unit's order.
+pub struct Fetched<T> {
+    pub tensors: Vec<Arc<T>>,
+    /// Which tensors are copies from the compute pool (returned to it on drop) and their
+    /// memory accounting.
+    copies: Vec<Option<(Vec<usize>, MemGuard)>>,
+    pool: Arc<ComputePool<T>>,
+}
+
+/// Compute-device buffers of fetched tensors, by shape, kept for the next fetch: refilling a
+/// buffer ([`Device::write`]) costs one copy, a fresh one an allocation, zeroing and a copy.
+pub struct ComputePool<T>(Mutex<HashMap<Vec<usize>, Vec<Pooled<T>>>>);
+
+/// A pooled compute buffer and its memory accounting.
+type Pooled<T> = (T, MemGuard);
+
+impl<T> Drop for Fetched<T> {
+    fn drop(&mut self) {
+        let Ok(mut pool) = self.pool.0.lock() else {
+            return;
+        };
+        for (t, c) in self.tensors.drain(..).zip(self.copies.drain(..)) {
+            if let Some((shape, g)) = c {
+                // still shared (a caller kept a clone): let it go instead
+                if let Ok(t) = Arc::try_unwrap(t) {
+                    pool.entry(shape).or_default().push((t, g));
+                }
+            }
+        }
+    }
+}
+
+/// Values per chunk when streaming a tensor to disk (8 MiB of fp16).
+const STREAM_CHUNK: usize = 4 << 20;
+
+impl<T: DeviceTensor> TieredWeights<T> {
+    /// Puts every tensor of `plan` on its tier: uploads to the compute device, copies into host
+    /// memory, or streams chunk by chunk into the unit's file (never the whole tensor in RAM).
+    pub fn build<D: Device<Tensor = T>>(
+        dev: &D,
+        src: &dyn TensorSource,
+        plan: &WeightPlan,
+        dir: Option<&OffloadDir>,
+        stats: &Arc<Stats>,
+    ) -> Result<TieredWeights<T>> {
+        let mut files: Vec<Option<UnitFile>> = Vec::new();
+        let mut offsets = vec![0usize; plan.tensors.len()];
+        for (u, idx) in plan.units.iter().enumerate() {
+            let mut len = 0;
+            for &i in idx {
+                let t = &plan.tensors[i];
+                if t.tier == Tier::Disk && t.unit == u {
+                    offsets[i] = len;
+                    len += align_up(t.bytes());
+                }
+            }
+            files.push(if len > 0 {
+                let dir = dir
+                    .context("weights placed on disk need an offload directory (--offload-dir)")?;
+                let file = dir.file(&format!("weights-{u:04}.bin"))?;
+                file.allocate(len as u64)?;
+                Some(UnitFile { file })
+            } else {
+                None
+            });
+        }
+        let mut mem = Vec::new();
+        let mut stored = Vec::with_capacity(plan.tensors.len());
+        let mut stage: Option<AlignedBuf> = None;
+        for (i, t) in plan.tensors.iter().enumerate() {
+            let home = match t.tier {
+                Tier::Compute => {
+                    let data = src.load_f16(&t.name, &t.shape)?;
+                    let d = dev
+                        .upload(HostSlice::F16(&data), &t.shape)
+                        .with_context(|| format!("uploading {} to {}", t.name, dev.name()))?;
+                    mem.push(MemGuard::new(stats, Tier::Compute, t.bytes()));
+                    Home::Compute(Arc::new(d))
+                }
+                Tier::Host => {
+                    mem.push(MemGuard::new(stats, Tier::Host, t.bytes()));
+                    Home::Host(src.load_f16(&t.name, &t.shape)?)
+                }
+                Tier::Disk => {
+                    let f = files[t.unit]
+                        .as_ref()
+                        .expect("a file for every unit with disk tensors");
+                    let buf = match &mut stage {
+                        Some(b) => b,
+                        None => stage.insert(AlignedBuf::new(STREAM_CHUNK * 2)?),
+                    };
+                    stream_to_disk(src, t, &f.file, offsets[i], buf)?;
+                    mem.push(MemGuard::new(stats, Tier::Disk, align_up(t.bytes())));
+                    Home::Disk { offset: offsets[i] }
+                }
+            };
+            stored.push(Stored {
+                plan: t.clone(),
+                home,
+            });
+        }
+        Ok(TieredWeights {
+            stored,
+            units: plan.units.clone(),
+            files,
+            stats: stats.clone(),
+            pool: Mutex::new(Vec::new()),
+            cpool: Arc::new(ComputePool(Mutex::new(HashMap::new()))),
+            _mem: mem,
+        })
+    }
+
+    /// A buffer of at least `len` bytes: the smallest pooled one that fits, or a new one.
+    fn take_buf(&self, len: usize) -> Result<PooledBuf> {
+        let mut pool = self.pool.lock().expect("buffer pool lock");
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.buf.len() >= len)
+            .min_by_key(|(_, b)| b.buf.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => Ok(pool.swap_remove(i)),
+            None => {
+                drop(pool);
+                let buf = AlignedBuf::new(len)?;
+                let mem = MemGuard::new(&self.stats, Tier::Host, buf.len());
+                Ok(PooledBuf { buf, _mem: mem })
+            }
+        }
+    }
+
+    fn give_back(&self, read: DiskRead) {
+        self.pool
+            .lock()
+            .expect("buffer pool lock")
+            .extend(read.bufs.into_iter().map(|(_, _, b)| b));
+    }
+
+    pub fn num_units(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether fetching `unit` moves nothing (every tensor already on the compute device).
+    pub fn is_resident(&self, unit: usize) -> bool {
+        self.units[unit]
+            .iter()
+            .all(|&i| matches!(self.stored[i].home, Home::Compute(_)))
+    }
+
+    /// Whether `unit` has tensors on disk.
+    pub fn has_disk(&self, unit: usize) -> bool {
+        self.units[unit]
+            .iter()
+            .any(|&i| matches!(self.stored[i].home, Home::Disk { .. }))
+    }
+
+    /// Stage one: reads every file that holds a disk tensor of `unit`, each with one sequential
+    /// O_DIRECT read.
+    pub fn read_disk(&self, unit: usize) -> Result<DiskRead> {
+        // per file, the span covering this unit's tensors in it (all of the unit's own file; the
+        // embedding table alone when the output head reads the input's file)
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (owner, start, end)
+        for &i in &self.units[unit] {
+            let s = &self.stored[i];
+            if let Home::Disk { offset } = s.home {
+                let end = offset + align_up(s.plan.bytes());
+                match spans.iter_mut().find(|(o, _, _)| *o == s.plan.unit) {
+                    Some(sp) => {
+                        sp.1 = sp.1.min(offset);
+                        sp.2 = sp.2.max(end);
+                    }
+                    None => spans.push((s.plan.unit, offset, end)),
+                }
+            }
+        }
+        let mut bufs = Vec::new();
+        for (owner, start, end) in spans {
+            let f = self.files[owner]
+                .as_ref()
+                .expect("disk tensors have a file");
+            let len = end - start;
+            let mut b = self.take_buf(len)?;
+            let t0 = std::time::Instant::now();
+            f.file
+                .read_at(&mut b.buf, len, start as u64)
+                .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
+            self.stats.add_disk_busy(t0.elapsed().as_secs_f64());
+            self.stats.moved(Link::DiskRead, len);
+            bufs.push((owner, start, b));
+        }
+        Ok(DiskRead { bufs })
+    }
+
+    /// Stage two: the unit's tensors on the compute device.
+    pub fn materialize<D: Device<Tensor = T>>(
+        &self,
+        dev: &D,
+        unit: usize,
+        disk: Option<DiskRead>,
+    ) -> Result<Fetched<T>> {
+        let mut tensors = Vec::with_capacity(self.units[unit].len());
+        let mut copies = Vec::with_capacity(self.units[unit].len());
+        for &i in &self.units[unit] {
+            let s = &self.stored[i];
+            let data = match &s.home {
+                Home::Compute(t) => {
+                    tensors.push(t.clone());
+                    copies.push(None);
+                    continue;
+                }
+                Home::Host(data) => &data[..],
+                Home::Disk { offset } => {
+                    let (start, buf) = disk
+                        .as_ref()
+                        .and_then(|d| d.bufs.iter().find(|(u, _, _)| *u == s.plan.unit))
+                        .map(|(_, start, b)| (*start, &b.buf))
+                        .with_context(|| {
+                            format!("{} was not read from disk before its upload", s.plan.name)
+                        })?;
+                    buf.f16s(*offset - start, s.plan.bytes() / 2)
+                }
+            };
+            let t0 = std::time::Instant::now();
+            let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
+            dev.write(&mut t, 0, HostSlice::F16(data))
+                .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+            self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
+            self.stats.moved(Link::HostToCompute, s.plan.bytes());
+            tensors.push(Arc::new(t));
+            copies.push(Some((s.plan.shape.clone(), g)));
+        }
+        if let Some(d) = disk {
+            self.give_back(d);
+        }
+        Ok(Fetched {
+            tensors,
+            copies,
+            pool: self.cpool.clone(),
+        })
+    }
+
+    /// A compute buffer for an f16 tensor of `shape`: a pooled one or a new one.
+    fn compute_buf<D: Device<Tensor = T>>(
+        &self,
+        dev: &D,
+        shape: &[usize],
+    ) -> Result<(T, MemGuard)> {
+        if let Some(b) = self
+            .cpool
+            .0
+            .lock()
+            .expect("compute pool lock")
+            .get_mut(shape)
+            .and_then(|v| v.pop())
+        {
+            return Ok(b);
+        }
+        let bytes = shape.iter().product::<usize>() * 2;
+        let t = dev.zeros(DType::F16, shape)?;
+        Ok((t, MemGuard::new(&self.stats, Tier::Compute, bytes)))
+    }
+
+    /// Both stages at once.
+    pub fn fetch<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<Fetched<T>> {
+        let disk = if self.has_disk(unit) {
+            Some(self.read_disk(unit)?)
+        } else {
+            None
+        };
+        self.materialize(dev, unit, disk)
+    }
+}
+
+/// Streams tensor `t` from `src` into `file` at `offset` through the aligned buffer `buf`.
+fn stream_to_disk(
+    src: &dyn TensorSource,
+    t: &TensorPlan,
+    file: &DirectFile,
+    offset: usize,
+    buf: &mut AlignedBuf,
+) -> Result<()> {
+    let cap = buf.len() / 2;
+    let mut filled = 0usize; // values in buf
+    let mut written = 0usize; // bytes of this tensor already on disk
+    let mut flush = |buf: &mut AlignedBuf, filled: &mut usize, last: bool| -> Result<()> {
+        let bytes = *filled * 2;
+        let len = if last { align_up(bytes) } else { bytes };
+        if len == 0 {
+            return Ok(());
+        }
+        if last {
+            buf.bytes_mut()[bytes..len].fill(0);
+        }
+        file.write_at(buf, len, (offset + written) as u64)
+            .with_context(|| format!("writing {} to the offload directory", t.name))?;
+        written += len;
+        *filled = 0;
+        Ok(())
+    };
+    src.for_each_chunk(&t.name, &t.shape, STREAM_CHUNK, &mut |chunk: &[f16]| {
+        let mut c = chunk;
+        while !c.is_empty() {
+            let take = c.len().min(cap - filled);
+            buf.f16s_mut(filled * 2, take).copy_from_slice(&c[..take]);
+            filled += take;
+            c = &c[take..];
+            // full buffers are whole multiples of ALIGN: write them as they fill
+            if filled == cap {
+                flush(buf, &mut filled, false)?;
+            }
+        }
+        Ok(())
+    })?;
+    flush(buf, &mut filled, true)?;
+    debug_assert_eq!(written % ALIGN, 0);
+    Ok(())
+}
+
+/// Typed views of a fetched unit.
+impl<T> Fetched<T> {
+    /// A decoder layer's weights (unit 1..=L).
+    pub fn layer(&self) -> LayerWeights<Arc<T>> {
+        let t = &self.tensors;
+        LayerWeights {
+            q_w: t[0].clone(),
+            q_b: t[1].clone(),
+            k_w: t[2].clone(),
+            k_b: t[3].clone(),
+            v_w: t[4].clone(),
+            v_b: t[5].clone(),
+            o_w: t[6].clone(),
+            o_b: t[7].clone(),
+            attn_ln_w: t[8].clone(),
+            attn_ln_b: t[9].clone(),
+            fc1_w: t[10].clone(),
+            fc1_b: t[11].clone(),
+            fc2_w: t[12].clone(),
+            fc2_b: t[13].clone(),
+            mlp_ln_w: t[14].clone(),
+            mlp_ln_b: t[15].clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_places_groups_and_ties_the_head() {
+        let cfg = bench_core::model::lookup("opt-tiny").unwrap();
+        let all_disk = WeightPlan::new(&cfg, &Policy::new([0, 0, 100, 0, 100, 0]), false);
+        assert!(all_disk.tensors.iter().all(|t| t.tier == Tier::Disk));
+        assert_eq!(all_disk.units.len(), cfg.num_hidden_layers + 2);
+        assert!(all_disk.units[1..=cfg.num_hidden_layers]
+            .iter()
+            .all(|u| u.len() == 16));
+        // the tied head is the input's embedding table
+        assert_eq!(
+            *all_disk.units.last().unwrap().last().unwrap(),
+            all_disk.units[0][0]
+        );
+        let half = WeightPlan::new(&cfg, &Policy::new([50, 0, 100, 0, 100, 0]), false);
+        let d = half.bytes_on(Tier::Disk) as f64;
+        let c = half.bytes_on(Tier::Compute) as f64;
+        assert!(d > 0.0 && c > 0.0);
+        assert!((d / (d + c) - 0.5).abs() < 0.2, "{d} {c}");
+    }
+}
