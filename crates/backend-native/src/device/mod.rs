@@ -26,6 +26,7 @@
 //! Changes to this trait are additive only (the CUDA device implements it on another branch).
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt;
 
