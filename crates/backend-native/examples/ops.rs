@@ -26,7 +26,7 @@ fn main() {
             let mut best = f64::INFINITY;
             for _ in 0..5 {
                 let t = Instant::now();
-                matmul::linear_cached(mode, &x, &w, Some(&packed), None, n, k, m, &mut out);
+                matmul::linear_cached(mode, &x, &w, Some(&packed), None, false, n, k, m, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;

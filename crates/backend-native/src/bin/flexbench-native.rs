@@ -259,7 +259,11 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     let is_case = matches!(cli.cmd, Cmd::RunCase { .. });
-    match run(cli) {
+    let result = run(cli);
+    if let Some(table) = backend_native::device::cpu::profile::report() {
+        eprint!("{table}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(reason) = runner::unavailable_reason(&e) {

@@ -73,7 +73,18 @@ pub fn pack_w(w: &[f16], m: usize, k: usize) -> Vec<u16> {
 }
 
 /// `out[n, m] = bf16(x) · W^T` with W packed by [`pack_w`]. Requires [`available`].
-pub fn linear(x: &[f32], wp: &[u16], n: usize, k: usize, m: usize, out: &mut [f32]) {
+/// `bias` (f32, `[m]`) and `relu` are applied as the tiles are written.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    x: &[f32],
+    wp: &[u16],
+    bias: Option<&[f32]>,
+    relu: bool,
+    n: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
     assert!(available(), "AMX matmul called without AMX");
     let kpad = round_up(k, TILE_K);
     let npad = round_up(n, BLOCK);
@@ -89,56 +100,75 @@ pub fn linear(x: &[f32], wp: &[u16], n: usize, k: usize, m: usize, out: &mut [f3
                 *a = super::bf16::to_bf16_bits(*b);
             }
         });
-    // tasks: (group of row blocks, group of panels); each loads the tile config once
+    // tasks: (group of row blocks, group of panels); each loads the tile config once and writes
+    // its own disjoint rectangle of `out`, with bias and ReLU applied on the way
     const ROW_BLOCKS_PER_TASK: usize = 4;
     const PANELS_PER_TASK: usize = 4;
     let row_blocks = npad / BLOCK;
     let groups = row_blocks.div_ceil(ROW_BLOCKS_PER_TASK);
     let pgroups = panels.div_ceil(PANELS_PER_TASK);
-    let tiles: Vec<(usize, usize, usize, Vec<f32>)> = (0..groups * pgroups)
-        .into_par_iter()
-        .map(|t| {
-            let (g, pg) = (t / pgroups, t % pgroups);
-            let rb0 = g * ROW_BLOCKS_PER_TASK;
-            let rb1 = (rb0 + ROW_BLOCKS_PER_TASK).min(row_blocks);
-            let p0 = pg * PANELS_PER_TASK;
-            let p1 = (p0 + PANELS_PER_TASK).min(panels);
-            let per = BLOCK * BLOCK;
-            let mut c = vec![0f32; (rb1 - rb0) * (p1 - p0) * per];
-            // SAFETY: AMX is available; `a` holds 32 rows of kpad bf16, each panel kpad/2 rows
-            // of 64 bf16, each destination 32 x 32 f32, as the kernel reads and writes.
-            unsafe {
-                kernel::configure();
-                for rb in rb0..rb1 {
-                    let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
-                    for pi in p0..p1 {
-                        let at = ((rb - rb0) * (p1 - p0) + (pi - p0)) * per;
-                        kernel::block(
-                            a,
-                            &wp[pi * psize..(pi + 1) * psize],
-                            kpad,
-                            &mut c[at..at + per],
-                        );
+    assert!(out.len() >= n * m && bias.is_none_or(|b| b.len() == m));
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..groups * pgroups).into_par_iter().for_each(|t| {
+        let (g, pg) = (t / pgroups, t % pgroups);
+        let rb0 = g * ROW_BLOCKS_PER_TASK;
+        let rb1 = (rb0 + ROW_BLOCKS_PER_TASK).min(row_blocks);
+        let p0 = pg * PANELS_PER_TASK;
+        let p1 = (p0 + PANELS_PER_TASK).min(panels);
+        let mut c = [0f32; BLOCK * BLOCK];
+        // SAFETY: AMX is available; `a` holds 32 rows of kpad bf16, each panel kpad/2 rows of 64
+        // bf16 and `c` 32 x 32 f32, as the kernel reads and writes. Writes to `out` stay inside
+        // rows r0..min(r0+32, n) and columns j0..min(j0+32, m) of this task's own blocks.
+        unsafe {
+            kernel::configure();
+            for rb in rb0..rb1 {
+                let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
+                for pi in p0..p1 {
+                    kernel::block(a, &wp[pi * psize..(pi + 1) * psize], kpad, &mut c);
+                    let (r0, j0) = (rb * BLOCK, pi * BLOCK);
+                    let cols = BLOCK.min(m - j0);
+                    for i in 0..BLOCK.min(n.saturating_sub(r0)) {
+                        let row =
+                            std::slice::from_raw_parts_mut(dst.ptr().add((r0 + i) * m + j0), cols);
+                        let src = &c[i * BLOCK..i * BLOCK + cols];
+                        match (bias, relu) {
+                            (Some(b), true) => {
+                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
+                                    *o = (v + bb).max(0.0);
+                                }
+                            }
+                            (Some(b), false) => {
+                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
+                                    *o = v + bb;
+                                }
+                            }
+                            (None, true) => {
+                                for (o, v) in row.iter_mut().zip(src) {
+                                    *o = v.max(0.0);
+                                }
+                            }
+                            (None, false) => row.copy_from_slice(src),
+                        }
                     }
                 }
-                kernel::release();
             }
-            (rb0, p0, p1 - p0, c)
-        })
-        .collect();
-    for (rb0, p0, np, c) in tiles {
-        for (bi, blk) in c.chunks(BLOCK * BLOCK).enumerate() {
-            let (r0, j0) = ((rb0 + bi / np) * BLOCK, (p0 + bi % np) * BLOCK);
-            let cols = BLOCK.min(m - j0);
-            for (i, row) in blk.chunks(BLOCK).enumerate() {
-                if r0 + i >= n {
-                    break;
-                }
-                out[(r0 + i) * m + j0..(r0 + i) * m + j0 + cols].copy_from_slice(&row[..cols]);
-            }
+            kernel::release();
         }
+    });
+}
+
+/// The output pointer shared by tasks that write disjoint parts of it.
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn ptr(&self) -> *mut f32 {
+        self.0
     }
 }
+// SAFETY: tasks write disjoint elements (see `linear`), and `out` outlives the parallel loop.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -253,7 +283,7 @@ mod tests {
                 .map(|i| f16::from_f32(((i * 53 % 89) as f32 - 44.0) / 61.0))
                 .collect();
             let mut out = vec![0f32; n * m];
-            linear(&x, &pack_w(&w, m, k), n, k, m, &mut out);
+            linear(&x, &pack_w(&w, m, k), None, false, n, k, m, &mut out);
             let r = super::super::bf16::reference(&x, &w, n, k, m);
             let scale = r.iter().fold(0f32, |a, b| a.max(b.abs()));
             let err = out

@@ -115,16 +115,106 @@ fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> 
     Ok(())
 }
 
+/// One (sequence, head) pair's cache rows, read in place (decode reads the whole cache once per
+/// step: converting it to an f32 copy first would double the traffic).
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F16(&'a [half::f16]),
+    F32(&'a [f32]),
+}
+
+impl Rows<'_> {
+    fn of(cache: &CpuTensor, start: usize, len: usize) -> Result<Rows<'_>> {
+        Ok(match &cache.data {
+            Storage::F16(c) => Rows::F16(&c[start..start + len]),
+            Storage::F32(c) => Rows::F32(&c[start..start + len]),
+            Storage::U32(_) => bail!("attention: a u32 cache"),
+        })
+    }
+
+    /// q · row j
+    #[inline]
+    fn dot(&self, j: usize, q: &[f32], tmp: &mut [f32]) -> f32 {
+        let d = q.len();
+        match self {
+            Rows::F32(r) => dot(q, &r[j * d..(j + 1) * d]),
+            Rows::F16(r) => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: avx512f present; row j has d values, d a multiple of 16.
+                        return unsafe { f16_simd::dot(&r[j * d..(j + 1) * d], q) };
+                    }
+                }
+                super::convert::f16_to_f32(&r[j * d..(j + 1) * d], tmp);
+                dot(q, tmp)
+            }
+        }
+    }
+
+    /// out += w * row j
+    #[inline]
+    fn axpy(&self, j: usize, w: f32, out: &mut [f32], tmp: &mut [f32]) {
+        let d = out.len();
+        match self {
+            Rows::F32(r) => axpy(out, w, &r[j * d..(j + 1) * d]),
+            Rows::F16(r) => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: as in `dot`.
+                        unsafe { f16_simd::axpy(out, w, &r[j * d..(j + 1) * d]) };
+                        return;
+                    }
+                }
+                super::convert::f16_to_f32(&r[j * d..(j + 1) * d], tmp);
+                axpy(out, w, tmp)
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod f16_simd {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(row: &[f16], q: &[f32]) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..q.len() / 16 {
+            let k = _mm512_cvtph_ps(_mm256_loadu_si256(
+                row.as_ptr().add(c * 16) as *const __m256i
+            ));
+            acc = _mm512_fmadd_ps(k, _mm512_loadu_ps(q.as_ptr().add(c * 16)), acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy(out: &mut [f32], w: f32, row: &[f16]) {
+        let wv = _mm512_set1_ps(w);
+        for c in 0..out.len() / 16 {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(
+                row.as_ptr().add(c * 16) as *const __m256i
+            ));
+            let o = out.as_mut_ptr().add(c * 16);
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(wv, v, _mm512_loadu_ps(o)));
+        }
+    }
+}
+
 /// One (sequence, head) pair with a single query (decode): dot products over the cache.
-fn pair_loop(q: &[f32], kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<f32> {
+fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Vec<f32> {
     let (d, t) = (s.head_dim, s.total_len());
     let scale = s.scale();
     let mut out = vec![0f32; d];
+    let mut tmp = vec![0f32; d];
     let mut p = vec![0f32; t];
     let mut max = f32::NEG_INFINITY;
     for j in 0..t {
         if m[j] != 0 {
-            let sc = dot(q, &kb[j * d..(j + 1) * d]) * scale;
+            let sc = k.dot(j, q, &mut tmp) * scale;
             p[j] = sc;
             max = max.max(sc);
         }
@@ -142,7 +232,7 @@ fn pair_loop(q: &[f32], kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<
     let inv = 1.0 / sum;
     for j in 0..t {
         if m[j] != 0 {
-            axpy(&mut out, p[j] * inv, &vb[j * d..(j + 1) * d]);
+            v.axpy(j, p[j] * inv, &mut out, &mut tmp);
         }
     }
     out
@@ -255,16 +345,18 @@ pub fn attention(
         .into_par_iter()
         .map(|bh| {
             let (b, head) = (bh / h, bh % h);
-            let (mut kb, mut vb) = (Vec::new(), Vec::new());
             let start = bh * max_len * d;
-            slab_f32(k_cache, start, t * d, &mut kb)?;
-            slab_f32(v_cache, start, t * d, &mut vb)?;
             let m = &mask[b * t..(b + 1) * t];
             let q0 = b * s.new_len * hid + head * d;
             let out = if s.new_len > 1 {
+                let (mut kb, mut vb) = (Vec::new(), Vec::new());
+                slab_f32(k_cache, start, t * d, &mut kb)?;
+                slab_f32(v_cache, start, t * d, &mut vb)?;
                 pair_gemm(&q[q0..], hid, &kb, &vb, m, s)
             } else {
-                pair_loop(&q[q0..q0 + d], &kb, &vb, m, s)
+                let k = Rows::of(k_cache, start, t * d)?;
+                let v = Rows::of(v_cache, start, t * d)?;
+                pair_loop(&q[q0..q0 + d], k, v, m, s)
             };
             Ok(out)
         })

@@ -56,10 +56,11 @@ pub fn linear(
     m: usize,
     out: &mut [f32],
 ) {
-    linear_cached(mode, x, w, None, bias, n, k, m, out)
+    linear_cached(mode, x, w, None, bias, false, n, k, m, out)
 }
 
-/// [`linear`] with a place to keep `w` packed for AMX (bf16 mode), so it is packed only once.
+/// [`linear`] with a place to keep `w` packed for AMX (bf16 mode), so it is packed only once,
+/// and an optional ReLU fused into the output pass.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cached(
     mode: MatmulMode,
@@ -67,6 +68,7 @@ pub fn linear_cached(
     w: &[f16],
     packed: Option<&OnceLock<Vec<u16>>>,
     bias: Option<&[f16]>,
+    relu: bool,
     n: usize,
     k: usize,
     m: usize,
@@ -78,30 +80,34 @@ pub fn linear_cached(
     if n == 0 || m == 0 {
         return;
     }
+    let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.to_f32()).collect());
     match mode {
         // AMX tiles use each weight 16 times per instruction: from a handful of rows on, they
         // beat the fp16 matrix-vector kernel, whose FMAs limit it at 8-16 rows
-        MatmulMode::Bf16 if n > AMX_MIN_ROWS && super::amx::available() => match packed {
-            Some(cell) => super::amx::linear(
-                x,
-                cell.get_or_init(|| super::amx::pack_w(w, m, k)),
-                n,
-                k,
-                m,
-                out,
-            ),
-            None => super::amx::linear(x, &super::amx::pack_w(w, m, k), n, k, m, out),
-        },
+        MatmulMode::Bf16 if n > AMX_MIN_ROWS && super::amx::available() => {
+            let b = bias.as_deref();
+            match packed {
+                Some(cell) => {
+                    let wp = cell.get_or_init(|| super::amx::pack_w(w, m, k));
+                    super::amx::linear(x, wp, b, relu, n, k, m, out)
+                }
+                None => super::amx::linear(x, &super::amx::pack_w(w, m, k), b, relu, n, k, m, out),
+            }
+            return;
+        }
         _ if n <= MATVEC_MAX_ROWS => matvec(x, w, n, k, m, out),
         MatmulMode::Bf16 if super::bf16::available() => super::bf16::linear(x, w, n, k, m, out),
         _ => gemm_f32(x, w, n, k, m, out),
     }
-    if let Some(b) = bias {
-        let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
-        out.par_chunks_mut(m).for_each(|row| {
-            for (o, bb) in row.iter_mut().zip(&b) {
-                *o += bb;
-            }
+    // bias and ReLU in one pass over the output
+    if bias.is_some() || relu {
+        out.par_chunks_mut(m).for_each(|row| match (&bias, relu) {
+            (Some(b), true) => row
+                .iter_mut()
+                .zip(b)
+                .for_each(|(o, bb)| *o = (*o + bb).max(0.0)),
+            (Some(b), false) => row.iter_mut().zip(b).for_each(|(o, bb)| *o += bb),
+            (None, _) => row.iter_mut().for_each(|o| *o = o.max(0.0)),
         });
     }
 }

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod bf16;
 pub mod convert;
 pub mod matmul;
+pub mod profile;
 
 use std::sync::OnceLock;
 
@@ -297,19 +298,21 @@ impl Device for CpuDevice {
     }
 
     fn gather_rows(&self, table: &CpuTensor, ids: &CpuTensor) -> Result<CpuTensor> {
-        let (rows, width) = table.dims2("gather_rows table")?;
-        let t = table.f16()?;
-        let ids = ids.u32()?;
-        let mut out = try_zeros::<f32>(ids.len() * width)?;
-        for (o, &id) in out.chunks_mut(width).zip(ids) {
-            ensure!(
-                (id as usize) < rows,
-                "gather_rows: id {id} out of range for a table of {rows} rows"
-            );
-            let src = &t[id as usize * width..(id as usize + 1) * width];
-            convert::f16_to_f32(src, o);
-        }
-        CpuTensor::from_f32(&[ids.len(), width], out)
+        profile::timed(5, || {
+            let (rows, width) = table.dims2("gather_rows table")?;
+            let t = table.f16()?;
+            let ids = ids.u32()?;
+            let mut out = try_zeros::<f32>(ids.len() * width)?;
+            for (o, &id) in out.chunks_mut(width).zip(ids) {
+                ensure!(
+                    (id as usize) < rows,
+                    "gather_rows: id {id} out of range for a table of {rows} rows"
+                );
+                let src = &t[id as usize * width..(id as usize + 1) * width];
+                convert::f16_to_f32(src, o);
+            }
+            CpuTensor::from_f32(&[ids.len(), width], out)
+        })
     }
 
     fn add_gathered_rows(
@@ -318,30 +321,32 @@ impl Device for CpuDevice {
         table: &CpuTensor,
         ids: &CpuTensor,
     ) -> Result<()> {
-        let (rows, width) = table.dims2("add_gathered_rows table")?;
-        let (n, w) = x.dims2("add_gathered_rows x")?;
-        ensure!(
-            w == width,
-            "add_gathered_rows: x width {w} != table width {width}"
-        );
-        let ids = ids.u32()?;
-        ensure!(
-            ids.len() == n,
-            "add_gathered_rows: {} ids for {n} rows",
-            ids.len()
-        );
-        let t = table.f16()?;
-        for (o, &id) in x.f32_mut()?.chunks_mut(width).zip(ids) {
+        profile::timed(5, || {
+            let (rows, width) = table.dims2("add_gathered_rows table")?;
+            let (n, w) = x.dims2("add_gathered_rows x")?;
             ensure!(
-                (id as usize) < rows,
-                "add_gathered_rows: id {id} out of range for a table of {rows} rows"
+                w == width,
+                "add_gathered_rows: x width {w} != table width {width}"
             );
-            let src = &t[id as usize * width..(id as usize + 1) * width];
-            for (a, b) in o.iter_mut().zip(src) {
-                *a += b.to_f32();
+            let ids = ids.u32()?;
+            ensure!(
+                ids.len() == n,
+                "add_gathered_rows: {} ids for {n} rows",
+                ids.len()
+            );
+            let t = table.f16()?;
+            for (o, &id) in x.f32_mut()?.chunks_mut(width).zip(ids) {
+                ensure!(
+                    (id as usize) < rows,
+                    "add_gathered_rows: id {id} out of range for a table of {rows} rows"
+                );
+                let src = &t[id as usize * width..(id as usize + 1) * width];
+                for (a, b) in o.iter_mut().zip(src) {
+                    *a += b.to_f32();
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn layer_norm(
@@ -351,27 +356,29 @@ impl Device for CpuDevice {
         bias: &CpuTensor,
         eps: f32,
     ) -> Result<CpuTensor> {
-        let (n, w) = x.dims2("layer_norm x")?;
-        let (g, b) = (weight.f16()?, bias.f16()?);
-        ensure!(
-            g.len() == w && b.len() == w,
-            "layer_norm: weight/bias of {} for width {w}",
-            g.len()
-        );
-        let g: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
-        let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
-        let mut out = try_zeros::<f32>(n * w)?;
-        out.par_chunks_mut(w)
-            .zip(x.f32()?.par_chunks(w))
-            .for_each(|(o, r)| {
-                let mean = r.iter().sum::<f32>() / w as f32;
-                let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
-                let inv = 1.0 / (var + eps).sqrt();
-                for i in 0..w {
-                    o[i] = (r[i] - mean) * inv * g[i] + b[i];
-                }
-            });
-        CpuTensor::from_f32(&[n, w], out)
+        profile::timed(1, || {
+            let (n, w) = x.dims2("layer_norm x")?;
+            let (g, b) = (weight.f16()?, bias.f16()?);
+            ensure!(
+                g.len() == w && b.len() == w,
+                "layer_norm: weight/bias of {} for width {w}",
+                g.len()
+            );
+            let g: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+            let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            let mut out = try_zeros::<f32>(n * w)?;
+            out.par_chunks_mut(w)
+                .zip(x.f32()?.par_chunks(w))
+                .for_each(|(o, r)| {
+                    let mean = r.iter().sum::<f32>() / w as f32;
+                    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for i in 0..w {
+                        o[i] = (r[i] - mean) * inv * g[i] + b[i];
+                    }
+                });
+            CpuTensor::from_f32(&[n, w], out)
+        })
     }
 
     fn linear(
@@ -381,51 +388,53 @@ impl Device for CpuDevice {
         bias: Option<&CpuTensor>,
         act: Activation,
     ) -> Result<CpuTensor> {
-        let (n, k) = x.dims2("linear x")?;
-        let (m, k2) = w.dims2("linear weight")?;
-        ensure!(
-            k == k2,
-            "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
-        );
-        let bias = match bias {
-            Some(b) => {
-                let b = b.f16()?;
-                ensure!(b.len() == m, "linear: bias of {} for {m} outputs", b.len());
-                Some(b)
-            }
-            None => None,
-        };
-        let mut out = try_zeros::<f32>(n * m)?;
-        matmul::linear_cached(
-            self.opts.matmul,
-            x.f32()?,
-            w.f16()?,
-            Some(&w.packed),
-            bias,
-            n,
-            k,
-            m,
-            &mut out,
-        );
-        if act == Activation::Relu {
-            out.par_iter_mut().for_each(|v| *v = v.max(0.0));
-        }
-        CpuTensor::from_f32(&[n, m], out)
+        profile::timed(0, || {
+            let (n, k) = x.dims2("linear x")?;
+            let (m, k2) = w.dims2("linear weight")?;
+            ensure!(
+                k == k2,
+                "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
+            );
+            let bias = match bias {
+                Some(b) => {
+                    let b = b.f16()?;
+                    ensure!(b.len() == m, "linear: bias of {} for {m} outputs", b.len());
+                    Some(b)
+                }
+                None => None,
+            };
+            let mut out = try_zeros::<f32>(n * m)?;
+            matmul::linear_cached(
+                self.opts.matmul,
+                x.f32()?,
+                w.f16()?,
+                Some(&w.packed),
+                bias,
+                act == Activation::Relu,
+                n,
+                k,
+                m,
+                &mut out,
+            );
+            CpuTensor::from_f32(&[n, m], out)
+        })
     }
 
     fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
-        ensure!(
-            x.shape == y.shape,
-            "add_inplace: shapes {:?} and {:?}",
-            x.shape,
-            y.shape
-        );
-        let y = y.f32()?;
-        x.f32_mut()?
-            .par_iter_mut()
-            .zip(y.par_iter())
-            .for_each(|(a, b)| *a += b);
-        Ok(())
+        profile::timed(4, || {
+            ensure!(
+                x.shape == y.shape,
+                "add_inplace: shapes {:?} and {:?}",
+                x.shape,
+                y.shape
+            );
+            let y = y.f32()?;
+            x.f32_mut()?
+                .par_iter_mut()
+                .zip(y.par_iter())
+                .for_each(|(a, b)| *a += b);
+            Ok(())
+        })
     }
 
     fn alloc_kv(
@@ -447,7 +456,7 @@ impl Device for CpuDevice {
         v: &CpuTensor,
         s: AttnShape,
     ) -> Result<()> {
-        attention::append_kv(k_cache, v_cache, k, v, s)
+        profile::timed(3, || attention::append_kv(k_cache, v_cache, k, v, s))
     }
 
     fn attention(
@@ -458,49 +467,53 @@ impl Device for CpuDevice {
         mask: &CpuTensor,
         s: AttnShape,
     ) -> Result<CpuTensor> {
-        attention::attention(q, k_cache, v_cache, mask, s)
+        profile::timed(2, || attention::attention(q, k_cache, v_cache, mask, s))
     }
 
     fn last_rows(&self, x: &CpuTensor, batch: usize, seq: usize) -> Result<CpuTensor> {
-        let (n, w) = x.dims2("last_rows x")?;
-        ensure!(
-            n == batch * seq,
-            "last_rows: {n} rows are not {batch} x {seq}"
-        );
-        let x = x.f32()?;
-        let mut out = Vec::with_capacity(batch * w);
-        for b in 0..batch {
-            let r = b * seq + seq - 1;
-            out.extend_from_slice(&x[r * w..(r + 1) * w]);
-        }
-        CpuTensor::from_f32(&[batch, w], out)
+        profile::timed(6, || {
+            let (n, w) = x.dims2("last_rows x")?;
+            ensure!(
+                n == batch * seq,
+                "last_rows: {n} rows are not {batch} x {seq}"
+            );
+            let x = x.f32()?;
+            let mut out = Vec::with_capacity(batch * w);
+            for b in 0..batch {
+                let r = b * seq + seq - 1;
+                out.extend_from_slice(&x[r * w..(r + 1) * w]);
+            }
+            CpuTensor::from_f32(&[batch, w], out)
+        })
     }
 
     fn sample(&self, logits: &CpuTensor, how: &Sampling<'_>) -> Result<Vec<u32>> {
-        let (b, v) = logits.dims2("sample logits")?;
-        let l = logits.f32()?;
-        let rows = l.chunks(v);
-        match how {
-            Sampling::Greedy => Ok(rows.map(argmax).collect()),
-            Sampling::Temperature {
-                temperature,
-                uniforms,
-            } => {
-                ensure!(
-                    uniforms.len() == b,
-                    "sample: {} uniforms for {b} sequences",
-                    uniforms.len()
-                );
-                ensure!(
-                    *temperature > 0.0,
-                    "sample: temperature must be positive, got {temperature}"
-                );
-                Ok(rows
-                    .zip(uniforms.iter())
-                    .map(|(r, &u)| sample_row(r, *temperature, u))
-                    .collect())
+        profile::timed(7, || {
+            let (b, v) = logits.dims2("sample logits")?;
+            let l = logits.f32()?;
+            let rows = l.chunks(v);
+            match how {
+                Sampling::Greedy => Ok(rows.map(argmax).collect()),
+                Sampling::Temperature {
+                    temperature,
+                    uniforms,
+                } => {
+                    ensure!(
+                        uniforms.len() == b,
+                        "sample: {} uniforms for {b} sequences",
+                        uniforms.len()
+                    );
+                    ensure!(
+                        *temperature > 0.0,
+                        "sample: temperature must be positive, got {temperature}"
+                    );
+                    Ok(rows
+                        .zip(uniforms.iter())
+                        .map(|(r, &u)| sample_row(r, *temperature, u))
+                        .collect())
+                }
             }
-        }
+        })
     }
 }
 
