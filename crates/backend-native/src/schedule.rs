@@ -388,7 +388,7 @@ impl<'a, D: Device> Run<'a, D> {
             let xfer = self.xfer_q.clone();
             self.disk_q.push(
                 false,
-                Box::new(move || match w.read_disk(unit) {
+                Box::new(move || match w.read_disk(dev, unit) {
                     Ok(d) => xfer.push(
                         false,
                         Box::new(move || {
@@ -422,10 +422,14 @@ impl<'a, D: Device> Run<'a, D> {
             .fetches
             .pop_front()
             .context("weight fetches out of order")?;
-        p.wait(
+        let mut f = p.wait(
             self.stats,
             &format!("fetching weight unit {}", idx % self.units()),
-        )
+        )?;
+        // the copies may still be in flight on the device's upload stream: the kernels queued
+        // from here on wait for them on the device, not here
+        f.ready(self.dev)?;
+        Ok(f)
     }
 
     /// Starts bringing the cache of (layer, batch) to where attention will run, for a step with

@@ -141,7 +141,7 @@ impl Rows<'_> {
             Rows::F16(r) => {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+                    if d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
                         // SAFETY: avx512f present; row j has d values, d a multiple of 16.
                         return unsafe { f16_simd::dot(&r[j * d..(j + 1) * d], q) };
                     }
@@ -161,7 +161,7 @@ impl Rows<'_> {
             Rows::F16(r) => {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+                    if d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
                         // SAFETY: as in `dot`.
                         unsafe { f16_simd::axpy(out, w, &r[j * d..(j + 1) * d]) };
                         return;
