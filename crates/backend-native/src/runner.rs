@@ -336,6 +336,17 @@ fn run_offloaded<D: RunnerDevice>(
     result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
     result.tokens = Some(tokens);
     result.peak_memory_bytes = model.stats.peaks();
+    // where the weights live (the I/O-bound floor of a decode step is the bytes off the compute
+    // tier over the link's bandwidth: gpu-check.sh computes it for weights in host memory)
+    for (key, tier) in [
+        ("weights_compute", crate::offload::Tier::Compute),
+        ("weights_host", crate::offload::Tier::Host),
+        ("weights_disk", crate::offload::Tier::Disk),
+    ] {
+        result
+            .peak_memory_bytes
+            .insert(key.into(), model.plan.bytes_on(tier));
+    }
     result
         .peak_memory_bytes
         .insert("host_rss".into(), peak_rss_bytes());

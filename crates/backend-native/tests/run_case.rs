@@ -197,6 +197,9 @@ fn offloaded_placements_run_and_report_their_traffic() {
                 );
                 assert_eq!(moved("disk_write"), 0);
                 assert!(peak("disk") > 0);
+                // every weight byte is on disk: none on the other tiers
+                assert!(peak("weights_disk") > 0);
+                assert_eq!(peak("weights_host") + peak("weights_compute"), 0);
             }
             "cdisk" => {
                 assert!(

@@ -424,6 +424,28 @@ mod tests {
         assert!(!sub.exists(), "the run's subdirectory is removed");
     }
 
+    /// Device memory wrapped as a buffer (pinned memory on CUDA): zeroed, recognised again by
+    /// its owner's type, freed by the owner only; misaligned memory is refused.
+    #[test]
+    fn buffers_over_owned_memory() {
+        let mut inner = AlignedBuf::new(2 * ALIGN).unwrap();
+        inner.bytes_mut().fill(7);
+        let ptr = inner.bytes_mut().as_mut_ptr();
+        // SAFETY: inner's memory lives in the owner box and nothing else touches it.
+        let mut b = unsafe { AlignedBuf::from_owner(ptr, 2 * ALIGN, Box::new(inner)) }.unwrap();
+        assert!(b.bytes().iter().all(|&x| x == 0));
+        assert!(b.owner::<AlignedBuf>().is_some());
+        assert!(b.owner::<u32>().is_none());
+        b.f16s_mut(2, 3).fill(f16::ONE);
+        assert_eq!(b.f16s(2, 3), &[f16::ONE; 3]);
+        assert!(AlignedBuf::new(10).unwrap().owner::<AlignedBuf>().is_none());
+        let mut other = AlignedBuf::new(2 * ALIGN).unwrap();
+        let p = other.bytes_mut().as_mut_ptr();
+        // SAFETY: refused before any access.
+        let bad = unsafe { AlignedBuf::from_owner(p.wrapping_add(1), ALIGN, Box::new(())) };
+        assert!(bad.is_err());
+    }
+
     #[test]
     fn directory_errors_say_what_to_do() {
         let e = OffloadDir::open(Path::new("/nonexistent/flexbench"), 0).unwrap_err();
