@@ -48,6 +48,10 @@ pub struct DiskSpeedReport {
     pub ratio: f64,
     pub io_wait_s: f64,
     pub compute_s: f64,
+    /// Time the disk thread spent in reads, over the whole generation's wall time.
+    pub disk_busy_fraction: f64,
+    /// Time spent copying weights from the read buffers to the compute device, likewise.
+    pub transfer_busy_fraction: f64,
     pub peak_memory_bytes: BTreeMap<String, u64>,
     pub step_times_s: Vec<f64>,
 }
@@ -119,6 +123,8 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         direct_read_gb_s_after: after,
         ratio: rate / ((before + after) / 2.0),
         io_wait_s: model.stats.io_wait_s(),
+        disk_busy_fraction: model.stats.disk_busy_s() / out.step_times_s.iter().sum::<f64>(),
+        transfer_busy_fraction: model.stats.xfer_busy_s() / out.step_times_s.iter().sum::<f64>(),
         compute_s: model.stats.compute_s(),
         peak_memory_bytes: peaks,
         step_times_s: out.step_times_s,

@@ -1,5 +1,13 @@
 //! backend-native: flexbench's own OPT inference engine (fp16 weights, a CPU device and a CUDA
 //! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
+//!
+//! - [`device`]: the compute-device trait and the CPU device (f32 math, optional bf16 on AMX);
+//! - [`model`]: OPT configs, weights (safetensors checkpoints or [`dummy`]), the layer math, and
+//!   the [`model::weights::WeightStore`] through which generation reaches weights;
+//! - [`generate`]: left-padded batched generation with a KV cache;
+//! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate);
+//! - [`floor`]: the machine's matrix-product rate and memory bandwidth;
+//! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
 pub mod device;

@@ -171,3 +171,56 @@ fn fp16_cache_and_no_overlap_give_the_same_tokens() {
     assert!(entries(&off).is_empty(), "stray files: {:?}", entries(&off));
     std::fs::remove_dir_all(&off).ok();
 }
+
+/// Temperature sampling draws the same tokens through the schedule as through the plain path
+/// (uniforms drawn per sequence in the same order), and every step's logits agree closely.
+#[test]
+fn sampling_and_logits_match_the_plain_path() {
+    use backend_native::generate::generate;
+    use backend_native::runner::load_cpu_model;
+    let off = scratch("sampling");
+    let dir = fixture("prenorm_f32");
+    let exp = expected(&dir);
+    let opts = GenOptions {
+        max_new_tokens: exp.max_new_tokens,
+        sample: SampleMode::Temperature {
+            temperature: 0.8,
+            seed: 7,
+        },
+        stop_token: None,
+        keep_logits: true,
+    };
+    let kv = CpuOptions {
+        kv_dtype: DType::F32,
+        ..Default::default()
+    };
+    let (cfg, dev, w) = load_cpu_model(&dir, kv).unwrap();
+    let plain = generate(&dev, &cfg, &w, &exp.prompts, &opts).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    for (percent, nb, cpu_attention) in [
+        ([0, 0, 0, 0, 100, 0], 3, true),
+        ([50, 50, 50, 50, 0, 100], 2, false),
+    ] {
+        let mut policy = Policy::new(percent);
+        policy.cpu_attention = cpu_attention;
+        let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, Some(&off), 0).unwrap();
+        let sched = ScheduleOptions {
+            num_gpu_batches: nb,
+            cpu_attention,
+            overlap: true,
+        };
+        let got = generate_offloaded(&dev, &model, &exp.prompts, &opts, &sched).unwrap();
+        assert_eq!(got.new_tokens, plain.new_tokens, "{percent:?}");
+        for (step, (a, b)) in got.logits.iter().zip(&plain.logits).enumerate() {
+            let num = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let den = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+            assert!(num / den < 1e-5, "{percent:?} step {step}: {}", num / den);
+        }
+    }
+    assert!(entries(&off).is_empty());
+    std::fs::remove_dir_all(&off).ok();
+}

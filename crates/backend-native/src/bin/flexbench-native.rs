@@ -168,7 +168,7 @@ enum Cmd {
         device: DeviceArgs,
     },
     /// Generate continuations of token-id prompts with a HuggingFace OPT checkpoint.
-    /// The input file is {"prompts": [[ids], ...], "max_new_tokens": N}; prompts of different
+    /// The input file is `{"prompts": [[ids], ...], "max_new_tokens": N}`; prompts of different
     /// lengths are left-padded together.
     Generate {
         /// Checkpoint directory: config.json + model.safetensors (or a sharded index).

@@ -44,6 +44,8 @@ pub struct Stats {
     peak: [AtomicU64; 3],
     io_wait_ns: AtomicU64,
     compute_ns: AtomicU64,
+    disk_busy_ns: AtomicU64,
+    xfer_busy_ns: AtomicU64,
 }
 
 fn tier_index(t: Tier) -> usize {
@@ -82,6 +84,22 @@ impl Stats {
         self.compute_ns
             .fetch_add((s * 1e9) as u64, Ordering::Relaxed);
     }
+    /// Time the disk thread spent inside reads and writes.
+    pub fn add_disk_busy(&self, s: f64) {
+        self.disk_busy_ns
+            .fetch_add((s * 1e9) as u64, Ordering::Relaxed);
+    }
+    /// Time spent copying between host memory and the compute device.
+    pub fn add_xfer_busy(&self, s: f64) {
+        self.xfer_busy_ns
+            .fetch_add((s * 1e9) as u64, Ordering::Relaxed);
+    }
+    pub fn xfer_busy_s(&self) -> f64 {
+        self.xfer_busy_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+    pub fn disk_busy_s(&self) -> f64 {
+        self.disk_busy_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
     pub fn io_wait_s(&self) -> f64 {
         self.io_wait_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
@@ -94,6 +112,8 @@ impl Stats {
             m.store(0, Ordering::Relaxed);
         }
         self.io_wait_ns.store(0, Ordering::Relaxed);
+        self.disk_busy_ns.store(0, Ordering::Relaxed);
+        self.xfer_busy_ns.store(0, Ordering::Relaxed);
         self.compute_ns.store(0, Ordering::Relaxed);
     }
     /// Link counters as `RawResult.bytes_moved` wants them.

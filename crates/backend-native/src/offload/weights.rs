@@ -421,9 +421,11 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 .expect("disk tensors have a file");
             let len = end - start;
             let mut b = self.take_buf(dev, len)?;
+            let t0 = std::time::Instant::now();
             f.file
                 .read_at(&mut b.buf, len, start as u64)
                 .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
+            self.stats.add_disk_busy(t0.elapsed().as_secs_f64());
             self.stats.moved(Link::DiskRead, len);
             bufs.push((owner, start, b));
         }
@@ -443,6 +445,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
         let mut disk = disk;
         for &i in &self.units[unit] {
             let s = &self.stored[i];
+            let t0 = std::time::Instant::now();
             let (mut t, g) = match &s.home {
                 Home::Compute(t) => {
                     tensors.push(t.clone());
@@ -472,6 +475,8 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 Home::Compute(_) => unreachable!("handled above"),
             }
             .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+            // queueing time on CUDA (the copy itself runs on the upload stream), copy time here
+            self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
             fences.extend(fence);
             self.stats.moved(Link::HostToCompute, s.plan.bytes());
             tensors.push(Arc::new(t));

@@ -75,32 +75,7 @@ pub fn append_kv(
     Ok(())
 }
 
-/// Dot product with 16 independent accumulators, so it vectorizes without fast-math.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let n = a.len().min(b.len());
-    let (ca, cb) = (a[..n].chunks_exact(16), b[..n].chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// `out += w * x`, vectorized.
-#[inline]
-fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
-    for (o, v) in out.iter_mut().zip(x) {
-        *o += w * v;
-    }
-}
+pub use super::simd::{axpy, dot};
 
 fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> Result<()> {
     buf.clear();
@@ -211,28 +186,15 @@ fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Ve
     let mut out = vec![0f32; d];
     let mut tmp = vec![0f32; d];
     let mut p = vec![0f32; t];
-    let mut max = f32::NEG_INFINITY;
     for j in 0..t {
         if m[j] != 0 {
-            let sc = k.dot(j, q, &mut tmp) * scale;
-            p[j] = sc;
-            max = max.max(sc);
+            p[j] = k.dot(j, q, &mut tmp);
         }
     }
-    if max == f32::NEG_INFINITY {
-        return out; // no visible key
-    }
-    let mut sum = 0f32;
+    super::simd::softmax_row(&mut p, m, t, scale);
     for j in 0..t {
-        if m[j] != 0 {
-            p[j] = (p[j] - max).exp();
-            sum += p[j];
-        }
-    }
-    let inv = 1.0 / sum;
-    for j in 0..t {
-        if m[j] != 0 {
-            v.axpy(j, p[j] * inv, &mut out, &mut tmp);
+        if p[j] != 0.0 {
+            v.axpy(j, p[j], &mut out, &mut tmp);
         }
     }
     out
@@ -291,30 +253,7 @@ fn pair_gemm(q: &[f32], q_rs: usize, kb: &[f32], vb: &[f32], m: &[u32], s: AttnS
     // K^T: element (c, j) is kb[j * d + c]
     small_gemm(n, t, d, &mut scores, q, q_rs, kb, 1, d);
     for (i, row) in scores.chunks_mut(t).enumerate() {
-        let visible = s.past_len + i + 1;
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..visible {
-            if m[j] != 0 {
-                row[j] *= scale;
-                max = max.max(row[j]);
-            }
-        }
-        if max == f32::NEG_INFINITY {
-            row.iter_mut().for_each(|x| *x = 0.0);
-            continue;
-        }
-        let mut sum = 0f32;
-        for j in 0..t {
-            let p = if j < visible && m[j] != 0 {
-                (row[j] - max).exp()
-            } else {
-                0.0
-            };
-            row[j] = p;
-            sum += p;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
+        super::simd::softmax_row(row, m, s.past_len + i + 1, scale);
     }
     let mut out = vec![0f32; n * d];
     small_gemm(n, d, t, &mut out, &scores, t, vb, d, 1);

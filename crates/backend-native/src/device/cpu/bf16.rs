@@ -5,7 +5,7 @@
 //! instruction, twice the f32 FMA's 16). Layout: W^T is packed per panel of 32 output columns as
 //! `[k/2][32][2]` bf16 pairs, so one 64-byte load feeds a dot-product instruction against a
 //! broadcast pair of one x row; a micro-kernel holds 8 rows x 32 columns of accumulators.
-//! [`reference`] rounds the same way and multiplies naively, for tests.
+//! [`reference()`] rounds the same way and multiplies naively, for tests.
 
 use half::{bf16, f16};
 use rayon::prelude::*;

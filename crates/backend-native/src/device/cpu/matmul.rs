@@ -101,14 +101,9 @@ pub fn linear_cached(
     }
     // bias and ReLU in one pass over the output
     if bias.is_some() || relu {
-        out.par_chunks_mut(m).for_each(|row| match (&bias, relu) {
-            (Some(b), true) => row
-                .iter_mut()
-                .zip(b)
-                .for_each(|(o, bb)| *o = (*o + bb).max(0.0)),
-            (Some(b), false) => row.iter_mut().zip(b).for_each(|(o, bb)| *o += bb),
-            (None, _) => row.iter_mut().for_each(|o| *o = o.max(0.0)),
-        });
+        let b = bias.as_deref().unwrap_or(&[]);
+        out.par_chunks_mut(m)
+            .for_each(|row| super::simd::bias_act(row, b, relu));
     }
 }
 

@@ -11,6 +11,7 @@ pub mod bf16;
 pub mod convert;
 pub mod matmul;
 pub mod profile;
+pub mod simd;
 
 use std::sync::OnceLock;
 
@@ -369,14 +370,7 @@ impl Device for CpuDevice {
             let mut out = try_zeros::<f32>(n * w)?;
             out.par_chunks_mut(w)
                 .zip(x.f32()?.par_chunks(w))
-                .for_each(|(o, r)| {
-                    let mean = r.iter().sum::<f32>() / w as f32;
-                    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for i in 0..w {
-                        o[i] = (r[i] - mean) * inv * g[i] + b[i];
-                    }
-                });
+                .for_each(|(o, r)| simd::layer_norm_row(r, &g, &b, eps, o));
             CpuTensor::from_f32(&[n, w], out)
         })
     }
@@ -430,9 +424,9 @@ impl Device for CpuDevice {
             );
             let y = y.f32()?;
             x.f32_mut()?
-                .par_iter_mut()
-                .zip(y.par_iter())
-                .for_each(|(a, b)| *a += b);
+                .par_chunks_mut(1 << 14)
+                .zip(y.par_chunks(1 << 14))
+                .for_each(|(a, b)| simd::add_assign(a, b));
             Ok(())
         })
     }

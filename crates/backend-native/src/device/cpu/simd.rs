@@ -1,0 +1,242 @@
+//! Element-wise loops compiled twice: for AVX-512 (picked at run time) and for the baseline
+//! target. The crate is built for generic x86_64 (the binaries travel to other machines), where
+//! the compiler may only vectorize with 128-bit SSE; [`multiversion!`] gives these loops the
+//! 512-bit registers where the CPU has them without `-C target-cpu`.
+
+/// Defines `pub fn $name` that runs an AVX-512 build of `$body` when the CPU has it, else the
+/// baseline build. Helpers called from the body should be `#[inline(always)]` to be inlined into
+/// (and vectorized with) the AVX-512 build.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn fast($($a: $t),*) $(-> $r)? $body
+                if $crate::device::cpu::simd::has_avx512() {
+                    // SAFETY: the features `fast` was compiled for are present (checked above).
+                    return unsafe { fast($($a),*) };
+                }
+            }
+            #[allow(dead_code)]
+            fn portable($($a: $t),*) $(-> $r)? $body
+            portable($($a),*)
+        }
+    };
+}
+
+/// Whether the CPU has the AVX-512 subsets the fast builds use.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// e^x for x <= 0 (softmax arguments), branch-free so it vectorizes: x = n ln2 + r with
+/// |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (relative error below 2e-7), 2^n through
+/// the exponent bits. Arguments below -87 give 0; -inf gives 0.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to an integer
+    let xc = x.max(-87.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+multiversion! {
+    /// Dot product with 16 independent accumulators.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = [0f32; 16];
+        let (ca, cb) = (a[..n].chunks_exact(16), b[..n].chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..16 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (x, y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `out += w * x`.
+    pub fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o += w * v;
+        }
+    }
+}
+
+multiversion! {
+    /// `a += b`.
+    pub fn add_assign(a: &mut [f32], b: &[f32]) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}
+
+multiversion! {
+    /// `row = act(row + bias)`; `bias` may be empty (no bias).
+    pub fn bias_act(row: &mut [f32], bias: &[f32], relu: bool) {
+        if bias.is_empty() {
+            if relu {
+                row.iter_mut().for_each(|o| *o = o.max(0.0));
+            }
+        } else if relu {
+            row.iter_mut().zip(bias).for_each(|(o, b)| *o = (*o + b).max(0.0));
+        } else {
+            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+        }
+    }
+}
+
+multiversion! {
+    /// Layer norm of one row: `o = (r - mean) / sqrt(var + eps) * g + b`.
+    pub fn layer_norm_row(r: &[f32], g: &[f32], b: &[f32], eps: f32, o: &mut [f32]) {
+        let w = r.len() as f32;
+        let mut acc = [0f32; 16];
+        let chunks = r.chunks_exact(16);
+        let rem: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for l in 0..16 {
+                acc[l] += c[l];
+            }
+        }
+        let mean = (acc.iter().sum::<f32>() + rem) / w;
+        let mut acc = [0f32; 16];
+        let chunks = r.chunks_exact(16);
+        let rem: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for c in chunks {
+            for l in 0..16 {
+                acc[l] += (c[l] - mean) * (c[l] - mean);
+            }
+        }
+        let var = (acc.iter().sum::<f32>() + rem) / w;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, x), gg), bb) in o.iter_mut().zip(r).zip(g).zip(b) {
+            *o = (x - mean) * inv * gg + bb;
+        }
+    }
+}
+
+multiversion! {
+    /// Masked softmax of one row of raw scores in place: positions `j < visible` with
+    /// `mask[j] != 0` are scaled and kept, the rest get probability 0. A row with no visible
+    /// position becomes all zeros.
+    pub fn softmax_row(row: &mut [f32], mask: &[u32], visible: usize, scale: f32) {
+        let mut max = f32::NEG_INFINITY;
+        for (j, (x, m)) in row.iter_mut().zip(mask).enumerate() {
+            *x = if j < visible && *m != 0 { *x * scale } else { f32::NEG_INFINITY };
+            max = max.max(*x);
+        }
+        if max == f32::NEG_INFINITY {
+            row.iter_mut().for_each(|x| *x = 0.0);
+            return;
+        }
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                c[l] = exp_neg(c[l] - max);
+                acc[l] += c[l];
+            }
+        }
+        let mut sum: f32 = 0.0;
+        for x in chunks.into_remainder() {
+            *x = exp_neg(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / (sum + acc.iter().sum::<f32>());
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let e = (exp_neg(x) as f64 - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(e);
+        }
+        assert!(worst < 4e-7, "{worst}");
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(-100.0), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn softmax_and_layer_norm_match_definitions() {
+        let raw: Vec<f32> = (0..37).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.9).collect();
+        let mask: Vec<u32> = (0..37).map(|i| (i % 5 != 0) as u32).collect();
+        let mut row = raw.clone();
+        softmax_row(&mut row, &mask, 30, 0.5);
+        let keep: Vec<bool> = (0..37).map(|j| j < 30 && mask[j] == 1).collect();
+        let max = (0..37)
+            .filter(|&j| keep[j])
+            .map(|j| raw[j] * 0.5)
+            .fold(f32::MIN, f32::max);
+        let total: f64 = (0..37)
+            .filter(|&j| keep[j])
+            .map(|j| ((raw[j] * 0.5 - max) as f64).exp())
+            .sum();
+        for j in 0..37 {
+            let want = if keep[j] {
+                ((raw[j] * 0.5 - max) as f64).exp() / total
+            } else {
+                0.0
+            };
+            assert!(
+                (row[j] as f64 - want).abs() < 1e-6,
+                "{j}: {} vs {want}",
+                row[j]
+            );
+        }
+        let g: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..37).map(|i| i as f32 * -0.02).collect();
+        let mut o = vec![0f32; 37];
+        layer_norm_row(&raw, &g, &b, 1e-5, &mut o);
+        let mean: f64 = raw.iter().map(|&v| v as f64).sum::<f64>() / 37.0;
+        let var: f64 = raw.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 37.0;
+        for i in 0..37 {
+            let want = (raw[i] as f64 - mean) / (var + 1e-5).sqrt() * g[i] as f64 + b[i] as f64;
+            assert!((o[i] as f64 - want).abs() < 1e-5);
+        }
+    }
+}
