@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bench_core::{ModelConfig, Policy};
 
 use crate::device::cpu::{CpuDevice, CpuOptions, CpuTensor};
-use crate::device::{AttnShape, DType, Device, DeviceTensor, HostSlice, Sampling};
+use crate::device::{AttnShape, DType, Device, DeviceTensor, Fence, HostSlice, Sampling};
 use crate::generate::{check_prompts, GenOptions, GenOutput, PaddedBatch, Rng, SampleMode};
 use crate::model::layers;
 use crate::model::TensorSource;
@@ -234,6 +234,8 @@ struct Loaded<T> {
     disk_host: Option<(CpuTensor, CpuTensor)>,
     /// Compute copies of the disk segment (without cpu attention).
     disk: Option<(T, T)>,
+    /// Uploads into `host` / `disk` still in flight (devices with asynchronous uploads).
+    fences: Vec<Fence>,
     _mem: Vec<MemGuard>,
 }
 
@@ -243,6 +245,7 @@ impl<T> Default for Loaded<T> {
             host: None,
             disk_host: None,
             disk: None,
+            fences: Vec::new(),
             _mem: Vec::new(),
         }
     }
@@ -461,10 +464,16 @@ impl<'a, D: Device> Run<'a, D> {
                         Tier::Compute,
                         dims.bytes(seqs, dims.max_len),
                     ));
-                    l.host = Some((
-                        cache::host_to_compute(dev, hk, dims, past, &stats)?,
-                        cache::host_to_compute(dev, hv, dims, past, &stats)?,
-                    ));
+                    let (kv, f) = cache::segment_to_compute(
+                        dev,
+                        (hk, hv),
+                        dims,
+                        past,
+                        &stats,
+                        &c.staging[0],
+                    )?;
+                    l.host = Some(kv);
+                    l.fences.extend(f);
                 }
                 if let Some((dk, dv)) = l.disk_host.take() {
                     let seqs = dk.shape()[0];
@@ -473,10 +482,16 @@ impl<'a, D: Device> Run<'a, D> {
                         Tier::Compute,
                         dims.bytes(seqs, dims.max_len),
                     ));
-                    l.disk = Some((
-                        cache::host_to_compute(dev, &dk, dims, past, &stats)?,
-                        cache::host_to_compute(dev, &dv, dims, past, &stats)?,
-                    ));
+                    let (kv, f) = cache::segment_to_compute(
+                        dev,
+                        (&dk, &dv),
+                        dims,
+                        past,
+                        &stats,
+                        &c.staging[1],
+                    )?;
+                    l.disk = Some(kv);
+                    l.fences.extend(f);
                 }
             }
             Ok(l)
@@ -595,10 +610,14 @@ impl<'a, D: Device> Run<'a, D> {
                 let fetched = self.weights(base + 1 + l)?;
                 let w = fetched.layer();
                 for k in 0..nb {
-                    let loaded = match next_load.take() {
+                    let mut loaded = match next_load.take() {
                         Some(p) => p.wait(self.stats, "loading the KV cache")?,
                         None => Loaded::default(),
                     };
+                    // attention's kernels wait for the cache uploads on the device, not here
+                    for f in loaded.fences.drain(..) {
+                        dev.wait_fence(&f)?;
+                    }
                     // the next (layer, batch) in zig-zag order loads while this one computes
                     let (nl_, nk) = if k + 1 < nb { (l, k + 1) } else { (l + 1, 0) };
                     if nl_ < nl {

@@ -2,7 +2,8 @@
 //! the CPU device but, like the CUDA device, hands out a fence for every upload out of its own
 //! transfer memory. Every fence must reach the compute side ([`Device::wait_fence`], through
 //! `Fetched::ready`) before the weights are used, disk read buffers must wait for the copy out
-//! of them before they are read into again, and the tokens must not change.
+//! of them before they are read into again, the KV cache staged through transfer memory must
+//! wait the same way, and the tokens must not change.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -107,6 +108,9 @@ impl Device for FencingDevice {
         self.counts.made.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Fence::new(CountedFence(self.counts.clone()))))
     }
+    fn async_uploads(&self) -> bool {
+        true
+    }
     fn wait_fence(&self, fence: &Fence) -> Result<()> {
         assert!(
             fence.downcast::<CountedFence>().is_some(),
@@ -206,11 +210,15 @@ fn every_async_upload_is_waited_for_before_use() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let cfg = load_config(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
-    // weights in host memory; on disk; split over all three tiers (with and without overlap)
+    // weights in host memory; on disk; split over all three tiers (with and without overlap);
+    // the cache in host memory, on disk, and split, staged through transfer memory
     for (percent, overlap) in [
         ([0, 100, 100, 0, 100, 0], true),
         ([0, 0, 100, 0, 100, 0], true),
         ([30, 30, 100, 0, 100, 0], false),
+        ([100, 0, 0, 100, 100, 0], true),
+        ([100, 0, 0, 0, 100, 0], true),
+        ([0, 50, 0, 50, 0, 100], false),
     ] {
         let dev = FencingDevice {
             cpu: CpuDevice::new(CpuOptions::default()),
@@ -244,11 +252,12 @@ fn every_async_upload_is_waited_for_before_use() {
             made,
             "{percent:?}: every fence must be waited for by compute"
         );
-        if percent[0] + percent[1] < 100 {
-            // disk read buffers are reused: each reuse first waits for the copy out of it
+        if percent[0] + percent[1] < 100 || percent[2] < 100 {
+            // disk read buffers and cache staging are reused: each reuse first waits for the
+            // copies out of it
             assert!(
                 c.host_waits.load(Ordering::Relaxed) > 0,
-                "{percent:?}: a disk read buffer was reused without waiting"
+                "{percent:?}: a transfer buffer was reused without waiting"
             );
         }
     }

@@ -25,7 +25,7 @@
 //!
 //! Changes to this trait are additive only, with default implementations where the CPU device
 //! needs nothing new (the host-memory transfer methods: [`Device::alloc_host`],
-//! [`Device::upload_async`], [`Device::wait_fence`]).
+//! [`Device::upload_async`], [`Device::async_uploads`], [`Device::wait_fence`]).
 
 pub mod cpu;
 pub mod cuda;
@@ -278,6 +278,12 @@ pub trait Device: Send + Sync {
         };
         self.write(dst, offset, data)?;
         Ok(None)
+    }
+    /// Whether [`Device::upload_async`] out of [`Device::alloc_host`] memory overlaps compute
+    /// (CUDA: pinned memory, copy stream), so staging host data through such memory pays off.
+    /// Default: false (a staging copy would only be one more memory copy).
+    fn async_uploads(&self) -> bool {
+        false
     }
     /// Orders the compute queued after this call behind `fence`'s copy (on CUDA: the compute
     /// stream waits for the copy's event; the host does not block). Default: the host waits.

@@ -696,6 +696,10 @@ impl Device for CudaDevice {
         Ok(Some(Fence::new(memory::CudaFence(done))))
     }
 
+    fn async_uploads(&self) -> bool {
+        true
+    }
+
     fn wait_fence(&self, fence: &Fence) -> Result<()> {
         match fence.downcast::<memory::CudaFence>() {
             Some(f) => self
