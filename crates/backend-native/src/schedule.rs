@@ -9,9 +9,12 @@
 //! (layer, batch) owns its buffers, so no workspace is shared between batches.
 //!
 //! Threads: the compute thread (this one) runs the layer math; the *disk* thread runs O_DIRECT
-//! reads and writes; the *transfer* thread copies between host memory and the compute device
-//! (a CUDA copy stream later). Each has a two-level queue: cache jobs, which the next compute
-//! step needs, go before weight prefetches.
+//! reads and writes; the *transfer* thread copies between host memory and the compute device.
+//! Each has a two-level queue: cache jobs, which the next compute step needs, go before weight
+//! prefetches. On the CUDA device the transfer thread only queues copies out of pinned memory
+//! on the upload stream ([`Device::upload_async`]); the compute thread orders its kernels
+//! behind them with [`Device::wait_fence`] (an event wait on the compute stream), so neither
+//! thread blocks on a copy.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
