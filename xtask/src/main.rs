@@ -13,10 +13,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "flexbench: benchmark LLM inference with offloading"
-)]
+#[command(name = "cargo xtask", about = "flexbench: benchmark LLM inference with offloading")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -54,7 +51,5 @@ pub fn project_root() -> PathBuf {
     let dir = std::env::var("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    dir.parent()
-        .expect("xtask lives in the repo root")
-        .to_path_buf()
+    dir.parent().expect("xtask lives in the repo root").to_path_buf()
 }
