@@ -4,8 +4,8 @@
 //! check is split in two:
 //!
 //! 1. Here, on the development machine: `cargo xtask gpu-check --prepare` builds the release
-//!    binaries (every backend-native test executable, `flexbench-native`, the `gpu_speed` and
-//!    `cuda_generate` examples), strips them into `target/gpu-check/bin/` (git-ignored, under 64 MiB in all), writes
+//!    binaries (every backend-native test executable, `flexbench-native` (the runner, with the
+//!    CUDA device), the `gpu_speed` and `cuda_generate` examples), strips them into `target/gpu-check/bin/` (git-ignored, under 64 MiB in all), writes
 //!    the benchmark cases to `target/gpu-check/cases/`, and prints the device-tool call:
 //!
 //!    ```text
@@ -14,8 +14,8 @@
 //!
 //! 2. There: `scripts/gpu-check.sh` (committed; it travels with the working tree) runs
 //!    nvidia-smi, every CUDA kernel against the CPU device, the other CUDA tests, the golden
-//!    checkpoints on CUDA, the speed goals (`gpu_speed`), a short benchmark (`cuda_generate`
-//!    and `flexbench-native run-case`) and compute-sanitizer on the kernel tests, and writes
+//!    checkpoints on CUDA (resident and offloaded), the speed goals (`gpu_speed`), a short
+//!    benchmark (`flexbench-native run-case`) and compute-sanitizer on the kernel tests, and writes
 //!    `report.md` and logs under `$OUT`, within 8 minutes.
 //!
 //! Without `--prepare` it prepares and then runs the script here (for a developer machine that
@@ -113,8 +113,9 @@ fn prepare(root: &Path, dir: &Path) -> Result<()> {
     for required in [
         "test-cuda_kernels",
         "test-cuda_golden",
+        "test-cuda_offload",
+        "flexbench-native",
         "gpu_speed",
-        "cuda_generate",
     ] {
         if !staged.contains_key(required) {
             bail!("cargo did not produce {required}; is crates/backend-native intact?");

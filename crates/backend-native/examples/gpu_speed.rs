@@ -136,12 +136,13 @@ fn main() -> Result<()> {
                 .upload(&pinned, target.buffer_mut(), None)
                 .map(drop)
         })?;
-        push(
-            label.into(),
-            format!("{:.1} GB/s", pin_bytes as f64 / (ms * 1e-3) / 1e9),
-            None,
-            None,
-        );
+        let rate = pin_bytes as f64 / (ms * 1e-3);
+        push(label.into(), format!("{:.1} GB/s", rate / 1e9), None, None);
+        if usage == PinnedUse::Upload {
+            // the offloader's host tier is write-combined pinned memory: gpu-check.sh divides the
+            // weights-on-CPU decode step time by (host weight bytes / this rate)
+            println!("PINNED_H2D_BYTES_PER_S={rate:.0}");
+        }
         if usage == PinnedUse::ReadBack {
             let d2h = dev.copies.d2h.clone();
             let ms = time_ms(&dev, &d2h, |_| {
@@ -300,7 +301,7 @@ fn main() -> Result<()> {
         d2d / 1e9,
         best / 1e12
     );
-    println!("not measured here: decode step time with weights in host memory (needs the offloader's CUDA path)");
+    println!("decode step time with weights in host memory: measured by gpu-check.sh's benchmark (run-case, weights-cpu rows) against PINNED_H2D_BYTES_PER_S");
     if let Some(p) = dev.peak_memory_bytes() {
         println!(
             "device memory pool peak: {:.2} GiB",

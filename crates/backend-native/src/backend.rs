@@ -27,6 +27,9 @@ impl Backend for NativeBackend {
             ))
         }
     }
+    /// A cuda case is answered by the CUDA probe (driver, then cuBLAS; dlopen checks, cached per
+    /// process), so on a machine without a usable GPU it is `unavailable` with the probe's reason
+    /// before any child starts.
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
         crate::runner::check_runnable(case).map_err(|u| u.0)
     }

@@ -1,11 +1,15 @@
 //! backend-native: flexbench's own OPT inference engine (fp16 weights, a CPU device and a CUDA
 //! device, a GPU/CPU/disk offloader) and the `Backend` that runs it through `flexbench-native`.
 //!
-//! - [`device`]: the compute-device trait and the CPU device (f32 math, optional bf16 on AMX);
+//! - [`device`]: the compute-device trait, the CPU device (f32 math, optional bf16 on AMX) and
+//!   the CUDA device (NVRTC kernels, cuBLAS, pinned memory and copy streams);
+//! - [`offload`] and [`schedule`]: weights, KV cache and activations on GPU / CPU / disk tiers
+//!   and the zig-zag block schedule that overlaps their movement with compute;
 //! - [`model`]: OPT configs, weights (safetensors checkpoints or [`dummy`]), the layer math, and
 //!   the [`model::weights::WeightStore`] through which generation reaches weights;
 //! - [`generate`]: left-padded batched generation with a KV cache;
-//! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate);
+//! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate) on the
+//!   device a case names (cuda: unavailable, exit 4, where the probe finds no usable GPU);
 //! - [`floor`]: the machine's matrix-product rate and memory bandwidth;
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 

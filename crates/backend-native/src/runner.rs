@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use bench_core::{Case, Device as CaseDevice, ModelConfig, RawResult, Weights};
 
 use crate::device::cpu::{CpuDevice, CpuOptions};
+use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::dummy;
 use crate::generate::{generate, GenOptions, SampleMode};
@@ -69,9 +70,7 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
         )));
     }
     if case.device == CaseDevice::Cuda {
-        return Err(Unavailable(
-            "the native CUDA device is not built into this runner yet".into(),
-        ));
+        cuda_available().map_err(Unavailable)?;
     }
     let p = case.placement.policy();
     if p.compress_weight || p.compress_cache || p.attn_sparsity < 1.0 {
@@ -88,6 +87,27 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
         return Err(Unavailable("the native engine runs on one device".into()));
     }
     Ok(())
+}
+
+/// Whether this machine can run the CUDA device: the driver probe, then the cuBLAS libraries
+/// (both plain dlopen checks before any cudarc call, which would panic on a missing library).
+/// Answered once per process and cached: the orchestrator asks for every case of a grid.
+pub fn cuda_available() -> std::result::Result<(), String> {
+    static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            crate::device::cuda::probe()?;
+            crate::device::cuda::presence::probe_cublas()
+        })
+        .clone()
+}
+
+/// Opens GPU 0 for a case or a generation; a machine without a usable GPU gives
+/// [`Unavailable`] with the probe's reason.
+pub fn open_cuda() -> Result<CudaDevice> {
+    cuda_available().map_err(Unavailable)?;
+    CudaDevice::new(0, None).context("opening the CUDA device")
 }
 
 /// The benchmark's prompts: deterministic pseudo-random ids, never pad (1) or eos (2).
@@ -126,35 +146,78 @@ pub fn is_plain(case: &Case) -> bool {
         && case.num_gpu_batches == 1
 }
 
-/// Runs a case: load, warm up, measure; returns the raw result. `offload_dir` holds the disk
-/// tier of placements that have one.
+/// Runs a case on the device it names: load, warm up, measure; returns the raw result.
+/// `offload_dir` holds the disk tier of placements that have one.
 pub fn run_case(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Result<RawResult> {
     case.validate()
         .map_err(|e| anyhow::anyhow!("invalid case: {e}"))?;
     check_runnable(case)?;
+    match case.device {
+        CaseDevice::Cpu => run_case_on(&CpuDevice::new(opts), case, offload_dir),
+        CaseDevice::Cuda => run_case_on(&open_cuda()?, case, offload_dir),
+    }
+}
+
+/// What the runner needs to know about a device beyond the [`Device`] trait.
+pub trait RunnerDevice: Device {
+    /// Whether the compute tier is host RAM (the CPU device): its weights then count against
+    /// the RAM check, and host <-> compute "transfers" are memory copies.
+    fn computes_in_ram(&self) -> bool;
+    /// Peak bytes of the compute tier as the device itself measured them, where it can.
+    fn measured_peak_bytes(&self) -> Option<u64>;
+}
+
+impl RunnerDevice for CpuDevice {
+    fn computes_in_ram(&self) -> bool {
+        true
+    }
+    fn measured_peak_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl RunnerDevice for CudaDevice {
+    fn computes_in_ram(&self) -> bool {
+        false
+    }
+    fn measured_peak_bytes(&self) -> Option<u64> {
+        self.peak_memory_bytes()
+    }
+}
+
+/// [`run_case`] on an opened device.
+pub fn run_case_on<D: RunnerDevice>(
+    dev: &D,
+    case: &Case,
+    offload_dir: Option<&Path>,
+) -> Result<RawResult> {
     if !is_plain(case) {
-        return run_offloaded(case, opts, offload_dir);
+        return run_offloaded(dev, case, offload_dir);
     }
     let (cfg, src) = case_model(case)?;
-    let dev = CpuDevice::new(opts);
-    check_fits_in_memory(&cfg, case, &dev)?;
+    if dev.computes_in_ram() {
+        check_ram(
+            &cfg,
+            case,
+            resident_bytes(&cfg, case, dev.kv_dtype().size()),
+        )?;
+    }
     eprintln!(
         "loading {} ({}) on {}",
         cfg.name,
         src.describe(),
         dev.name()
     );
-    let weights = ModelWeights::load(&dev, src.as_ref(), &cfg)?;
+    let weights = ModelWeights::load(dev, src.as_ref(), &cfg)?;
     let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
     for _ in 0..case.warmup {
-        generate(&dev, &cfg, &weights, &prompts, &warmup_options())
-            .context("warm-up generation")?;
+        generate(dev, &cfg, &weights, &prompts, &warmup_options()).context("warm-up generation")?;
     }
     let o = measured_options(case);
     let mut result = RawResult::default();
     let mut last = None;
     for r in 0..case.repetitions {
-        let out = generate(&dev, &cfg, &weights, &prompts, &o)
+        let out = generate(dev, &cfg, &weights, &prompts, &o)
             .with_context(|| format!("repetition {r}"))?;
         result.step_times_s.push(out.step_times_s);
         last = Some(out.new_tokens);
@@ -173,9 +236,8 @@ pub fn run_case(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Re
         * cfg.num_hidden_layers
         * cfg.hidden_size
         * dev.kv_dtype().size()) as u64;
-    result
-        .peak_memory_bytes
-        .insert("compute".into(), wbytes + cache);
+    let compute = dev.measured_peak_bytes().unwrap_or(wbytes + cache);
+    result.peak_memory_bytes.insert("compute".into(), compute);
     result.peak_memory_bytes.insert("host".into(), 0);
     result.peak_memory_bytes.insert("disk".into(), 0);
     // everything is resident on the compute device: no link carries bytes during generation
@@ -187,7 +249,7 @@ pub fn run_case(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Re
     ] {
         result.bytes_moved.insert(link.into(), 0);
     }
-    result.versions = versions(&dev);
+    result.versions = versions(dev);
     Ok(result)
 }
 
@@ -225,9 +287,12 @@ pub fn schedule_options(case: &Case) -> ScheduleOptions {
 
 /// A case through the offloader: weights, cache and activations on the policy's tiers, the
 /// zig-zag block schedule over `num_gpu_batches` GPU batches.
-fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Result<RawResult> {
+fn run_offloaded<D: RunnerDevice>(
+    dev: &D,
+    case: &Case,
+    offload_dir: Option<&Path>,
+) -> Result<RawResult> {
     let (cfg, src) = case_model(case)?;
-    let dev = CpuDevice::new(opts);
     let policy = case.placement.policy();
     let max_len = case.prompt_len + case.measured_gen_len();
     let cache_disk = schedule::cache_disk_bytes(
@@ -241,7 +306,7 @@ fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> R
     check_ram(
         &cfg,
         case,
-        offload_ram_bytes(&cfg, case, dev.kv_dtype().size()),
+        offload_ram_bytes(&cfg, case, dev.kv_dtype().size(), dev.computes_in_ram()),
     )?;
     eprintln!(
         "placing {} ({}) by policy {} on {}",
@@ -250,11 +315,11 @@ fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> R
         policy.label(),
         dev.name()
     );
-    let model = OffloadModel::load(&dev, src.as_ref(), &cfg, &policy, offload_dir, cache_disk)?;
+    let model = OffloadModel::load(dev, src.as_ref(), &cfg, &policy, offload_dir, cache_disk)?;
     let sched = schedule_options(case);
     let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
     for _ in 0..case.warmup {
-        generate_offloaded(&dev, &model, &prompts, &warmup_options(), &sched)
+        generate_offloaded(dev, &model, &prompts, &warmup_options(), &sched)
             .context("warm-up generation")?;
     }
     model.stats.reset_counters();
@@ -262,7 +327,7 @@ fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> R
     let mut result = RawResult::default();
     let mut last = None;
     for r in 0..case.repetitions {
-        let out = generate_offloaded(&dev, &model, &prompts, &o, &sched)
+        let out = generate_offloaded(dev, &model, &prompts, &o, &sched)
             .with_context(|| format!("repetition {r}"))?;
         result.step_times_s.push(out.step_times_s);
         last = Some(out.new_tokens);
@@ -271,18 +336,36 @@ fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> R
     result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
     result.tokens = Some(tokens);
     result.peak_memory_bytes = model.stats.peaks();
+    // where the weights live (the I/O-bound floor of a decode step is the bytes off the compute
+    // tier over the link's bandwidth: gpu-check.sh computes it for weights in host memory)
+    for (key, tier) in [
+        ("weights_compute", crate::offload::Tier::Compute),
+        ("weights_host", crate::offload::Tier::Host),
+        ("weights_disk", crate::offload::Tier::Disk),
+    ] {
+        result
+            .peak_memory_bytes
+            .insert(key.into(), model.plan.bytes_on(tier));
+    }
     result
         .peak_memory_bytes
         .insert("host_rss".into(), peak_rss_bytes());
     result.bytes_moved = model.stats.bytes_moved();
     result.io_wait_s = Some(model.stats.io_wait_s());
     result.compute_s = Some(model.stats.compute_s());
-    result.versions = versions(&dev);
-    result.notes.push(
+    if let Some(peak) = dev.measured_peak_bytes() {
+        // the device pool's own high-water mark, with the activations the tiers do not count
+        result.peak_memory_bytes.insert("compute_pool".into(), peak);
+    }
+    result.versions = versions(dev);
+    result.notes.push(if dev.computes_in_ram() {
         "on the CPU device the compute and host tiers are both RAM: host_to_compute and \
          compute_to_host are memory copies"
-            .into(),
-    );
+            .into()
+    } else {
+        "host tier: pinned host memory; host_to_compute and compute_to_host cross the PCIe link"
+            .into()
+    });
     if crate::offload::direct::used_buffered_fallback() {
         result.notes.push(
             "the offload directory's filesystem refused O_DIRECT: disk I/O went through the page cache"
@@ -294,19 +377,30 @@ fn run_offloaded(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> R
 
 /// RAM an offloaded case needs: the weights on the compute and host tiers, the fetches in
 /// flight, the cache segments in RAM, and the prefill's activations.
-pub fn offload_ram_bytes(cfg: &ModelConfig, case: &Case, kv_bytes_per_value: usize) -> u64 {
+/// `compute_in_ram`: whether the compute tier is RAM too (the CPU device).
+pub fn offload_ram_bytes(
+    cfg: &ModelConfig,
+    case: &Case,
+    kv_bytes_per_value: usize,
+    compute_in_ram: bool,
+) -> u64 {
     use crate::offload::weights::WeightPlan;
     use crate::offload::Tier;
     let policy = case.placement.policy();
     let plan = WeightPlan::new(cfg, &policy, false);
-    let weights = plan.bytes_on(Tier::Compute) + plan.bytes_on(Tier::Host);
+    let on_compute = if compute_in_ram {
+        plan.bytes_on(Tier::Compute)
+    } else {
+        0
+    };
+    let weights = on_compute + plan.bytes_on(Tier::Host);
     // each fetch in flight: a disk buffer and its compute copy
     let fetches = 2 * (schedule::LOOKAHEAD as u64 + 2) * plan.max_fetch_bytes();
-    let (_, _, disk_pct) = policy.cache();
+    let (gpu_pct, cpu_pct, _) = policy.cache();
+    let in_ram = cpu_pct as u64 + if compute_in_ram { gpu_pct as u64 } else { 0 };
     let tokens = (case.batch_size() * (case.prompt_len + case.gen_len)) as u64;
     let cache = 2 * tokens * (cfg.num_hidden_layers * cfg.hidden_size * kv_bytes_per_value) as u64;
-    let cache_ram =
-        cache * (100 - disk_pct as u64) / 100 + cache / cfg.num_hidden_layers as u64 * 2;
+    let cache_ram = cache * in_ram / 100 + cache / cfg.num_hidden_layers as u64 * 2;
     let rows = (case.batch_size() * case.prompt_len) as u64;
     let acts = rows * (cfg.ffn_dim + 6 * cfg.hidden_size) as u64 * 4;
     weights + fetches + cache_ram + acts
@@ -336,10 +430,6 @@ pub fn mem_available_bytes() -> Option<u64> {
 
 /// Fails with [`OutOfMemory`] before loading when the case cannot fit in available memory: the
 /// kernel's OOM killer would otherwise end the process without a word.
-fn check_fits_in_memory(cfg: &ModelConfig, case: &Case, dev: &CpuDevice) -> Result<()> {
-    check_ram(cfg, case, resident_bytes(cfg, case, dev.kv_dtype().size()))
-}
-
 fn check_ram(cfg: &ModelConfig, case: &Case, need: u64) -> Result<()> {
     if let Some(avail) = mem_available_bytes() {
         if need > avail {
@@ -361,7 +451,7 @@ fn check_ram(cfg: &ModelConfig, case: &Case, need: u64) -> Result<()> {
     Ok(())
 }
 
-pub fn versions(dev: &CpuDevice) -> BTreeMap<String, String> {
+pub fn versions<D: Device>(dev: &D) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     v.insert("flexbench-native".into(), env!("CARGO_PKG_VERSION").into());
     v.insert("device".into(), dev.name());

@@ -9,9 +9,12 @@
 //! (layer, batch) owns its buffers, so no workspace is shared between batches.
 //!
 //! Threads: the compute thread (this one) runs the layer math; the *disk* thread runs O_DIRECT
-//! reads and writes; the *transfer* thread copies between host memory and the compute device
-//! (a CUDA copy stream later). Each has a two-level queue: cache jobs, which the next compute
-//! step needs, go before weight prefetches.
+//! reads and writes; the *transfer* thread copies between host memory and the compute device.
+//! Each has a two-level queue: cache jobs, which the next compute step needs, go before weight
+//! prefetches. On the CUDA device the transfer thread only queues copies out of pinned memory
+//! on the upload stream ([`Device::upload_async`]); the compute thread orders its kernels
+//! behind them with [`Device::wait_fence`] (an event wait on the compute stream), so neither
+//! thread blocks on a copy.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -23,7 +26,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bench_core::{ModelConfig, Policy};
 
 use crate::device::cpu::{CpuDevice, CpuOptions, CpuTensor};
-use crate::device::{AttnShape, DType, Device, DeviceTensor, HostSlice, Sampling};
+use crate::device::{AttnShape, DType, Device, DeviceTensor, Fence, HostSlice, Sampling};
 use crate::generate::{check_prompts, GenOptions, GenOutput, PaddedBatch, Rng, SampleMode};
 use crate::model::layers;
 use crate::model::TensorSource;
@@ -234,6 +237,8 @@ struct Loaded<T> {
     disk_host: Option<(CpuTensor, CpuTensor)>,
     /// Compute copies of the disk segment (without cpu attention).
     disk: Option<(T, T)>,
+    /// Uploads into `host` / `disk` still in flight (devices with asynchronous uploads).
+    fences: Vec<Fence>,
     _mem: Vec<MemGuard>,
 }
 
@@ -243,6 +248,7 @@ impl<T> Default for Loaded<T> {
             host: None,
             disk_host: None,
             disk: None,
+            fences: Vec::new(),
             _mem: Vec::new(),
         }
     }
@@ -388,7 +394,7 @@ impl<'a, D: Device> Run<'a, D> {
             let xfer = self.xfer_q.clone();
             self.disk_q.push(
                 false,
-                Box::new(move || match w.read_disk(unit) {
+                Box::new(move || match w.read_disk(dev, unit) {
                     Ok(d) => xfer.push(
                         false,
                         Box::new(move || {
@@ -422,10 +428,14 @@ impl<'a, D: Device> Run<'a, D> {
             .fetches
             .pop_front()
             .context("weight fetches out of order")?;
-        p.wait(
+        let mut f = p.wait(
             self.stats,
             &format!("fetching weight unit {}", idx % self.units()),
-        )
+        )?;
+        // the copies may still be in flight on the device's upload stream: the kernels queued
+        // from here on wait for them on the device, not here
+        f.ready(self.dev)?;
+        Ok(f)
     }
 
     /// Starts bringing the cache of (layer, batch) to where attention will run, for a step with
@@ -457,10 +467,16 @@ impl<'a, D: Device> Run<'a, D> {
                         Tier::Compute,
                         dims.bytes(seqs, dims.max_len),
                     ));
-                    l.host = Some((
-                        cache::host_to_compute(dev, hk, dims, past, &stats)?,
-                        cache::host_to_compute(dev, hv, dims, past, &stats)?,
-                    ));
+                    let (kv, f) = cache::segment_to_compute(
+                        dev,
+                        (hk, hv),
+                        dims,
+                        past,
+                        &stats,
+                        &c.staging[0],
+                    )?;
+                    l.host = Some(kv);
+                    l.fences.extend(f);
                 }
                 if let Some((dk, dv)) = l.disk_host.take() {
                     let seqs = dk.shape()[0];
@@ -469,10 +485,16 @@ impl<'a, D: Device> Run<'a, D> {
                         Tier::Compute,
                         dims.bytes(seqs, dims.max_len),
                     ));
-                    l.disk = Some((
-                        cache::host_to_compute(dev, &dk, dims, past, &stats)?,
-                        cache::host_to_compute(dev, &dv, dims, past, &stats)?,
-                    ));
+                    let (kv, f) = cache::segment_to_compute(
+                        dev,
+                        (&dk, &dv),
+                        dims,
+                        past,
+                        &stats,
+                        &c.staging[1],
+                    )?;
+                    l.disk = Some(kv);
+                    l.fences.extend(f);
                 }
             }
             Ok(l)
@@ -591,10 +613,14 @@ impl<'a, D: Device> Run<'a, D> {
                 let fetched = self.weights(base + 1 + l)?;
                 let w = fetched.layer();
                 for k in 0..nb {
-                    let loaded = match next_load.take() {
+                    let mut loaded = match next_load.take() {
                         Some(p) => p.wait(self.stats, "loading the KV cache")?,
                         None => Loaded::default(),
                     };
+                    // attention's kernels wait for the cache uploads on the device, not here
+                    for f in loaded.fences.drain(..) {
+                        dev.wait_fence(&f)?;
+                    }
                     // the next (layer, batch) in zig-zag order loads while this one computes
                     let (nl_, nk) = if k + 1 < nb { (l, k + 1) } else { (l + 1, 0) };
                     if nl_ < nl {

@@ -4,7 +4,20 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bench_core::protocol::{find_result, EXIT_OOM, EXIT_UNAVAILABLE};
-use bench_core::{Case, Device, Placement, Policy, Weights};
+use bench_core::{Backend, Case, Device, Placement, Policy, RunContext, Weights};
+
+/// A context for `NativeBackend::check_case` (which looks at none of its paths).
+fn context() -> RunContext {
+    let tmp = std::env::temp_dir();
+    RunContext {
+        project_root: tmp.clone(),
+        case_file: tmp.join("case.json"),
+        work_dir: tmp.clone(),
+        cache_dir: tmp.clone(),
+        bin_dir: tmp,
+        python: None,
+    }
+}
 
 fn case(model: &str) -> Case {
     Case {
@@ -108,8 +121,25 @@ fn unavailable_cases_exit_4_with_a_reason() {
     let mut c = case("opt-tiny");
     c.device = Device::Cuda;
     let out = run(&c, "cuda", false);
-    assert_eq!(out.status.code(), Some(EXIT_UNAVAILABLE));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA"));
+    // a cuda case is unavailable exactly where the probe says so, with the probe's reason
+    // (the orchestrator's check_case gives the same answer before it starts a child)
+    let check = backend_native::NativeBackend.check_case(&c, &context());
+    match backend_native::runner::cuda_available() {
+        Err(reason) => {
+            assert_eq!(out.status.code(), Some(EXIT_UNAVAILABLE));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(&reason), "{err}");
+            assert_eq!(check, Err(reason));
+        }
+        Ok(()) => {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(check, Ok(()));
+        }
+    }
     let mut c = case("opt-tiny");
     let mut p = Policy::new([0, 0, 100, 0, 100, 0]);
     p.compress_weight = true;
@@ -167,6 +197,9 @@ fn offloaded_placements_run_and_report_their_traffic() {
                 );
                 assert_eq!(moved("disk_write"), 0);
                 assert!(peak("disk") > 0);
+                // every weight byte is on disk: none on the other tiers
+                assert!(peak("weights_disk") > 0);
+                assert_eq!(peak("weights_host") + peak("weights_compute"), 0);
             }
             "cdisk" => {
                 assert!(

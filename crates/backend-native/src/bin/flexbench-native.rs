@@ -12,16 +12,18 @@ use backend_native::device::cpu::CpuDevice;
 use backend_native::device::cpu::{CpuOptions, MatmulMode};
 use backend_native::device::{is_out_of_memory, DType, Device};
 use backend_native::generate::{generate, GenOptions, SampleMode};
+use backend_native::model::ModelWeights;
 use backend_native::runner;
 use backend_native::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 use bench_core::protocol::{self, EXIT_OOM, EXIT_UNAVAILABLE};
+use bench_core::{ModelConfig, Policy};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
     name = "flexbench-native",
     version,
-    about = "flexbench's native OPT engine (CPU device)"
+    about = "flexbench's native OPT engine (CPU and CUDA devices)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +34,12 @@ struct Cli {
 enum KvDtype {
     F16,
     F32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceKind {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -184,6 +192,11 @@ enum Cmd {
         /// Print {"new_tokens": [[...], ...]} instead of one line per prompt.
         #[arg(long)]
         json: bool,
+        /// Compute device: cpu, or cuda (GPU 0; exits with code 4 where there is no usable GPU).
+        /// With cuda the policy's "gpu" tier is device memory and its "cpu" tier pinned host
+        /// memory; --matmul, --kv-dtype and --threads apply to the CPU device.
+        #[arg(long = "device", value_enum, default_value = "cpu")]
+        device_kind: DeviceKind,
         #[command(flatten)]
         policy: PolicyArgs,
         #[command(flatten)]
@@ -303,6 +316,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             stop_at_eos,
             json,
+            device_kind,
             policy,
             device,
         } => {
@@ -310,55 +324,35 @@ fn run(cli: Cli) -> Result<()> {
             let inp = runner::read_generate_input(&input)?;
             let n = max_new_tokens.or(inp.max_new_tokens).unwrap_or(16);
             runner::ensure_positive("max_new_tokens", n)?;
-            if policy.given() {
-                let (pol, sched) = policy.resolve(inp.prompts.len())?;
-                let (cfg, ckpt) = runner::open_checkpoint(&model)?;
-                let dev = CpuDevice::new(device.options());
-                let prompt_len = inp.prompts.iter().map(Vec::len).max().unwrap_or(0);
-                let cache_disk = schedule::cache_disk_bytes(
-                    &cfg,
-                    &pol,
-                    dev.kv_dtype(),
-                    inp.prompts.len(),
-                    sched.num_gpu_batches,
-                    prompt_len + n,
-                );
-                let m = OffloadModel::load(
-                    &dev,
-                    &ckpt,
-                    &cfg,
-                    &pol,
-                    policy.offload_dir.as_deref(),
-                    cache_disk,
-                )?;
-                let opts = GenOptions {
-                    max_new_tokens: n,
-                    sample: if temperature > 0.0 {
-                        SampleMode::Temperature { temperature, seed }
-                    } else {
-                        SampleMode::Greedy
-                    },
-                    stop_token: stop_at_eos.then_some(cfg.eos_token_id),
-                    keep_logits: false,
-                };
-                let out = generate_offloaded(&dev, &m, &inp.prompts, &opts, &sched)?;
-                print_tokens(&out.new_tokens, json);
-                return Ok(());
-            }
-            let (cfg, dev, weights) = runner::load_cpu_model(&model, device.options())?;
-            let sample = if temperature > 0.0 {
-                SampleMode::Temperature { temperature, seed }
-            } else {
-                SampleMode::Greedy
-            };
+            let (cfg, ckpt) = runner::open_checkpoint(&model)?;
             let opts = GenOptions {
                 max_new_tokens: n,
-                sample,
+                sample: if temperature > 0.0 {
+                    SampleMode::Temperature { temperature, seed }
+                } else {
+                    SampleMode::Greedy
+                },
                 stop_token: stop_at_eos.then_some(cfg.eos_token_id),
                 keep_logits: false,
             };
-            let out = generate(&dev, &cfg, &weights, &inp.prompts, &opts)?;
-            print_tokens(&out.new_tokens, json);
+            let placed = if policy.given() {
+                Some(policy.resolve(inp.prompts.len())?)
+            } else {
+                None
+            };
+            let g = Generation {
+                cfg: &cfg,
+                ckpt: &ckpt,
+                prompts: &inp.prompts,
+                opts: &opts,
+                placed: placed.as_ref(),
+                offload_dir: policy.offload_dir.as_deref(),
+            };
+            let tokens = match device_kind {
+                DeviceKind::Cpu => g.run(&CpuDevice::new(device.options()))?,
+                DeviceKind::Cuda => g.run(&runner::open_cuda()?)?,
+            };
+            print_tokens(&tokens, json);
             Ok(())
         }
         Cmd::DiskSpeed {
@@ -389,5 +383,36 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
+    }
+}
+
+/// One `generate` invocation, run on whichever device was asked for.
+struct Generation<'a> {
+    cfg: &'a ModelConfig,
+    ckpt: &'a backend_native::model::Checkpoint,
+    prompts: &'a [Vec<u32>],
+    opts: &'a GenOptions,
+    /// The policy flags, when given: generation goes through the offloader.
+    placed: Option<&'a (Policy, ScheduleOptions)>,
+    offload_dir: Option<&'a std::path::Path>,
+}
+
+impl Generation<'_> {
+    fn run<D: Device>(&self, dev: &D) -> Result<Vec<Vec<u32>>> {
+        let Some((pol, sched)) = self.placed else {
+            let w = ModelWeights::load(dev, self.ckpt, self.cfg)?;
+            return Ok(generate(dev, self.cfg, &w, self.prompts, self.opts)?.new_tokens);
+        };
+        let prompt_len = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let cache_disk = schedule::cache_disk_bytes(
+            self.cfg,
+            pol,
+            dev.kv_dtype(),
+            self.prompts.len(),
+            sched.num_gpu_batches,
+            prompt_len + self.opts.max_new_tokens,
+        );
+        let m = OffloadModel::load(dev, self.ckpt, self.cfg, pol, self.offload_dir, cache_disk)?;
+        Ok(generate_offloaded(dev, &m, self.prompts, self.opts, sched)?.new_tokens)
     }
 }

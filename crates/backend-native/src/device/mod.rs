@@ -23,7 +23,9 @@
 //! - Errors, never panics, for shape mismatches and allocation failures; an allocation failure
 //!   carries [`OutOfMemory`] in its error chain so the runner can exit with the OOM code.
 //!
-//! Changes to this trait are additive only (the CUDA device implements it on another branch).
+//! Changes to this trait are additive only, with default implementations where the CPU device
+//! needs nothing new (the host-memory transfer methods: [`Device::alloc_host`],
+//! [`Device::upload_async`], [`Device::async_uploads`], [`Device::wait_fence`]).
 
 pub mod cpu;
 pub mod cuda;
@@ -32,6 +34,8 @@ use std::fmt;
 
 use anyhow::Result;
 use half::f16;
+
+pub use crate::offload::direct::AlignedBuf;
 
 /// Element type of a device tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,6 +187,38 @@ pub enum Sampling<'a> {
     },
 }
 
+/// Copy work a device queued to overlap with compute (a host-to-device copy on a CUDA copy
+/// stream): compute waits for it through [`Device::wait_fence`] before using the data, and the
+/// host through [`Fence::wait_host`] before it overwrites the copy's source.
+#[derive(Clone)]
+pub struct Fence(std::sync::Arc<dyn FenceImpl>);
+
+/// A device's fence.
+pub trait FenceImpl: Send + Sync + 'static {
+    /// Blocks the calling thread until the copy is done.
+    fn wait_host(&self) -> Result<()>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl Fence {
+    pub fn new(f: impl FenceImpl) -> Fence {
+        Fence(std::sync::Arc::new(f))
+    }
+    pub fn wait_host(&self) -> Result<()> {
+        self.0.wait_host()
+    }
+    /// The device's own fence type, for its [`Device::wait_fence`].
+    pub fn downcast<T: 'static>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fence")
+    }
+}
+
 /// A compute device. See the module docs for the conventions.
 pub trait Device: Send + Sync {
     type Tensor: DeviceTensor;
@@ -211,6 +247,49 @@ pub trait Device: Send + Sync {
     fn download_f16(&self, t: &Self::Tensor, offset: usize, out: &mut [f16]) -> Result<()>;
     /// Waits until all queued work is done.
     fn synchronize(&self) -> Result<()>;
+
+    // ---- host memory for transfers (additive; the defaults suit a device whose compute memory
+    // is host RAM) ----
+    /// Page-aligned, zeroed host memory of at least `bytes` for data this device will copy in:
+    /// the offloader's host tier and its disk staging buffers. CUDA gives pinned memory, from
+    /// which [`Device::upload_async`] copies at the link's full rate without blocking anyone.
+    /// Default: ordinary aligned heap memory.
+    fn alloc_host(&self, bytes: usize) -> Result<AlignedBuf> {
+        AlignedBuf::new(bytes)
+    }
+    /// Starts copying `n` values of `dst`'s dtype, stored at byte `src_offset` of `src`, into
+    /// `dst[offset ..]`, overlapped with compute where the device can (CUDA: from pinned memory,
+    /// on its upload stream, after the compute already queued). Returns the fence that compute
+    /// must pass through ([`Device::wait_fence`]) before it reads `dst`, and the host before it
+    /// overwrites `src`; `None` when the copy is already complete.
+    /// Default: a plain [`Device::write`].
+    fn upload_async(
+        &self,
+        dst: &mut Self::Tensor,
+        offset: usize,
+        src: &AlignedBuf,
+        src_offset: usize,
+        n: usize,
+    ) -> Result<Option<Fence>> {
+        let data = match dst.dtype() {
+            DType::F16 => HostSlice::F16(src.f16s(src_offset, n)),
+            DType::F32 => HostSlice::F32(src.f32s(src_offset, n)),
+            DType::U32 => anyhow::bail!("upload_async of a U32 tensor"),
+        };
+        self.write(dst, offset, data)?;
+        Ok(None)
+    }
+    /// Whether [`Device::upload_async`] out of [`Device::alloc_host`] memory overlaps compute
+    /// (CUDA: pinned memory, copy stream), so staging host data through such memory pays off.
+    /// Default: false (a staging copy would only be one more memory copy).
+    fn async_uploads(&self) -> bool {
+        false
+    }
+    /// Orders the compute queued after this call behind `fence`'s copy (on CUDA: the compute
+    /// stream waits for the copy's event; the host does not block). Default: the host waits.
+    fn wait_fence(&self, fence: &Fence) -> Result<()> {
+        fence.wait_host()
+    }
 
     // ---- ops ----
     /// Rows of `table` (`[rows, width]`, F16) picked by `ids` (U32, any shape with n elements):

@@ -16,7 +16,7 @@ use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir};
 use super::placement::Tier;
 use super::stats::{Link, MemGuard, Stats};
 use crate::device::cpu::{CpuDevice, CpuTensor, Storage};
-use crate::device::{DType, Device, DeviceTensor, HostSlice};
+use crate::device::{DType, Device, DeviceTensor, Fence, HostSlice};
 
 /// Dimensions shared by every segment.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +61,19 @@ pub struct BatchCache<T> {
     pub compute: Mutex<Option<(T, T)>>,
     pub host: Mutex<Option<(CpuTensor, CpuTensor)>>,
     pub disk: Option<DiskKv>,
+    /// Transfer-memory staging of the host segment (0) and of the disk segment read back (1),
+    /// made on first use by devices with asynchronous uploads ([`segment_to_compute`]).
+    pub staging: [Mutex<Option<Staging>>; 2],
     _mem: Vec<MemGuard>,
+}
+
+/// A segment's K and V in the device's transfer memory (pinned on CUDA), reused every step,
+/// and the copies out of it still in flight.
+pub struct Staging {
+    k: AlignedBuf,
+    v: AlignedBuf,
+    in_flight: Vec<Fence>,
+    _mem: MemGuard,
 }
 
 /// Bytes the disk segments of a whole cache need: for the offload directory's free-space check.
@@ -142,6 +154,7 @@ impl<T: DeviceTensor> BatchCache<T> {
             compute: Mutex::new(compute),
             host: Mutex::new(host_seg),
             disk,
+            staging: [Mutex::new(None), Mutex::new(None)],
             _mem: mem,
         })
     }
@@ -287,6 +300,80 @@ pub fn host_to_compute<D: Device>(
         stats.moved(Link::HostToCompute, dims.bytes(seqs, positions) / 2);
     }
     Ok(t)
+}
+
+/// A segment's K and V on the compute device, and the uploads into them still in flight.
+pub type Staged<T> = ((T, T), Vec<Fence>);
+
+/// Compute-device copies of a segment's host K and V (`[seqs, heads, max_len, d]`, positions
+/// `0 .. positions` valid), and the copies the compute must wait for ([`Device::wait_fence`]).
+///
+/// Devices with asynchronous uploads get the segment through `staging`: the valid rows are
+/// copied into transfer memory (pinned on CUDA) and go up as one copy per tensor on the upload
+/// stream, which overlaps compute; the whole tensor moves (the rows past `positions` are never
+/// read). Other devices get [`host_to_compute`]'s row-by-row writes of the valid positions.
+pub fn segment_to_compute<D: Device>(
+    dev: &D,
+    (hk, hv): (&CpuTensor, &CpuTensor),
+    dims: KvDims,
+    positions: usize,
+    stats: &Arc<Stats>,
+    staging: &Mutex<Option<Staging>>,
+) -> Result<Staged<D::Tensor>> {
+    if !dev.async_uploads() || positions == 0 {
+        let k = host_to_compute(dev, hk, dims, positions, stats)?;
+        let v = host_to_compute(dev, hv, dims, positions, stats)?;
+        return Ok(((k, v), Vec::new()));
+    }
+    let (seqs, h, l, d) = match hk.shape() {
+        [a, b, c, e] => (*a, *b, *c, *e),
+        s => bail!("host cache of shape {s:?}"),
+    };
+    let n = seqs * h * l * d;
+    let vbytes = dims.dtype.size();
+    let mut guard = staging.lock().expect("staging lock");
+    let st = match &mut *guard {
+        Some(st) => {
+            // the previous step's copies out of these buffers must be done before refilling
+            for f in st.in_flight.drain(..) {
+                f.wait_host()
+                    .context("waiting for the previous KV upload")?;
+            }
+            st
+        }
+        None => guard.insert(Staging {
+            k: dev.alloc_host(n * vbytes)?,
+            v: dev.alloc_host(n * vbytes)?,
+            in_flight: Vec::new(),
+            _mem: MemGuard::new(stats, Tier::Host, 2 * align_up(n * vbytes)),
+        }),
+    };
+    let mut out = Vec::with_capacity(2);
+    let mut fences = Vec::new();
+    for (host, buf) in [(hk, &mut st.k), (hv, &mut st.v)] {
+        for sh in 0..seqs * h {
+            let r = sh * l * d..(sh * l + positions) * d;
+            match host.storage() {
+                Storage::F16(v) => buf
+                    .f16s_mut(r.start * 2, r.len())
+                    .copy_from_slice(&v[r.clone()]),
+                Storage::F32(v) => buf
+                    .f32s_mut(r.start * 4, r.len())
+                    .copy_from_slice(&v[r.clone()]),
+                Storage::U32(_) => bail!("a u32 KV cache"),
+            }
+        }
+        let mut t = dev.alloc_kv(seqs, h, l, d)?;
+        if let Some(f) = dev.upload_async(&mut t, 0, buf, 0, n)? {
+            fences.push(f);
+        }
+        stats.moved(Link::HostToCompute, n * vbytes);
+        out.push(t);
+    }
+    st.in_flight = fences.clone();
+    let v = out.pop().context("staged V")?;
+    let k = out.pop().context("staged K")?;
+    Ok(((k, v), fences))
 }
 
 #[cfg(test)]

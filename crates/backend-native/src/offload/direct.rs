@@ -29,9 +29,13 @@ pub fn align_up(n: usize) -> usize {
 }
 
 /// A zero-initialized host buffer aligned to [`ALIGN`], its length a multiple of [`ALIGN`].
+/// Either heap memory of its own or memory a device allocated ([`AlignedBuf::from_owner`]: pinned
+/// host memory on CUDA), which the device recognises again through [`AlignedBuf::owner`].
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    /// The allocation the bytes belong to; `None` = our own heap allocation.
+    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: the buffer is uniquely owned memory, like a Vec<u8>.
@@ -51,7 +55,39 @@ impl AlignedBuf {
                 bytes: len as u64,
             }));
         }
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            owner: None,
+        })
+    }
+
+    /// A view of memory owned by `owner` (freed when the buffer drops), zero-filled here.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for as long as `owner` lives, and
+    /// nothing else may access that memory meanwhile.
+    pub unsafe fn from_owner(
+        ptr: *mut u8,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<AlignedBuf> {
+        ensure!(
+            (ptr as usize).is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) && len > 0,
+            "device host memory at {ptr:p} of {len} bytes is not {ALIGN}-byte aligned"
+        );
+        // SAFETY: valid for len bytes (the caller's promise).
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            owner: Some(owner),
+        })
+    }
+
+    /// The allocation behind the bytes, if a device made it and it is a `T`.
+    pub fn owner<T: 'static>(&self) -> Option<&T> {
+        self.owner.as_ref()?.downcast_ref::<T>()
     }
     pub fn len(&self) -> usize {
         self.len
@@ -93,6 +129,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.owner.is_some() {
+            return; // the owner frees its memory when it drops
+        }
         // SAFETY: allocated in `new` with this exact layout.
         unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, ALIGN)) }
     }
@@ -426,6 +465,28 @@ mod tests {
         drop(f);
         drop(dir);
         assert!(!sub.exists(), "the run's subdirectory is removed");
+    }
+
+    /// Device memory wrapped as a buffer (pinned memory on CUDA): zeroed, recognised again by
+    /// its owner's type, freed by the owner only; misaligned memory is refused.
+    #[test]
+    fn buffers_over_owned_memory() {
+        let mut inner = AlignedBuf::new(2 * ALIGN).unwrap();
+        inner.bytes_mut().fill(7);
+        let ptr = inner.bytes_mut().as_mut_ptr();
+        // SAFETY: inner's memory lives in the owner box and nothing else touches it.
+        let mut b = unsafe { AlignedBuf::from_owner(ptr, 2 * ALIGN, Box::new(inner)) }.unwrap();
+        assert!(b.bytes().iter().all(|&x| x == 0));
+        assert!(b.owner::<AlignedBuf>().is_some());
+        assert!(b.owner::<u32>().is_none());
+        b.f16s_mut(2, 3).fill(f16::ONE);
+        assert_eq!(b.f16s(2, 3), &[f16::ONE; 3]);
+        assert!(AlignedBuf::new(10).unwrap().owner::<AlignedBuf>().is_none());
+        let mut other = AlignedBuf::new(2 * ALIGN).unwrap();
+        let p = other.bytes_mut().as_mut_ptr();
+        // SAFETY: refused before any access.
+        let bad = unsafe { AlignedBuf::from_owner(p.wrapping_add(1), ALIGN, Box::new(())) };
+        assert!(bad.is_err());
     }
 
     #[test]

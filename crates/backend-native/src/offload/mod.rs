@@ -11,11 +11,13 @@
 //! "Compute memory" is whatever the [`crate::device::Device`] allocates; "host memory" is RAM;
 //! "disk" is files.
 //!
-//! Pinned memory (the hook for the CUDA device): every host-tier buffer is made in one of three
-//! places, which is where a CUDA device registers it (cudaHostRegister) so copies run at the
-//! link's full rate and overlap compute: [`direct::AlignedBuf::new`] (disk read and write
-//! buffers, pooled by [`weights::TieredWeights`]), the `Home::Host` weights of
-//! [`weights::TieredWeights::build`], and the host segments of [`cache::BatchCache::new`].
+//! Pinned memory (the CUDA device): the host-tier weights of [`weights::TieredWeights::build`]
+//! and the disk read buffers that [`weights::TieredWeights`] pools come from
+//! [`crate::device::Device::alloc_host`] (pinned on CUDA, ordinary aligned memory on the CPU
+//! device), and move up with [`crate::device::Device::upload_async`]: on CUDA a copy on the
+//! upload stream whose event the compute stream waits on. The host segments of
+//! [`cache::BatchCache::new`] stay ordinary memory (attention on the host reads them directly;
+//! without CPU attention they move with plain, stream-ordered writes).
 //!
 //! On the CPU device compute and host memory are both RAM, yet kept apart (separate buffers,
 //! explicit copies counted on the host_to_compute and compute_to_host links), so the same code

@@ -5,7 +5,10 @@
 //! A fetch has two stages so the disk never waits for a copy: [`TieredWeights::read_disk`] reads
 //! the unit's disk tensors with one sequential O_DIRECT read into an aligned buffer (the disk
 //! thread), [`TieredWeights::materialize`] copies host and disk tensors to the compute device
-//! (the transfer thread; a CUDA copy stream later).
+//! (the transfer thread). Host-tier tensors and disk read buffers live in the device's transfer
+//! memory ([`Device::alloc_host`]: pinned on CUDA), so on CUDA stage two only queues copies on the
+//! upload stream ([`Device::upload_async`]) and the compute thread orders its kernels behind
+//! them with [`Fetched::ready`]: no host synchronisation anywhere on the weight path.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +20,7 @@ use half::f16;
 use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
 use super::placement::{place_weights, Tier};
 use super::stats::{Link, MemGuard, Stats};
-use crate::device::{DType, Device, DeviceTensor, HostSlice};
+use crate::device::{DType, Device, DeviceTensor, Fence, HostSlice};
 use crate::model::weights::{layer_tensor_names, LayerWeights};
 use crate::model::TensorSource;
 
@@ -154,9 +157,9 @@ impl WeightPlan {
 /// A tensor's home.
 enum Home<T> {
     Compute(Arc<T>),
-    /// Host RAM. (On CUDA this is where pinned memory goes: the transfer then runs at the
-    /// link's full rate and can overlap compute.)
-    Host(Vec<f16>),
+    /// Host memory from [`Device::alloc_host`] (pinned on CUDA: the transfer runs at the
+    /// link's full rate and overlaps compute).
+    Host(AlignedBuf),
     /// `bytes` at `offset` of its unit's file.
     Disk {
         offset: usize,
@@ -186,9 +189,11 @@ pub struct TieredWeights<T> {
     _mem: Vec<MemGuard>,
 }
 
-/// An aligned buffer with its host-memory accounting.
+/// An aligned buffer with its host-memory accounting, and the copy out of it that must finish
+/// before it is read into again.
 pub struct PooledBuf {
     buf: AlignedBuf,
+    in_flight: Option<Fence>,
     _mem: MemGuard,
 }
 
@@ -202,6 +207,8 @@ pub struct DiskRead {
 /// A unit's tensors on the compute device (stage two of a fetch), in the unit's order.
 pub struct Fetched<T> {
     pub tensors: Vec<Arc<T>>,
+    /// Copies still in flight into `tensors` ([`Fetched::ready`] orders compute behind them).
+    fences: Vec<Fence>,
     /// Which tensors are copies from the compute pool (returned to it on drop) and their
     /// memory accounting.
     copies: Vec<Option<(Vec<usize>, MemGuard)>>,
@@ -217,6 +224,11 @@ type Pooled<T> = (T, MemGuard);
 
 impl<T> Drop for Fetched<T> {
     fn drop(&mut self) {
+        // a unit dropped unused (a prefetch past an early stop, an error) may still be the
+        // target of copies: they must end before its buffers are reused or freed
+        for f in self.fences.drain(..) {
+            let _ = f.wait_host();
+        }
         let Ok(mut pool) = self.pool.0.lock() else {
             return;
         };
@@ -280,7 +292,21 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 }
                 Tier::Host => {
                     mem.push(MemGuard::new(stats, Tier::Host, t.bytes()));
-                    Home::Host(src.load_f16(&t.name, &t.shape)?)
+                    let mut buf = dev.alloc_host(t.bytes()).with_context(|| {
+                        format!(
+                            "allocating host memory for {} ({} bytes)",
+                            t.name,
+                            t.bytes()
+                        )
+                    })?;
+                    // chunk by chunk: the tensor never exists twice in RAM
+                    let mut at = 0;
+                    src.for_each_chunk(&t.name, &t.shape, STREAM_CHUNK, &mut |c: &[f16]| {
+                        buf.f16s_mut(at * 2, c.len()).copy_from_slice(c);
+                        at += c.len();
+                        Ok(())
+                    })?;
+                    Home::Host(buf)
                 }
                 Tier::Disk => {
                     let f = files[t.unit]
@@ -311,8 +337,9 @@ impl<T: DeviceTensor> TieredWeights<T> {
         })
     }
 
-    /// A buffer of at least `len` bytes: the smallest pooled one that fits, or a new one.
-    fn take_buf(&self, len: usize) -> Result<PooledBuf> {
+    /// A buffer of at least `len` bytes: the smallest pooled one that fits (once the copy out of
+    /// it is done), or a new one from the device's transfer memory.
+    fn take_buf<D: Device<Tensor = T>>(&self, dev: &D, len: usize) -> Result<PooledBuf> {
         let mut pool = self.pool.lock().expect("buffer pool lock");
         let best = pool
             .iter()
@@ -321,12 +348,24 @@ impl<T: DeviceTensor> TieredWeights<T> {
             .min_by_key(|(_, b)| b.buf.len())
             .map(|(i, _)| i);
         match best {
-            Some(i) => Ok(pool.swap_remove(i)),
+            Some(i) => {
+                let mut b = pool.swap_remove(i);
+                drop(pool);
+                if let Some(f) = b.in_flight.take() {
+                    f.wait_host()
+                        .context("waiting for an upload out of a disk read buffer")?;
+                }
+                Ok(b)
+            }
             None => {
                 drop(pool);
-                let buf = AlignedBuf::new(len)?;
+                let buf = dev.alloc_host(len)?;
                 let mem = MemGuard::new(&self.stats, Tier::Host, buf.len());
-                Ok(PooledBuf { buf, _mem: mem })
+                Ok(PooledBuf {
+                    buf,
+                    in_flight: None,
+                    _mem: mem,
+                })
             }
         }
     }
@@ -358,7 +397,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
 
     /// Stage one: reads every file that holds a disk tensor of `unit`, each with one sequential
     /// O_DIRECT read.
-    pub fn read_disk(&self, unit: usize) -> Result<DiskRead> {
+    pub fn read_disk<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<DiskRead> {
         // per file, the span covering this unit's tensors in it (all of the unit's own file; the
         // embedding table alone when the output head reads the input's file)
         let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (owner, start, end)
@@ -381,7 +420,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 .as_ref()
                 .expect("disk tensors have a file");
             let len = end - start;
-            let mut b = self.take_buf(len)?;
+            let mut b = self.take_buf(dev, len)?;
             let t0 = std::time::Instant::now();
             f.file
                 .read_at(&mut b.buf, len, start as u64)
@@ -402,31 +441,43 @@ impl<T: DeviceTensor> TieredWeights<T> {
     ) -> Result<Fetched<T>> {
         let mut tensors = Vec::with_capacity(self.units[unit].len());
         let mut copies = Vec::with_capacity(self.units[unit].len());
+        let mut fences = Vec::new();
+        let mut disk = disk;
         for &i in &self.units[unit] {
             let s = &self.stored[i];
-            let data = match &s.home {
+            let t0 = std::time::Instant::now();
+            let (mut t, g) = match &s.home {
                 Home::Compute(t) => {
                     tensors.push(t.clone());
                     copies.push(None);
                     continue;
                 }
-                Home::Host(data) => &data[..],
+                _ => self.compute_buf(dev, &s.plan.shape)?,
+            };
+            let n = s.plan.bytes() / 2;
+            let fence = match &s.home {
+                Home::Host(buf) => dev.upload_async(&mut t, 0, buf, 0, n),
                 Home::Disk { offset } => {
-                    let (start, buf) = disk
-                        .as_ref()
-                        .and_then(|d| d.bufs.iter().find(|(u, _, _)| *u == s.plan.unit))
-                        .map(|(_, start, b)| (*start, &b.buf))
+                    let (start, b) = disk
+                        .as_mut()
+                        .and_then(|d| d.bufs.iter_mut().find(|(u, _, _)| *u == s.plan.unit))
+                        .map(|(_, start, b)| (*start, b))
                         .with_context(|| {
                             format!("{} was not read from disk before its upload", s.plan.name)
                         })?;
-                    buf.f16s(*offset - start, s.plan.bytes() / 2)
+                    let f = dev.upload_async(&mut t, 0, &b.buf, *offset - start, n);
+                    if let Ok(Some(f)) = &f {
+                        // copies out of one buffer finish in queue order: the last one covers all
+                        b.in_flight = Some(f.clone());
+                    }
+                    f
                 }
-            };
-            let t0 = std::time::Instant::now();
-            let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
-            dev.write(&mut t, 0, HostSlice::F16(data))
-                .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+                Home::Compute(_) => unreachable!("handled above"),
+            }
+            .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
+            // queueing time on CUDA (the copy itself runs on the upload stream), copy time here
             self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
+            fences.extend(fence);
             self.stats.moved(Link::HostToCompute, s.plan.bytes());
             tensors.push(Arc::new(t));
             copies.push(Some((s.plan.shape.clone(), g)));
@@ -436,6 +487,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
         }
         Ok(Fetched {
             tensors,
+            fences,
             copies,
             pool: self.cpool.clone(),
         })
@@ -462,14 +514,16 @@ impl<T: DeviceTensor> TieredWeights<T> {
         Ok((t, MemGuard::new(&self.stats, Tier::Compute, bytes)))
     }
 
-    /// Both stages at once.
+    /// Both stages at once, ready for compute.
     pub fn fetch<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<Fetched<T>> {
         let disk = if self.has_disk(unit) {
-            Some(self.read_disk(unit)?)
+            Some(self.read_disk(dev, unit)?)
         } else {
             None
         };
-        self.materialize(dev, unit, disk)
+        let mut f = self.materialize(dev, unit, disk)?;
+        f.ready(dev)?;
+        Ok(f)
     }
 }
 
@@ -520,6 +574,15 @@ fn stream_to_disk(
 
 /// Typed views of a fetched unit.
 impl<T> Fetched<T> {
+    /// Orders the compute queued from now on behind the copies into these tensors (call it on
+    /// the compute thread before the first op that reads them).
+    pub fn ready<D: Device<Tensor = T>>(&mut self, dev: &D) -> Result<()> {
+        for f in self.fences.drain(..) {
+            dev.wait_fence(&f)?;
+        }
+        Ok(())
+    }
+
     /// A decoder layer's weights (unit 1..=L).
     pub fn layer(&self) -> LayerWeights<Arc<T>> {
         let t = &self.tensors;

@@ -192,9 +192,9 @@ fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Ve
         }
     }
     super::simd::softmax_row(&mut p, m, t, scale);
-    for j in 0..t {
-        if p[j] != 0.0 {
-            v.axpy(j, p[j], &mut out, &mut tmp);
+    for (j, &w) in p.iter().enumerate() {
+        if w != 0.0 {
+            v.axpy(j, w, &mut out, &mut tmp);
         }
     }
     out

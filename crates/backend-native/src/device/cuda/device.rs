@@ -20,7 +20,8 @@ use super::memory::{self, dptr, dptr_mut, CopyStreams};
 use super::module::{default_cache_root, KernelSet};
 use super::presence;
 use crate::device::{
-    Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, OutOfMemory, Sampling,
+    Activation, AlignedBuf, AttnShape, DType, Device, DeviceTensor, Fence, HostSlice, OutOfMemory,
+    Sampling,
 };
 
 /// A tensor in device memory: raw bytes plus its shape and element type.
@@ -643,6 +644,70 @@ impl Device for CudaDevice {
         self.stream
             .memcpy_htod(bytes, &mut view)
             .map_err(|e| drv(e, "host-to-device copy"))
+    }
+
+    fn alloc_host(&self, bytes: usize) -> Result<AlignedBuf> {
+        memory::pinned_aligned(&self.ctx, bytes)
+    }
+
+    /// From pinned memory: on the upload stream, after the compute queued so far (the previous
+    /// user of a pooled `dst`), with an event for the compute stream to wait on. From other
+    /// memory: [`Device::write`] on the compute stream (ordered, nothing to wait for).
+    fn upload_async(
+        &self,
+        dst: &mut CudaTensor,
+        offset: usize,
+        src: &AlignedBuf,
+        src_offset: usize,
+        n: usize,
+    ) -> Result<Option<Fence>> {
+        let size = dst.dtype.size();
+        let bytes = n * size;
+        ensure!(
+            offset + n <= dst.numel() && src_offset + bytes <= src.len(),
+            "upload_async: {n} values at {offset} of {} from byte {src_offset} of {}",
+            dst.numel(),
+            src.len()
+        );
+        if src.owner::<memory::PinnedBuffer>().is_none() {
+            let data = match dst.dtype {
+                DType::F16 => HostSlice::F16(src.f16s(src_offset, n)),
+                DType::F32 => HostSlice::F32(src.f32s(src_offset, n)),
+                DType::U32 => bail!("upload_async of a U32 tensor"),
+            };
+            self.write(dst, offset, data)?;
+            return Ok(None);
+        }
+        let h2d = &self.copies.h2d;
+        let free = self
+            .stream
+            .record_event(None)
+            .map_err(|e| drv(e, "recording the compute stream's event"))?;
+        h2d.wait(&free).map_err(|e| drv(e, "upload stream wait"))?;
+        let host = &src.bytes()[src_offset..src_offset + bytes];
+        let mut view = dst.buf.slice_mut(offset * size..offset * size + bytes);
+        // a &[u8] over pinned memory: cudarc adds no synchronisation for plain slices, and the
+        // driver sees a page-locked address, so the copy is a true asynchronous DMA
+        h2d.memcpy_htod(host, &mut view)
+            .map_err(|e| drv(e, "host-to-device copy on the upload stream"))?;
+        let done = h2d
+            .record_event(None)
+            .map_err(|e| drv(e, "recording the upload event"))?;
+        Ok(Some(Fence::new(memory::CudaFence(done))))
+    }
+
+    fn async_uploads(&self) -> bool {
+        true
+    }
+
+    fn wait_fence(&self, fence: &Fence) -> Result<()> {
+        match fence.downcast::<memory::CudaFence>() {
+            Some(f) => self
+                .stream
+                .wait(&f.0)
+                .map_err(|e| drv(e, "compute stream wait on an upload")),
+            None => fence.wait_host(),
+        }
     }
 
     fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {

@@ -189,3 +189,32 @@ pub fn dptr_mut<T>(s: &mut CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _guard) = s.device_ptr_mut(stream);
     p
 }
+
+/// A copy queued on a copy stream, as a [`crate::device::Fence`]: the event recorded after it.
+pub struct CudaFence(pub CudaEvent);
+
+impl crate::device::FenceImpl for CudaFence {
+    fn wait_host(&self) -> Result<()> {
+        self.0
+            .synchronize()
+            .map_err(|e| anyhow!("waiting for a copy event: {e:?}"))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Pinned host memory as the offloader's [`crate::device::AlignedBuf`] (page-aligned, which
+/// O_DIRECT reads need too). Write-combined: the CPU only fills these buffers (weights, disk
+/// reads) and the GPU reads them.
+pub fn pinned_aligned(ctx: &Arc<CudaContext>, bytes: usize) -> Result<crate::device::AlignedBuf> {
+    let len = crate::offload::direct::align_up(bytes.max(1));
+    let mut pinned = PinnedBuffer::new(ctx, len, PinnedUse::Upload)?;
+    let ptr = pinned
+        .buf
+        .as_mut_ptr()
+        .map_err(|e| anyhow!("pinned buffer: {e:?}"))?;
+    // SAFETY: the pinned allocation is len bytes, lives as long as the owner box, and only the
+    // AlignedBuf (its sole user) touches it.
+    unsafe { crate::device::AlignedBuf::from_owner(ptr, len, Box::new(pinned)) }
+}
