@@ -112,15 +112,8 @@ pub fn open_cuda() -> Result<CudaDevice> {
 
 /// The benchmark's prompts: deterministic pseudo-random ids, never pad (1) or eos (2).
 pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
-    let mut rng = crate::generate::Rng::new(0x0b00_ca5e);
-    let hi = vocab.max(4) as u64;
-    (0..batch)
-        .map(|_| {
-            (0..prompt_len)
-                .map(|_| (3 + rng.next_u64() % (hi - 3)) as u32)
-                .collect()
-        })
-        .collect()
+    // The same ids the Python backends read, so tokens can be compared framework by framework.
+    bench_core::prompts::tokens(batch, prompt_len, vocab)
 }
 
 /// Peak resident set size of this process, bytes: `VmHWM` of /proc/self/status. (getrusage's
