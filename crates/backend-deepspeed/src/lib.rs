@@ -96,6 +96,10 @@ impl Backend for DeepSpeedBackend {
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
         inputs::prepare(case, ctx)
     }
+    fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
+        pyenv::probe_ctx(ctx, pyenv::DS_MODULES)
+            .unwrap_or_default()
+    }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
         let mut cmd = Command::new(&python);
