@@ -97,8 +97,7 @@ impl Backend for DeepSpeedBackend {
         inputs::prepare(case, ctx)
     }
     fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
-        pyenv::probe_ctx(ctx, pyenv::DS_MODULES)
-            .unwrap_or_default()
+        pyenv::probe_ctx(ctx, pyenv::DS_MODULES).unwrap_or_default()
     }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);

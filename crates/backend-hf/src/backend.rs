@@ -42,8 +42,7 @@ impl Backend for HfBackend {
     }
     fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
         // The probe's answer (cached per process): the versions this run's cases will import.
-        pyenv::probe_ctx(ctx, pyenv::HF_MODULES)
-            .unwrap_or_default()
+        pyenv::probe_ctx(ctx, pyenv::HF_MODULES).unwrap_or_default()
     }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
