@@ -5,5 +5,9 @@ use bench_core::Backend;
 
 /// All registered backends, in the order `list` shows them.
 pub fn registry() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(backend_native::NativeBackend)]
+    vec![
+        Box::new(backend_native::NativeBackend),
+        Box::new(backend_hf::HfBackend),
+        Box::new(backend_deepspeed::DeepSpeedBackend),
+    ]
 }

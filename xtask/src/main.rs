@@ -1,6 +1,7 @@
 //! flexbench's command line: `cargo xtask <command>`. A thin dispatcher; each command lives in its
 //! own module and the real work in the crates.
 
+mod agreement;
 mod backends;
 mod bench;
 mod gpu_check;

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use bench_core::record::Outcome;
 use bench_core::{store, Case, Record};
 
+use crate::agreement;
 use crate::plot::{self, Chart, Series};
 
 #[derive(clap::Args)]
@@ -322,6 +323,8 @@ fn markdown(
         s.push('\n');
     }
 
+    s.push_str(&agreement_section(recs));
+
     let _ = writeln!(s, "## All cases\n");
     let mut header: Vec<&str> = vec!["id"];
     header.extend(varying.iter().map(|c| c.0));
@@ -412,6 +415,82 @@ fn markdown(
                 .count()
         );
     }
+    s
+}
+
+fn percent(n: usize, of: usize) -> String {
+    if of == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * n as f64 / of as f64)
+    }
+}
+
+/// The token-agreement section: for cases that differ only by framework, how often their greedy
+/// tokens agree. Empty when no two cases differ only by framework.
+fn agreement_section(recs: &[Record]) -> String {
+    let groups = agreement::groups(recs);
+    if groups.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "## Token agreement\n");
+    let _ = writeln!(
+        s,
+        "Generated tokens (last repetition) of cases that differ only by framework, compared position by \
+         position. Decoding is greedy, so after a first difference the rest of that sequence diverges: \
+         `first difference` (sequence, step; step 0 = the prefill's token) says where the frameworks part.\n"
+    );
+    let totals = agreement::totals(&groups);
+    for ((a, b), sum, cases) in &totals {
+        let _ = writeln!(
+            s,
+            "- {a} vs {b}: {}/{} tokens ({}), {}/{} sequences identical, over {cases} case(s)",
+            sum.agree,
+            sum.total,
+            percent(sum.agree, sum.total),
+            sum.identical_sequences,
+            sum.sequences
+        );
+    }
+    if totals.is_empty() {
+        let _ = writeln!(s, "- no two frameworks have tokens for the same case");
+    }
+    let _ = writeln!(
+        s,
+        "\n| case | pair | tokens agreeing | identical sequences | first difference |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for g in &groups {
+        let label = md_escape(&g.label);
+        for (a, b, x) in g.comparisons() {
+            let first = x
+                .first_difference
+                .map_or("-".into(), |(seq, step)| format!("seq {seq}, step {step}"));
+            let _ = writeln!(
+                s,
+                "| {label} | {a} vs {b} | {}/{} ({}) | {}/{} | {first} |",
+                x.agree,
+                x.total,
+                percent(x.agree, x.total),
+                x.identical_sequences,
+                x.sequences
+            );
+        }
+        let missing: Vec<String> = g
+            .without_tokens()
+            .into_iter()
+            .map(|(fw, why)| format!("{fw} ({why})"))
+            .collect();
+        if !missing.is_empty() {
+            let _ = writeln!(
+                s,
+                "| {label} | no tokens: {} | - | - | - |",
+                md_escape(&missing.join(", "))
+            );
+        }
+    }
+    s.push('\n');
     s
 }
 
@@ -615,6 +694,104 @@ mod tests {
             log: None,
             env_id: "env-x".into(),
         }
+    }
+
+    /// An ok (or failed) record whose runner reported `tokens`.
+    fn with_tokens(mut r: Record, tokens: Option<Vec<Vec<u32>>>) -> Record {
+        r.raw = Some(RawResult {
+            step_times_s: vec![vec![0.5; 8]],
+            tokens,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn agreement_compares_cases_that_differ_only_by_framework() {
+        let same: Vec<Vec<u32>> = vec![(10..18).collect(), (20..28).collect()];
+        // native parts from the others in sequence 1 at step 5 (3 tokens differ)
+        let mut other = same.clone();
+        other[1][5..].copy_from_slice(&[0, 0, 0]);
+        let ok = |fw: &str, p: Placement, t: &Vec<Vec<u32>>| {
+            with_tokens(rec("opt-125m", fw, p, 2, Outcome::Ok, 0.5), Some(t.clone()))
+        };
+        let mut hf_more_reps = ok("hf", Placement::Disk, &same);
+        hf_more_reps.case = IdentifiedCase::new(Case {
+            repetitions: 3,
+            ..hf_more_reps.case.case.clone()
+        });
+        let recs = vec![
+            ok("native", Placement::Gpu, &other),
+            ok("hf", Placement::Gpu, &same),
+            ok("deepspeed", Placement::Gpu, &same),
+            rec(
+                "opt-125m",
+                "native",
+                Placement::Disk,
+                2,
+                Outcome::Unavailable,
+                0.5,
+            ),
+            // repetitions do not change tokens: still the same case as deepspeed disk
+            hf_more_reps,
+            ok("deepspeed", Placement::Disk, &same),
+            // an ok run without tokens, and a case no other framework ran (batch 4)
+            with_tokens(
+                rec("opt-125m", "hf", Placement::Cpu, 2, Outcome::Ok, 0.5),
+                None,
+            ),
+            ok("deepspeed", Placement::Cpu, &same),
+            with_tokens(
+                rec("opt-125m", "hf", Placement::Gpu, 4, Outcome::Ok, 0.5),
+                Some(vec![vec![1; 8]; 4]),
+            ),
+        ];
+        let md = markdown("x", &recs, &[], None);
+        let sec = md
+            .split("## Token agreement")
+            .nth(1)
+            .and_then(|t| t.split("## All cases").next())
+            .unwrap_or_else(|| panic!("no agreement section: {md}"));
+        assert!(
+            sec.contains(
+                "- native vs hf: 13/16 tokens (81.2%), 1/2 sequences identical, over 1 case(s)"
+            ),
+            "{sec}"
+        );
+        assert!(
+            sec.contains(
+                "- hf vs deepspeed: 32/32 tokens (100.0%), 4/4 sequences identical, over 2 case(s)"
+            ),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, gpu | native vs deepspeed | 13/16 (81.2%) | 1/2 | seq 1, step 5 |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, disk | hf vs deepspeed | 16/16 (100.0%) | 2/2 | - |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, disk | no tokens: native (unavailable) |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| no tokens: hf (ok, no tokens recorded) |"),
+            "{sec}"
+        );
+        // batch 4 has no other framework: no group
+        // 3 pair totals; table rows: 3 pairs in memory, 1 on disk, none on cpu
+        assert_eq!(
+            sec.lines().filter(|l| l.contains(" vs ")).count(),
+            3 + 4,
+            "{sec}"
+        );
+        assert!(!sec.contains("batch 4x1"), "{sec}");
+
+        // no two cases differ only by framework: no section
+        let md = markdown("x", &recs[..1], &[], None);
+        assert!(!md.contains("Token agreement"), "{md}");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::Context;
+
 use backend_hf::{gpu, inputs, pyenv, python_dir};
 use bench_core::{Backend, Case, Placement, RunContext};
 
@@ -96,6 +98,9 @@ impl Backend for DeepSpeedBackend {
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
         inputs::prepare(case, ctx)
     }
+    fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
+        pyenv::probe_ctx(ctx, pyenv::DS_MODULES).unwrap_or_default()
+    }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
         let mut cmd = Command::new(&python);
@@ -108,6 +113,11 @@ impl Backend for DeepSpeedBackend {
                 .arg(hostfile)
                 .arg("--num_nodes")
                 .arg(case.num_nodes.to_string());
+        }
+        if case.num_nodes == 1 {
+            // The launcher's default rendezvous port (29500) is one per machine: two DeepSpeed
+            // cases at once (parallel tests, two benches) would fail with EADDRINUSE.
+            cmd.arg("--master_port").arg(free_port()?.to_string());
         }
         cmd.arg("--num_gpus")
             .arg(case.num_gpus_per_node.to_string())
@@ -131,6 +141,14 @@ impl Backend for DeepSpeedBackend {
         }
         Ok(cmd)
     }
+}
+
+/// A TCP port free on this machine right now (the kernel's pick for port 0). Another process may
+/// take it before the launcher binds it, but the window is short next to a fixed port's certainty.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a free port for DeepSpeed's rendezvous")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// `PYTHONPATH` with the shared runner module first, keeping the caller's entries.
@@ -199,6 +217,9 @@ mod tests {
         assert!(launcher < gpus && gpus < script);
         assert_eq!(args[gpus + 1], "2");
         assert!(!args.contains(&"--hostfile".to_string()));
+        let port = args.iter().position(|a| a == "--master_port").unwrap();
+        assert!(port < script);
+        assert!(args[port + 1].parse::<u16>().unwrap() > 0);
         let ckpt = args.iter().position(|a| a == "--checkpoint").unwrap();
         assert_eq!(args[ckpt + 1], "/cache/dummy/opt-125m-5eedf1e8");
         let env: std::collections::HashMap<_, _> = cmd

@@ -40,6 +40,10 @@ impl Backend for HfBackend {
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
         inputs::prepare(case, ctx)
     }
+    fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
+        // The probe's answer (cached per process): the versions this run's cases will import.
+        pyenv::probe_ctx(ctx, pyenv::HF_MODULES).unwrap_or_default()
+    }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
         let mut cmd = Command::new(&python);

@@ -109,7 +109,7 @@ fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
         ));
     }
     let script = format!(
-        "import importlib, json\nout = {{}}\nfor m in {mods:?}:\n    try:\n        out[m] = getattr(importlib.import_module(m), '__version__', 'unknown')\n    except Exception as e:\n        out[m] = 'ERROR ' + type(e).__name__ + ': ' + str(e).splitlines()[0] if str(e) else 'ERROR ' + type(e).__name__\nprint({mark:?} + json.dumps(out))\n",
+        "import importlib, json, platform\nout = {{'python': platform.python_version()}}\nfor m in {mods:?}:\n    try:\n        out[m] = getattr(importlib.import_module(m), '__version__', 'unknown')\n    except Exception as e:\n        out[m] = 'ERROR ' + type(e).__name__ + ': ' + str(e).splitlines()[0] if str(e) else 'ERROR ' + type(e).__name__\nprint({mark:?} + json.dumps(out))\n",
         mods = modules,
         mark = PROBE_MARK
     );
