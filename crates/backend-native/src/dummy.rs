@@ -95,8 +95,9 @@ pub fn fill_chunk(spec: &TensorSpec, seed: u64, start: usize, out: &mut [f16]) {
     let key =
         bench_core::case::fnv1a64(spec.name.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for (i, v) in out.iter_mut().enumerate() {
-        let r =
-            splitmix64(key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let r = bench_core::case::splitmix64(
+            key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
         // top 24 bits -> uniform in [-1, 1)
         let u = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
         *v = f16::from_f32(offset + scale * u);
@@ -108,13 +109,6 @@ pub fn tensor(spec: &TensorSpec, seed: u64) -> Vec<f16> {
     let mut out = vec![f16::ZERO; spec.numel()];
     fill_chunk(spec, seed, 0, &mut out);
     out
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

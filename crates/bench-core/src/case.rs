@@ -366,6 +366,15 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// SplitMix64's output function: a stateless, well-mixed hash of a counter, so generated values
+/// (dummy weights, prompt ids) depend only on their index and can be made in any order.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

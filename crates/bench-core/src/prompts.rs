@@ -35,18 +35,11 @@ pub fn tokens(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
                 .map(|c| {
                     let key = PROMPT_SEED
                         ^ ((r as u64) << 32 | c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    FIRST_ID + (splitmix64(key) % span) as u32
+                    FIRST_ID + (crate::case::splitmix64(key) % span) as u32
                 })
                 .collect()
         })
         .collect()
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
