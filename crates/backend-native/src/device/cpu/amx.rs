@@ -95,11 +95,7 @@ pub fn linear(
     let mut xp = vec![0u16; npad * kpad];
     xp.par_chunks_mut(kpad)
         .zip(x.par_chunks(k))
-        .for_each(|(o, r)| {
-            for (a, b) in o.iter_mut().zip(r) {
-                *a = super::bf16::to_bf16_bits(*b);
-            }
-        });
+        .for_each(|(o, r)| super::simd::round_bf16(r, o));
     // tasks: (group of row blocks, group of panels); each loads the tile config once and writes
     // its own disjoint rectangle of `out`, with bias and ReLU applied on the way
     const ROW_BLOCKS_PER_TASK: usize = 4;
@@ -124,30 +120,17 @@ pub fn linear(
             for rb in rb0..rb1 {
                 let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
                 for pi in p0..p1 {
-                    kernel::block(a, &wp[pi * psize..(pi + 1) * psize], kpad, &mut c);
+                    kernel::block(a, kpad, &wp[pi * psize..(pi + 1) * psize], kpad, &mut c);
                     let (r0, j0) = (rb * BLOCK, pi * BLOCK);
                     let cols = BLOCK.min(m - j0);
                     for i in 0..BLOCK.min(n.saturating_sub(r0)) {
                         let row =
                             std::slice::from_raw_parts_mut(dst.ptr().add((r0 + i) * m + j0), cols);
                         let src = &c[i * BLOCK..i * BLOCK + cols];
-                        match (bias, relu) {
-                            (Some(b), true) => {
-                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                                    *o = (v + bb).max(0.0);
-                                }
-                            }
-                            (Some(b), false) => {
-                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                                    *o = v + bb;
-                                }
-                            }
-                            (None, true) => {
-                                for (o, v) in row.iter_mut().zip(src) {
-                                    *o = v.max(0.0);
-                                }
-                            }
-                            (None, false) => row.copy_from_slice(src),
+                        row.copy_from_slice(src);
+                        if bias.is_some() || relu {
+                            let b = bias.map_or(&[][..], |b| &b[j0..j0 + cols]);
+                            super::simd::bias_act(row, b, relu);
                         }
                     }
                 }
@@ -155,6 +138,49 @@ pub fn linear(
             kernel::release();
         }
     });
+}
+
+/// This thread's AMX tile state, configured for [`Tiles::block`] while the value lives (it
+/// belongs to the thread: not `Send`). For callers that run many small products on one thread,
+/// such as attention's per-(sequence, head) products.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+impl Tiles {
+    /// Configures the tiles on this thread. Requires [`available`].
+    pub fn new() -> Tiles {
+        assert!(available(), "AMX tiles requested without AMX");
+        // SAFETY: AMX is available; the configuration is this thread's.
+        unsafe { kernel::configure() };
+        Tiles(std::marker::PhantomData)
+    }
+
+    /// `dst[32][32] = a[32 rows][..klen] · panel` with bf16 `a` rows `a_row` values apart and
+    /// `panel` packed as [`pack_w`]'s panels (`[klen/2][32][2]`, the first `klen/2` pair rows
+    /// read); `klen` is a multiple of 32.
+    pub fn block(&self, a: &[u16], a_row: usize, panel: &[u16], klen: usize, dst: &mut [f32]) {
+        assert!(klen.is_multiple_of(TILE_K) && klen <= a_row && a_row.is_multiple_of(2));
+        assert!(a.len() >= (BLOCK - 1) * a_row + klen, "a: too few rows");
+        assert!(
+            panel.len() >= klen / 2 * BLOCK * 2,
+            "panel: too few pair rows"
+        );
+        assert!(dst.len() >= BLOCK * BLOCK);
+        // SAFETY: tiles are configured (self exists on this thread); the asserts bound every
+        // byte the kernel reads and writes.
+        unsafe { kernel::block(a, a_row, panel, klen, dst) }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases the state `new` configured on this thread.
+        unsafe { kernel::release() }
+    }
+}
+
+/// Rounds `v` up to a multiple of 32 (AMX tile rows and bf16 tile columns).
+pub fn round32(v: usize) -> usize {
+    round_up(v, BLOCK)
 }
 
 /// The output pointer shared by tasks that write disjoint parts of it.
@@ -200,9 +226,10 @@ mod kernel {
         asm!("tilerelease");
     }
 
-    /// `dst[32][32] = a[32][kpad] · panel` (bf16 in, f32 out). Needs [`configure`] first.
-    pub unsafe fn block(a: &[u16], panel: &[u16], kpad: usize, dst: &mut [f32]) {
-        let a_stride = kpad * 2; // bytes per x row
+    /// `dst[32][32] = a[32][..klen] · panel[..klen/2]` (bf16 in, f32 out), the rows of `a`
+    /// `a_row` values apart and `klen` a multiple of 32. Needs [`configure`] first.
+    pub unsafe fn block(a: &[u16], a_row: usize, panel: &[u16], klen: usize, dst: &mut [f32]) {
+        let a_stride = a_row * 2; // bytes per x row
         let b_stride = 128usize; // bytes per packed pair-row of the panel (32 columns)
         let c_stride = 128usize; // bytes per output row (32 f32)
         let ap = a.as_ptr() as *const u8;
@@ -214,7 +241,7 @@ mod kernel {
             "tilezero tmm2",
             "tilezero tmm3"
         );
-        for k0 in (0..kpad).step_by(super::TILE_K) {
+        for k0 in (0..klen).step_by(super::TILE_K) {
             let a0 = ap.add(k0 * 2);
             let a1 = ap.add(16 * a_stride + k0 * 2);
             let b0 = bp.add((k0 / 2) * b_stride);
@@ -254,7 +281,7 @@ mod kernel {
 mod kernel {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32]) {
+    pub unsafe fn block(_: &[u16], _: usize, _: &[u16], _: usize, _: &mut [f32]) {
         unreachable!("amx::available() is false off x86_64")
     }
 }

@@ -107,6 +107,15 @@ impl Rows<'_> {
         })
     }
 
+    /// row j as f32 into `out` (`out.len()` values)
+    fn row_f32(&self, j: usize, out: &mut [f32]) {
+        let d = out.len();
+        match self {
+            Rows::F32(r) => out.copy_from_slice(&r[j * d..(j + 1) * d]),
+            Rows::F16(r) => super::convert::f16_to_f32(&r[j * d..(j + 1) * d], out),
+        }
+    }
+
     /// q · row j
     #[inline]
     fn dot(&self, j: usize, q: &[f32], tmp: &mut [f32]) -> f32 {
@@ -260,12 +269,82 @@ fn pair_gemm(q: &[f32], q_rs: usize, kb: &[f32], vb: &[f32], m: &[u32], s: AttnS
     out
 }
 
+/// [`pair_gemm`] on AMX tiles for the bf16 mode: Q, K, P and V rounded to bf16, products
+/// accumulated in f32, softmax in f32. Blocks of 32 queries see only the keys up to their last
+/// query's position (causal), so prefill does about half the work of full products.
+fn pair_amx(q: &[f32], q_rs: usize, k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Vec<f32> {
+    use super::amx::{round32, Tiles};
+    use super::bf16::to_bf16_bits;
+    use super::simd::round_bf16;
+    const B: usize = 32;
+    let (d, t, n) = (s.head_dim, s.total_len(), s.new_len);
+    let (dpad, tpad, npad) = (round32(d), round32(t), round32(n));
+    let scale = s.scale();
+    // Q rows [npad][dpad]; K as a weight [t, d] and V^T as a weight [d, t], packed in panels
+    // of 32 output columns `[k/2][32][2]` (amx::pack_w's layout)
+    let mut qa = vec![0u16; npad * dpad];
+    for i in 0..n {
+        round_bf16(&q[i * q_rs..i * q_rs + d], &mut qa[i * dpad..i * dpad + d]);
+    }
+    let (kpanel, vpanel) = (dpad * B, tpad * B);
+    let mut kp = vec![0u16; tpad / B * kpanel];
+    let mut vp = vec![0u16; dpad / B * vpanel];
+    let mut row = vec![0f32; d];
+    for j in 0..t {
+        k.row_f32(j, &mut row);
+        let panel = &mut kp[j / B * kpanel..];
+        for (c, x) in row.iter().enumerate() {
+            panel[(c / 2) * 2 * B + (j % B) * 2 + c % 2] = to_bf16_bits(*x);
+        }
+        v.row_f32(j, &mut row);
+        for (c, x) in row.iter().enumerate() {
+            vp[c / B * vpanel + (j / 2) * 2 * B + (c % B) * 2 + j % 2] = to_bf16_bits(*x);
+        }
+    }
+    let tiles = Tiles::new();
+    let mut c = [0f32; B * B];
+    let mut scores = vec![0f32; B * tpad];
+    let mut pa = vec![0u16; B * tpad];
+    let mut out = vec![0f32; n * d];
+    for rb in 0..npad / B {
+        let rows = B.min(n - rb * B);
+        // keys visible to the block's last query, in whole panels
+        let klen = round32((s.past_len + rb * B + B).min(t));
+        for pi in 0..klen / B {
+            tiles.block(&qa[rb * B * dpad..], dpad, &kp[pi * kpanel..], dpad, &mut c);
+            for i in 0..rows {
+                scores[i * tpad + pi * B..][..B].copy_from_slice(&c[i * B..(i + 1) * B]);
+            }
+        }
+        for i in 0..rows {
+            let vis = s.past_len + rb * B + i + 1;
+            let r = &mut scores[i * tpad..i * tpad + vis];
+            super::simd::softmax_row(r, &m[..vis], vis, scale);
+            let p = &mut pa[i * tpad..i * tpad + klen];
+            round_bf16(r, &mut p[..vis]);
+            p[vis..].iter_mut().for_each(|a| *a = 0);
+        }
+        // rows past n of the last block hold zeros or stale values: their outputs are dropped
+        for ci in 0..dpad / B {
+            tiles.block(&pa, tpad, &vp[ci * vpanel..], klen, &mut c);
+            let cols = B.min(d - ci * B);
+            for i in 0..rows {
+                out[(rb * B + i) * d + ci * B..][..cols].copy_from_slice(&c[i * B..i * B + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Masked multi-head attention of `q` over the cache; `amx` picks the bf16 AMX path for
+/// several queries (the bf16 mode), else f32.
 pub fn attention(
     q: &CpuTensor,
     k_cache: &CpuTensor,
     v_cache: &CpuTensor,
     mask: &CpuTensor,
     s: AttnShape,
+    amx: bool,
 ) -> Result<CpuTensor> {
     let max_len = check_cache(k_cache, s, "attention k cache")?;
     check_cache(v_cache, s, "attention v cache")?;
@@ -287,7 +366,11 @@ pub fn attention(
             let start = bh * max_len * d;
             let m = &mask[b * t..(b + 1) * t];
             let q0 = b * s.new_len * hid + head * d;
-            let out = if s.new_len > 1 {
+            let out = if s.new_len > 1 && amx {
+                let k = Rows::of(k_cache, start, t * d)?;
+                let v = Rows::of(v_cache, start, t * d)?;
+                pair_amx(&q[q0..], hid, k, v, m, s)
+            } else if s.new_len > 1 {
                 let (mut kb, mut vb) = (Vec::new(), Vec::new());
                 slab_f32(k_cache, start, t * d, &mut kb)?;
                 slab_f32(v_cache, start, t * d, &mut vb)?;

@@ -461,7 +461,10 @@ impl Device for CpuDevice {
         mask: &CpuTensor,
         s: AttnShape,
     ) -> Result<CpuTensor> {
-        profile::timed(2, || attention::attention(q, k_cache, v_cache, mask, s))
+        let amx = self.opts.matmul == MatmulMode::Bf16 && amx::available();
+        profile::timed(2, || {
+            attention::attention(q, k_cache, v_cache, mask, s, amx)
+        })
     }
 
     fn last_rows(&self, x: &CpuTensor, batch: usize, seq: usize) -> Result<CpuTensor> {
@@ -657,6 +660,68 @@ mod tests {
                 m2.push(1);
             }
             run(s, 1, &m2);
+        }
+    }
+
+    /// The bf16 mode's AMX attention (several queries) against the f64 reference: blocks of 32
+    /// queries over several key panels, left padding, a second chunk after a past, odd widths.
+    #[test]
+    fn amx_attention_matches_reference() {
+        if !amx::available() {
+            eprintln!("skipped: no AMX-BF16 for this process");
+            return;
+        }
+        for kv in [DType::F32, DType::F16] {
+            let dev = CpuDevice::new(CpuOptions {
+                kv_dtype: kv,
+                matmul: MatmulMode::Bf16,
+            });
+            for &(b, h, d, first, second) in
+                &[(2, 3, 64, 40, 33), (1, 2, 24, 70, 5), (3, 1, 8, 2, 31)]
+            {
+                let max_len = first + second;
+                let mut kc = dev.alloc_kv(b, h, max_len, d).unwrap();
+                let mut vc = dev.alloc_kv(b, h, max_len, d).unwrap();
+                let pads: Vec<usize> = (0..b).map(|i| (i * 7) % first.max(1)).collect();
+                let mut seed = 100;
+                for (past, new) in [(0, first), (first, second)] {
+                    seed += 10;
+                    let t = past + new;
+                    let mask: Vec<u32> = pads
+                        .iter()
+                        .flat_map(|&p| (0..t).map(move |j| (j >= p) as u32))
+                        .collect();
+                    let shape = AttnShape::new(b, h, d, past, new);
+                    let mk = |sd| {
+                        CpuTensor::from_f32(&[b * new, h * d], rand_f32(b * new * h * d, sd))
+                            .unwrap()
+                    };
+                    let (q, k, v) = (mk(seed), mk(seed + 1), mk(seed + 2));
+                    dev.append_kv(&mut kc, &mut vc, &k, &v, shape).unwrap();
+                    let m = dev.upload(HostSlice::U32(&mask), &[b, t]).unwrap();
+                    let got = dev
+                        .download_f32(&dev.attention(&q, &kc, &vc, &m, shape).unwrap())
+                        .unwrap();
+                    let trim = |c: &CpuTensor| -> Vec<f32> {
+                        let c = dev.download_f32(c).unwrap();
+                        let mut o = Vec::new();
+                        for bh in 0..b * h {
+                            o.extend_from_slice(&c[bh * max_len * d..][..t * d]);
+                        }
+                        o
+                    };
+                    let want = attention::attention_reference(
+                        q.f32().unwrap(),
+                        &trim(&kc),
+                        &trim(&vc),
+                        &mask,
+                        shape,
+                    );
+                    // bf16 inputs: about 3 significant digits
+                    let e = max_rel(&got, &want);
+                    assert!(e < 2e-2, "{kv:?} b{b} h{h} d{d} past {past} new {new}: {e}");
+                }
+            }
         }
     }
 
