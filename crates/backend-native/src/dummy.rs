@@ -29,24 +29,12 @@ pub fn opt_tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     let spec = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
     let p = "model.decoder";
     let mut out = vec![
-        spec(
-            format!("{p}.embed_tokens.weight"),
-            vec![cfg.vocab_size, cfg.word_embed_proj_dim],
-        ),
-        spec(
-            format!("{p}.embed_positions.weight"),
-            vec![cfg.max_position_embeddings + 2, h],
-        ),
+        spec(format!("{p}.embed_tokens.weight"), vec![cfg.vocab_size, cfg.word_embed_proj_dim]),
+        spec(format!("{p}.embed_positions.weight"), vec![cfg.max_position_embeddings + 2, h]),
     ];
     if cfg.word_embed_proj_dim != h {
-        out.push(spec(
-            format!("{p}.project_in.weight"),
-            vec![h, cfg.word_embed_proj_dim],
-        ));
-        out.push(spec(
-            format!("{p}.project_out.weight"),
-            vec![cfg.word_embed_proj_dim, h],
-        ));
+        out.push(spec(format!("{p}.project_in.weight"), vec![h, cfg.word_embed_proj_dim]));
+        out.push(spec(format!("{p}.project_out.weight"), vec![cfg.word_embed_proj_dim, h]));
     }
     if cfg.do_layer_norm_before {
         out.push(spec(format!("{p}.final_layer_norm.weight"), vec![h]));
@@ -76,11 +64,7 @@ fn distribution(spec: &TensorSpec) -> (f32, f32) {
     if spec.shape.len() == 2 {
         // 1/sqrt(fan_in) keeps activations of deep dummy models finite in fp16.
         let fan_in = spec.shape[1] as f32;
-        let scale = if spec.name.contains("embed") {
-            0.1
-        } else {
-            1.0 / fan_in.sqrt()
-        };
+        let scale = if spec.name.contains("embed") { 0.1 } else { 1.0 / fan_in.sqrt() };
         (0.0, scale)
     } else if is_norm && spec.name.ends_with("weight") {
         (1.0, 0.1)
@@ -92,11 +76,9 @@ fn distribution(spec: &TensorSpec) -> (f32, f32) {
 /// Fills `out` with the values at `start .. start + out.len()` of the tensor's dummy data.
 pub fn fill_chunk(spec: &TensorSpec, seed: u64, start: usize, out: &mut [f16]) {
     let (offset, scale) = distribution(spec);
-    let key =
-        bench_core::case::fnv1a64(spec.name.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let key = bench_core::case::fnv1a64(spec.name.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for (i, v) in out.iter_mut().enumerate() {
-        let r =
-            splitmix64(key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let r = splitmix64(key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         // top 24 bits -> uniform in [-1, 1)
         let u = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
         *v = f16::from_f32(offset + scale * u);
@@ -125,10 +107,7 @@ mod tests {
     fn deterministic_chunked_and_not_constant() {
         let cfg = bench_core::model::lookup("opt-tiny").unwrap();
         let specs = opt_tensor_specs(&cfg);
-        let q = specs
-            .iter()
-            .find(|s| s.name.ends_with("layers.0.self_attn.q_proj.weight"))
-            .unwrap();
+        let q = specs.iter().find(|s| s.name.ends_with("layers.0.self_attn.q_proj.weight")).unwrap();
         let a = tensor(q, DEFAULT_SEED);
         let mut b = vec![f16::ZERO; 100];
         fill_chunk(q, DEFAULT_SEED, 17, &mut b);
@@ -139,10 +118,7 @@ mod tests {
         assert_ne!(tensor(q, 1), a);
         // the values themselves are pinned: a change here breaks every shared dummy checkpoint
         assert_eq!(a[0].to_bits(), tensor(q, DEFAULT_SEED)[0].to_bits());
-        let ln = specs
-            .iter()
-            .find(|s| s.name.ends_with("layers.0.final_layer_norm.weight"))
-            .unwrap();
+        let ln = specs.iter().find(|s| s.name.ends_with("layers.0.final_layer_norm.weight")).unwrap();
         let w = tensor(ln, DEFAULT_SEED);
         assert!(w.iter().all(|x| (x.to_f32() - 1.0).abs() <= 0.1));
         assert!(w.iter().any(|x| *x != f16::ONE));
@@ -155,10 +131,7 @@ mod tests {
             let n: usize = opt_tensor_specs(&cfg).iter().map(|s| s.numel()).sum();
             // model_bytes assumes ffn = 4h, ignores the position table and counts V*(h+1)
             let approx = cfg.model_bytes() as f64 / 2.0;
-            assert!(
-                (n as f64 - approx).abs() / approx < 0.05,
-                "{name}: {n} vs {approx}"
-            );
+            assert!((n as f64 - approx).abs() / approx < 0.05, "{name}: {n} vs {approx}");
         }
     }
 }
