@@ -91,11 +91,12 @@ pub fn linear(
     let panels = m.div_ceil(BLOCK);
     let psize = kpad / 2 * BLOCK * 2;
     assert_eq!(wp.len(), panels * psize, "packed weight of the wrong size");
-    // x: [npad][kpad] bf16 bits, zero padded
+    // x: bf16 bits in blocks of 32 rows, each in tile order (contiguous 1 KiB A tiles, see
+    // simd::round_bf16_tiled); rows past n are zeros
     let mut xp = vec![0u16; npad * kpad];
-    xp.par_chunks_mut(kpad)
-        .zip(x.par_chunks(k))
-        .for_each(|(o, r)| super::simd::round_bf16(r, o));
+    xp.par_chunks_mut(BLOCK * kpad)
+        .zip(x.par_chunks(BLOCK * k))
+        .for_each(|(o, r)| super::simd::round_bf16_tiled(r, r.len() / k, k, kpad, o));
     // tasks: (group of row blocks, group of panels); each loads the tile config once and writes
     // its own disjoint rectangle of `out`, with bias and ReLU applied on the way
     const ROW_BLOCKS_PER_TASK: usize = 4;
@@ -120,7 +121,13 @@ pub fn linear(
             for rb in rb0..rb1 {
                 let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
                 for pi in p0..p1 {
-                    kernel::block(a, kpad, &wp[pi * psize..(pi + 1) * psize], kpad, &mut c);
+                    kernel::block(
+                        a,
+                        kernel::TILED,
+                        &wp[pi * psize..(pi + 1) * psize],
+                        kpad,
+                        &mut c,
+                    );
                     let (r0, j0) = (rb * BLOCK, pi * BLOCK);
                     let cols = BLOCK.min(m - j0);
                     for i in 0..BLOCK.min(n.saturating_sub(r0)) {
@@ -167,7 +174,7 @@ impl Tiles {
         assert!(dst.len() >= BLOCK * BLOCK);
         // SAFETY: tiles are configured (self exists on this thread); the asserts bound every
         // byte the kernel reads and writes.
-        unsafe { kernel::block(a, a_row, panel, klen, dst) }
+        unsafe { kernel::block(a, kernel::ALayout::Rows(a_row), panel, klen, dst) }
     }
 }
 
@@ -226,10 +233,24 @@ mod kernel {
         asm!("tilerelease");
     }
 
-    /// `dst[32][32] = a[32][..klen] · panel[..klen/2]` (bf16 in, f32 out), the rows of `a`
-    /// `a_row` values apart and `klen` a multiple of 32. Needs [`configure`] first.
-    pub unsafe fn block(a: &[u16], a_row: usize, panel: &[u16], klen: usize, dst: &mut [f32]) {
-        let a_stride = a_row * 2; // bytes per x row
+    /// Layout of the 32 rows of A.
+    #[derive(Clone, Copy)]
+    pub enum ALayout {
+        /// Plain rows, this many values apart.
+        Rows(usize),
+        /// Tile order: `[k/32][32 rows][32]` (simd::round_bf16_tiled).
+        Tiled,
+    }
+    pub const TILED: ALayout = ALayout::Tiled;
+
+    /// `dst[32][32] = a[32][..klen] · panel[..klen/2]` (bf16 in, f32 out), `klen` a multiple
+    /// of 32. Needs [`configure`] first.
+    pub unsafe fn block(a: &[u16], layout: ALayout, panel: &[u16], klen: usize, dst: &mut [f32]) {
+        // bytes between rows, from rows 0-15 to rows 16-31, and from one k block to the next
+        let (a_stride, a_half, a_step) = match layout {
+            ALayout::Rows(r) => (r * 2, 16 * r * 2, 64),
+            ALayout::Tiled => (64, 1024, 2048),
+        };
         let b_stride = 128usize; // bytes per packed pair-row of the panel (32 columns)
         let c_stride = 128usize; // bytes per output row (32 f32)
         let ap = a.as_ptr() as *const u8;
@@ -242,8 +263,8 @@ mod kernel {
             "tilezero tmm3"
         );
         for k0 in (0..klen).step_by(super::TILE_K) {
-            let a0 = ap.add(k0 * 2);
-            let a1 = ap.add(16 * a_stride + k0 * 2);
+            let a0 = ap.add(k0 / super::TILE_K * a_step);
+            let a1 = a0.add(a_half);
             let b0 = bp.add((k0 / 2) * b_stride);
             let b1 = b0.add(64);
             asm!(
@@ -281,7 +302,13 @@ mod kernel {
 mod kernel {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: &[u16], _: usize, _: &[u16], _: usize, _: &mut [f32]) {
+    #[derive(Clone, Copy)]
+    pub enum ALayout {
+        Rows(usize),
+        Tiled,
+    }
+    pub const TILED: ALayout = ALayout::Tiled;
+    pub unsafe fn block(_: &[u16], _: ALayout, _: &[u16], _: usize, _: &mut [f32]) {
         unreachable!("amx::available() is false off x86_64")
     }
 }

@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{try_zeros, CpuTensor, Storage};
+use super::{CpuTensor, Storage};
 use crate::device::{AttnShape, DeviceTensor};
 
 fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
@@ -383,7 +383,8 @@ pub fn attention(
             Ok(out)
         })
         .collect();
-    let mut out = try_zeros::<f32>(s.batch * s.new_len * hid)?;
+    // every (sequence, head) pair's rows are written below
+    let mut out = super::pool::take_f32(s.batch * s.new_len * hid)?;
     for (bh, r) in per_pair.into_iter().enumerate() {
         let r = r?;
         let (b, head) = (bh / h, bh % h);

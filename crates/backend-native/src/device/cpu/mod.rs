@@ -10,6 +10,7 @@ pub mod attention;
 pub mod bf16;
 pub mod convert;
 pub mod matmul;
+pub mod pool;
 pub mod profile;
 pub mod simd;
 
@@ -66,6 +67,14 @@ pub struct CpuTensor {
     /// The weight packed for AMX, made on first use in the bf16 mode (a second copy of the
     /// weight in bf16: the bf16 mode trades memory for prefill speed).
     packed: OnceLock<Vec<u16>>,
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        if let Storage::F32(v) = &mut self.data {
+            pool::give_f32(std::mem::take(v));
+        }
+    }
 }
 
 impl DeviceTensor for CpuTensor {
@@ -367,7 +376,7 @@ impl Device for CpuDevice {
             );
             let g: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
             let b: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
-            let mut out = try_zeros::<f32>(n * w)?;
+            let mut out = pool::take_f32(n * w)?; // every row is written
             out.par_chunks_mut(w)
                 .zip(x.f32()?.par_chunks(w))
                 .for_each(|(o, r)| simd::layer_norm_row(r, &g, &b, eps, o));
@@ -397,7 +406,8 @@ impl Device for CpuDevice {
                 }
                 None => None,
             };
-            let mut out = try_zeros::<f32>(n * m)?;
+            // every element is written by the product
+            let mut out = pool::take_f32(n * m)?;
             matmul::linear_cached(
                 self.opts.matmul,
                 x.f32()?,

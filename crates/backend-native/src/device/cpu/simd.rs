@@ -133,6 +133,26 @@ multiversion! {
 }
 
 multiversion! {
+    /// Rows of f32 `src` (`rows` x `k`, at most 32 rows) -> bf16 bits in AMX tile order:
+    /// `dst[kb][r][c]` = row `r`, column `kb * 32 + c`, for `kpad / 32` blocks of 32 columns,
+    /// so each 16 x 32 A tile is 1 KiB contiguous. Columns past `k` are zero; rows past `rows`
+    /// are left as they are.
+    pub fn round_bf16_tiled(src: &[f32], rows: usize, k: usize, kpad: usize, dst: &mut [u16]) {
+        for r in 0..rows {
+            let row = &src[r * k..(r + 1) * k];
+            for kb in 0..kpad / 32 {
+                let d = &mut dst[kb * 1024 + r * 32..kb * 1024 + r * 32 + 32];
+                let s = &row[(kb * 32).min(k)..(kb * 32 + 32).min(k)];
+                for (o, v) in d.iter_mut().zip(s) {
+                    *o = super::bf16::to_bf16_bits(*v);
+                }
+                d[s.len()..].iter_mut().for_each(|o| *o = 0);
+            }
+        }
+    }
+}
+
+multiversion! {
     /// Layer norm of one row: `o = (r - mean) / sqrt(var + eps) * g + b`.
     pub fn layer_norm_row(r: &[f32], g: &[f32], b: &[f32], eps: f32, o: &mut [f32]) {
         let w = r.len() as f32;
