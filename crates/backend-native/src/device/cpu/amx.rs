@@ -91,36 +91,45 @@ pub fn linear(
     let panels = m.div_ceil(BLOCK);
     let psize = kpad / 2 * BLOCK * 2;
     assert_eq!(wp.len(), panels * psize, "packed weight of the wrong size");
-    // x: bf16 bits in blocks of 32 rows, each in tile order (contiguous 1 KiB A tiles, see
-    // simd::round_bf16_tiled); rows past n are zeros
-    let mut xp = vec![0u16; npad * kpad];
-    xp.par_chunks_mut(BLOCK * kpad)
-        .zip(x.par_chunks(BLOCK * k))
-        .for_each(|(o, r)| super::simd::round_bf16_tiled(r, r.len() / k, k, kpad, o));
-    // tasks: (group of row blocks, group of panels); each loads the tile config once and writes
-    // its own disjoint rectangle of `out`, with bias and ReLU applied on the way
+    // tasks: (group of row blocks, group of panels). Each converts its rows of x to bf16 in
+    // tile order (contiguous 1 KiB A tiles, see simd::round_bf16_tiled) into a buffer of its own,
+    // which stays in cache for all its panels (converting into a shared bf16 copy of x first
+    // wrote and re-read that copy through memory), loads the tile config once and writes its
+    // own disjoint rectangle of `out`, with bias and ReLU applied on the way. Panels are split
+    // between tasks only where there are too few row groups to keep every thread busy.
     const ROW_BLOCKS_PER_TASK: usize = 4;
-    const PANELS_PER_TASK: usize = 4;
     let row_blocks = npad / BLOCK;
     let groups = row_blocks.div_ceil(ROW_BLOCKS_PER_TASK);
-    let pgroups = panels.div_ceil(PANELS_PER_TASK);
+    let want_tasks = 4 * rayon::current_num_threads();
+    let pgroups = want_tasks.div_ceil(groups).clamp(1, panels);
+    let panels_per_task = panels.div_ceil(pgroups);
+    let pgroups = panels.div_ceil(panels_per_task);
     assert!(out.len() >= n * m && bias.is_none_or(|b| b.len() == m));
     let dst = SharedOut(out.as_mut_ptr());
     (0..groups * pgroups).into_par_iter().for_each(|t| {
         let (g, pg) = (t / pgroups, t % pgroups);
         let rb0 = g * ROW_BLOCKS_PER_TASK;
         let rb1 = (rb0 + ROW_BLOCKS_PER_TASK).min(row_blocks);
-        let p0 = pg * PANELS_PER_TASK;
-        let p1 = (p0 + PANELS_PER_TASK).min(panels);
+        let p0 = pg * panels_per_task;
+        let p1 = (p0 + panels_per_task).min(panels);
+        let r1 = (rb1 * BLOCK).min(n);
+        // rows of the last block past n stay zero
+        let mut xp = vec![0u16; (rb1 - rb0) * BLOCK * kpad];
+        for (o, r) in xp
+            .chunks_mut(BLOCK * kpad)
+            .zip(x[rb0 * BLOCK * k..r1 * k].chunks(BLOCK * k))
+        {
+            super::simd::round_bf16_tiled(r, r.len() / k, k, kpad, o);
+        }
         let mut c = [0f32; BLOCK * BLOCK];
         // SAFETY: AMX is available; `a` holds 32 rows of kpad bf16, each panel kpad/2 rows of 64
         // bf16 and `c` 32 x 32 f32, as the kernel reads and writes. Writes to `out` stay inside
         // rows r0..min(r0+32, n) and columns j0..min(j0+32, m) of this task's own blocks.
         unsafe {
             kernel::configure();
-            for rb in rb0..rb1 {
-                let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
-                for pi in p0..p1 {
+            for pi in p0..p1 {
+                for rb in rb0..rb1 {
+                    let a = &xp[(rb - rb0) * BLOCK * kpad..(rb - rb0 + 1) * BLOCK * kpad];
                     kernel::block(
                         a,
                         kernel::TILED,
@@ -329,6 +338,7 @@ mod tests {
             (32, 64, 32),
             (70, 100, 65),
             (40, 48, 31),
+            (300, 70, 200), // several row groups and panels per task
         ] {
             let x: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
