@@ -163,7 +163,7 @@ pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// Configures the tiles on this thread. Requires [`available`].
-    pub fn new() -> Tiles {
+    pub fn configure() -> Tiles {
         assert!(available(), "AMX tiles requested without AMX");
         // SAFETY: AMX is available; the configuration is this thread's.
         unsafe { kernel::configure() };
@@ -189,7 +189,7 @@ impl Tiles {
 
 impl Drop for Tiles {
     fn drop(&mut self) {
-        // SAFETY: releases the state `new` configured on this thread.
+        // SAFETY: releases the state `configure` set up on this thread.
         unsafe { kernel::release() }
     }
 }

@@ -301,7 +301,7 @@ fn pair_amx(q: &[f32], q_rs: usize, k: Rows<'_>, v: Rows<'_>, m: &[u32], s: Attn
             vp[c / B * vpanel + (j / 2) * 2 * B + (c % B) * 2 + j % 2] = to_bf16_bits(*x);
         }
     }
-    let tiles = Tiles::new();
+    let tiles = Tiles::configure();
     let mut c = [0f32; B * B];
     let mut scores = vec![0f32; B * tpad];
     let mut pa = vec![0u16; B * tpad];
