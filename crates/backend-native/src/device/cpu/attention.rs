@@ -254,18 +254,26 @@ fn small_gemm(
 
 /// One (sequence, head) pair with several queries (prefill): scores = Q K^T and out = P V as
 /// matrix products, masked softmax in between. `q` starts at the pair's first query; its rows
-/// are `q_rs` apart.
+/// are `q_rs` apart. Blocks of queries see only the keys up to their last query's position
+/// (causal): prefill does about half the work of full products.
 fn pair_gemm(q: &[f32], q_rs: usize, kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<f32> {
+    const QB: usize = 64;
     let (d, t, n) = (s.head_dim, s.total_len(), s.new_len);
     let scale = s.scale();
-    let mut scores = vec![0f32; n * t];
-    // K^T: element (c, j) is kb[j * d + c]
-    small_gemm(n, t, d, &mut scores, q, q_rs, kb, 1, d);
-    for (i, row) in scores.chunks_mut(t).enumerate() {
-        super::simd::softmax_row(row, m, s.past_len + i + 1, scale);
-    }
+    let mut scores = vec![0f32; QB.min(n) * t];
     let mut out = vec![0f32; n * d];
-    small_gemm(n, d, t, &mut out, &scores, t, vb, d, 1);
+    for i0 in (0..n).step_by(QB) {
+        let rows = QB.min(n - i0);
+        // keys visible to the block's last query
+        let kl = (s.past_len + i0 + rows).min(t);
+        let sc = &mut scores[..rows * kl];
+        // K^T: element (c, j) is kb[j * d + c]
+        small_gemm(rows, kl, d, sc, &q[i0 * q_rs..], q_rs, kb, 1, d);
+        for (i, row) in sc.chunks_mut(kl).enumerate() {
+            super::simd::softmax_row(row, m, s.past_len + i0 + i + 1, scale);
+        }
+        small_gemm(rows, d, kl, &mut out[i0 * d..], sc, kl, vb, d, 1);
+    }
     out
 }
 

@@ -673,22 +673,32 @@ mod tests {
         }
     }
 
-    /// The bf16 mode's AMX attention (several queries) against the f64 reference: blocks of 32
-    /// queries over several key panels, left padding, a second chunk after a past, odd widths.
+    /// Prefill attention in blocks of queries (f32, and the bf16 mode's AMX path) against the
+    /// f64 reference: several query blocks and key panels, left padding, a second chunk after a
+    /// past, odd widths.
     #[test]
-    fn amx_attention_matches_reference() {
-        if !amx::available() {
-            eprintln!("skipped: no AMX-BF16 for this process");
-            return;
-        }
-        for kv in [DType::F32, DType::F16] {
+    fn blocked_attention_matches_reference() {
+        for (mode, kv, tol) in [
+            (MatmulMode::F32, DType::F32, 1e-5),
+            (MatmulMode::F32, DType::F16, 1e-5),
+            // bf16 inputs: about 3 significant digits
+            (MatmulMode::Bf16, DType::F32, 2e-2),
+            (MatmulMode::Bf16, DType::F16, 2e-2),
+        ] {
+            if mode == MatmulMode::Bf16 && !amx::available() {
+                eprintln!("bf16 part skipped: no AMX-BF16 for this process");
+                continue;
+            }
             let dev = CpuDevice::new(CpuOptions {
                 kv_dtype: kv,
-                matmul: MatmulMode::Bf16,
+                matmul: mode,
             });
-            for &(b, h, d, first, second) in
-                &[(2, 3, 64, 40, 33), (1, 2, 24, 70, 5), (3, 1, 8, 2, 31)]
-            {
+            for &(b, h, d, first, second) in &[
+                (2, 3, 64, 40, 33),
+                (1, 2, 24, 70, 5),
+                (3, 1, 8, 2, 31),
+                (1, 2, 16, 150, 70),
+            ] {
                 let max_len = first + second;
                 let mut kc = dev.alloc_kv(b, h, max_len, d).unwrap();
                 let mut vc = dev.alloc_kv(b, h, max_len, d).unwrap();
@@ -727,8 +737,11 @@ mod tests {
                         &mask,
                         shape,
                     );
-                    // bf16 inputs: about 3 significant digits
                     let e = max_rel(&got, &want);
+                    assert!(
+                        e < tol,
+                        "{mode:?} {kv:?} b{b} h{h} d{d} past {past} new {new}: {e}"
+                    );
                     assert!(e < 2e-2, "{kv:?} b{b} h{h} d{d} past {past} new {new}: {e}");
                 }
             }
