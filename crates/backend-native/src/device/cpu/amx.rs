@@ -91,63 +91,62 @@ pub fn linear(
     let panels = m.div_ceil(BLOCK);
     let psize = kpad / 2 * BLOCK * 2;
     assert_eq!(wp.len(), panels * psize, "packed weight of the wrong size");
-    // x: [npad][kpad] bf16 bits, zero padded
-    let mut xp = vec![0u16; npad * kpad];
-    xp.par_chunks_mut(kpad)
-        .zip(x.par_chunks(k))
-        .for_each(|(o, r)| {
-            for (a, b) in o.iter_mut().zip(r) {
-                *a = super::bf16::to_bf16_bits(*b);
-            }
-        });
-    // tasks: (group of row blocks, group of panels); each loads the tile config once and writes
-    // its own disjoint rectangle of `out`, with bias and ReLU applied on the way
+    // tasks: (group of row blocks, group of panels). Each converts its rows of x to bf16 in
+    // tile order (contiguous 1 KiB A tiles, see simd::round_bf16_tiled) into a buffer of its own,
+    // which stays in cache for all its panels (converting into a shared bf16 copy of x first
+    // wrote and re-read that copy through memory), loads the tile config once and writes its
+    // own disjoint rectangle of `out`, with bias and ReLU applied on the way. Panels are split
+    // between tasks only where there are too few row groups to keep every thread busy.
     const ROW_BLOCKS_PER_TASK: usize = 4;
-    const PANELS_PER_TASK: usize = 4;
     let row_blocks = npad / BLOCK;
     let groups = row_blocks.div_ceil(ROW_BLOCKS_PER_TASK);
-    let pgroups = panels.div_ceil(PANELS_PER_TASK);
+    let want_tasks = 4 * rayon::current_num_threads();
+    let pgroups = want_tasks.div_ceil(groups).clamp(1, panels);
+    let panels_per_task = panels.div_ceil(pgroups);
+    let pgroups = panels.div_ceil(panels_per_task);
     assert!(out.len() >= n * m && bias.is_none_or(|b| b.len() == m));
     let dst = SharedOut(out.as_mut_ptr());
     (0..groups * pgroups).into_par_iter().for_each(|t| {
         let (g, pg) = (t / pgroups, t % pgroups);
         let rb0 = g * ROW_BLOCKS_PER_TASK;
         let rb1 = (rb0 + ROW_BLOCKS_PER_TASK).min(row_blocks);
-        let p0 = pg * PANELS_PER_TASK;
-        let p1 = (p0 + PANELS_PER_TASK).min(panels);
+        let p0 = pg * panels_per_task;
+        let p1 = (p0 + panels_per_task).min(panels);
+        let r1 = (rb1 * BLOCK).min(n);
+        // rows of the last block past n stay zero
+        let mut xp = vec![0u16; (rb1 - rb0) * BLOCK * kpad];
+        for (o, r) in xp
+            .chunks_mut(BLOCK * kpad)
+            .zip(x[rb0 * BLOCK * k..r1 * k].chunks(BLOCK * k))
+        {
+            super::simd::round_bf16_tiled(r, r.len() / k, k, kpad, o);
+        }
         let mut c = [0f32; BLOCK * BLOCK];
         // SAFETY: AMX is available; `a` holds 32 rows of kpad bf16, each panel kpad/2 rows of 64
         // bf16 and `c` 32 x 32 f32, as the kernel reads and writes. Writes to `out` stay inside
         // rows r0..min(r0+32, n) and columns j0..min(j0+32, m) of this task's own blocks.
         unsafe {
             kernel::configure();
-            for rb in rb0..rb1 {
-                let a = &xp[rb * BLOCK * kpad..(rb + 1) * BLOCK * kpad];
-                for pi in p0..p1 {
-                    kernel::block(a, &wp[pi * psize..(pi + 1) * psize], kpad, &mut c);
+            for pi in p0..p1 {
+                for rb in rb0..rb1 {
+                    let a = &xp[(rb - rb0) * BLOCK * kpad..(rb - rb0 + 1) * BLOCK * kpad];
+                    kernel::block(
+                        a,
+                        kernel::TILED,
+                        &wp[pi * psize..(pi + 1) * psize],
+                        kpad,
+                        &mut c,
+                    );
                     let (r0, j0) = (rb * BLOCK, pi * BLOCK);
                     let cols = BLOCK.min(m - j0);
                     for i in 0..BLOCK.min(n.saturating_sub(r0)) {
                         let row =
                             std::slice::from_raw_parts_mut(dst.ptr().add((r0 + i) * m + j0), cols);
                         let src = &c[i * BLOCK..i * BLOCK + cols];
-                        match (bias, relu) {
-                            (Some(b), true) => {
-                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                                    *o = (v + bb).max(0.0);
-                                }
-                            }
-                            (Some(b), false) => {
-                                for ((o, v), bb) in row.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                                    *o = v + bb;
-                                }
-                            }
-                            (None, true) => {
-                                for (o, v) in row.iter_mut().zip(src) {
-                                    *o = v.max(0.0);
-                                }
-                            }
-                            (None, false) => row.copy_from_slice(src),
+                        row.copy_from_slice(src);
+                        if bias.is_some() || relu {
+                            let b = bias.map_or(&[][..], |b| &b[j0..j0 + cols]);
+                            super::simd::bias_act(row, b, relu);
                         }
                     }
                 }
@@ -155,6 +154,49 @@ pub fn linear(
             kernel::release();
         }
     });
+}
+
+/// This thread's AMX tile state, configured for [`Tiles::block`] while the value lives (it
+/// belongs to the thread: not `Send`). For callers that run many small products on one thread,
+/// such as attention's per-(sequence, head) products.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+impl Tiles {
+    /// Configures the tiles on this thread. Requires [`available`].
+    pub fn configure() -> Tiles {
+        assert!(available(), "AMX tiles requested without AMX");
+        // SAFETY: AMX is available; the configuration is this thread's.
+        unsafe { kernel::configure() };
+        Tiles(std::marker::PhantomData)
+    }
+
+    /// `dst[32][32] = a[32 rows][..klen] · panel` with bf16 `a` rows `a_row` values apart and
+    /// `panel` packed as [`pack_w`]'s panels (`[klen/2][32][2]`, the first `klen/2` pair rows
+    /// read); `klen` is a multiple of 32.
+    pub fn block(&self, a: &[u16], a_row: usize, panel: &[u16], klen: usize, dst: &mut [f32]) {
+        assert!(klen.is_multiple_of(TILE_K) && klen <= a_row && a_row.is_multiple_of(2));
+        assert!(a.len() >= (BLOCK - 1) * a_row + klen, "a: too few rows");
+        assert!(
+            panel.len() >= klen / 2 * BLOCK * 2,
+            "panel: too few pair rows"
+        );
+        assert!(dst.len() >= BLOCK * BLOCK);
+        // SAFETY: tiles are configured (self exists on this thread); the asserts bound every
+        // byte the kernel reads and writes.
+        unsafe { kernel::block(a, kernel::ALayout::Rows(a_row), panel, klen, dst) }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases the state `configure` set up on this thread.
+        unsafe { kernel::release() }
+    }
+}
+
+/// Rounds `v` up to a multiple of 32 (AMX tile rows and bf16 tile columns).
+pub fn round32(v: usize) -> usize {
+    round_up(v, BLOCK)
 }
 
 /// The output pointer shared by tasks that write disjoint parts of it.
@@ -200,9 +242,24 @@ mod kernel {
         asm!("tilerelease");
     }
 
-    /// `dst[32][32] = a[32][kpad] · panel` (bf16 in, f32 out). Needs [`configure`] first.
-    pub unsafe fn block(a: &[u16], panel: &[u16], kpad: usize, dst: &mut [f32]) {
-        let a_stride = kpad * 2; // bytes per x row
+    /// Layout of the 32 rows of A.
+    #[derive(Clone, Copy)]
+    pub enum ALayout {
+        /// Plain rows, this many values apart.
+        Rows(usize),
+        /// Tile order: `[k/32][32 rows][32]` (simd::round_bf16_tiled).
+        Tiled,
+    }
+    pub const TILED: ALayout = ALayout::Tiled;
+
+    /// `dst[32][32] = a[32][..klen] · panel[..klen/2]` (bf16 in, f32 out), `klen` a multiple
+    /// of 32. Needs [`configure`] first.
+    pub unsafe fn block(a: &[u16], layout: ALayout, panel: &[u16], klen: usize, dst: &mut [f32]) {
+        // bytes between rows, from rows 0-15 to rows 16-31, and from one k block to the next
+        let (a_stride, a_half, a_step) = match layout {
+            ALayout::Rows(r) => (r * 2, 16 * r * 2, 64),
+            ALayout::Tiled => (64, 1024, 2048),
+        };
         let b_stride = 128usize; // bytes per packed pair-row of the panel (32 columns)
         let c_stride = 128usize; // bytes per output row (32 f32)
         let ap = a.as_ptr() as *const u8;
@@ -214,9 +271,9 @@ mod kernel {
             "tilezero tmm2",
             "tilezero tmm3"
         );
-        for k0 in (0..kpad).step_by(super::TILE_K) {
-            let a0 = ap.add(k0 * 2);
-            let a1 = ap.add(16 * a_stride + k0 * 2);
+        for k0 in (0..klen).step_by(super::TILE_K) {
+            let a0 = ap.add(k0 / super::TILE_K * a_step);
+            let a1 = a0.add(a_half);
             let b0 = bp.add((k0 / 2) * b_stride);
             let b1 = b0.add(64);
             asm!(
@@ -254,7 +311,13 @@ mod kernel {
 mod kernel {
     pub unsafe fn configure() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: &[u16], _: &[u16], _: usize, _: &mut [f32]) {
+    #[derive(Clone, Copy)]
+    pub enum ALayout {
+        Rows(usize),
+        Tiled,
+    }
+    pub const TILED: ALayout = ALayout::Tiled;
+    pub unsafe fn block(_: &[u16], _: ALayout, _: &[u16], _: usize, _: &mut [f32]) {
         unreachable!("amx::available() is false off x86_64")
     }
 }
@@ -275,6 +338,7 @@ mod tests {
             (32, 64, 32),
             (70, 100, 65),
             (40, 48, 31),
+            (300, 70, 200), // several row groups and panels per task
         ] {
             let x: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)

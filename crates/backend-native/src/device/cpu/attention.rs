@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{try_zeros, CpuTensor, Storage};
+use super::{CpuTensor, Storage};
 use crate::device::{AttnShape, DeviceTensor};
 
 fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
@@ -105,6 +105,15 @@ impl Rows<'_> {
             Storage::F32(c) => Rows::F32(&c[start..start + len]),
             Storage::U32(_) => bail!("attention: a u32 cache"),
         })
+    }
+
+    /// row j as f32 into `out` (`out.len()` values)
+    fn row_f32(&self, j: usize, out: &mut [f32]) {
+        let d = out.len();
+        match self {
+            Rows::F32(r) => out.copy_from_slice(&r[j * d..(j + 1) * d]),
+            Rows::F16(r) => super::convert::f16_to_f32(&r[j * d..(j + 1) * d], out),
+        }
     }
 
     /// q · row j
@@ -245,27 +254,105 @@ fn small_gemm(
 
 /// One (sequence, head) pair with several queries (prefill): scores = Q K^T and out = P V as
 /// matrix products, masked softmax in between. `q` starts at the pair's first query; its rows
-/// are `q_rs` apart.
+/// are `q_rs` apart. Blocks of queries see only the keys up to their last query's position
+/// (causal): prefill does about half the work of full products.
 fn pair_gemm(q: &[f32], q_rs: usize, kb: &[f32], vb: &[f32], m: &[u32], s: AttnShape) -> Vec<f32> {
+    const QB: usize = 64;
     let (d, t, n) = (s.head_dim, s.total_len(), s.new_len);
     let scale = s.scale();
-    let mut scores = vec![0f32; n * t];
-    // K^T: element (c, j) is kb[j * d + c]
-    small_gemm(n, t, d, &mut scores, q, q_rs, kb, 1, d);
-    for (i, row) in scores.chunks_mut(t).enumerate() {
-        super::simd::softmax_row(row, m, s.past_len + i + 1, scale);
-    }
+    let mut scores = vec![0f32; QB.min(n) * t];
     let mut out = vec![0f32; n * d];
-    small_gemm(n, d, t, &mut out, &scores, t, vb, d, 1);
+    for i0 in (0..n).step_by(QB) {
+        let rows = QB.min(n - i0);
+        // keys visible to the block's last query
+        let kl = (s.past_len + i0 + rows).min(t);
+        let sc = &mut scores[..rows * kl];
+        // K^T: element (c, j) is kb[j * d + c]
+        small_gemm(rows, kl, d, sc, &q[i0 * q_rs..], q_rs, kb, 1, d);
+        for (i, row) in sc.chunks_mut(kl).enumerate() {
+            super::simd::softmax_row(row, m, s.past_len + i0 + i + 1, scale);
+        }
+        small_gemm(rows, d, kl, &mut out[i0 * d..], sc, kl, vb, d, 1);
+    }
     out
 }
 
+/// [`pair_gemm`] on AMX tiles for the bf16 mode: Q, K, P and V rounded to bf16, products
+/// accumulated in f32, softmax in f32. Blocks of 32 queries see only the keys up to their last
+/// query's position (causal), so prefill does about half the work of full products.
+fn pair_amx(q: &[f32], q_rs: usize, k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Vec<f32> {
+    use super::amx::{round32, Tiles};
+    use super::bf16::to_bf16_bits;
+    use super::simd::round_bf16;
+    const B: usize = 32;
+    let (d, t, n) = (s.head_dim, s.total_len(), s.new_len);
+    let (dpad, tpad, npad) = (round32(d), round32(t), round32(n));
+    let scale = s.scale();
+    // Q rows [npad][dpad]; K as a weight [t, d] and V^T as a weight [d, t], packed in panels
+    // of 32 output columns `[k/2][32][2]` (amx::pack_w's layout)
+    let mut qa = vec![0u16; npad * dpad];
+    for i in 0..n {
+        round_bf16(&q[i * q_rs..i * q_rs + d], &mut qa[i * dpad..i * dpad + d]);
+    }
+    let (kpanel, vpanel) = (dpad * B, tpad * B);
+    let mut kp = vec![0u16; tpad / B * kpanel];
+    let mut vp = vec![0u16; dpad / B * vpanel];
+    let mut row = vec![0f32; d];
+    for j in 0..t {
+        k.row_f32(j, &mut row);
+        let panel = &mut kp[j / B * kpanel..];
+        for (c, x) in row.iter().enumerate() {
+            panel[(c / 2) * 2 * B + (j % B) * 2 + c % 2] = to_bf16_bits(*x);
+        }
+        v.row_f32(j, &mut row);
+        for (c, x) in row.iter().enumerate() {
+            vp[c / B * vpanel + (j / 2) * 2 * B + (c % B) * 2 + j % 2] = to_bf16_bits(*x);
+        }
+    }
+    let tiles = Tiles::configure();
+    let mut c = [0f32; B * B];
+    let mut scores = vec![0f32; B * tpad];
+    let mut pa = vec![0u16; B * tpad];
+    let mut out = vec![0f32; n * d];
+    for rb in 0..npad / B {
+        let rows = B.min(n - rb * B);
+        // keys visible to the block's last query, in whole panels
+        let klen = round32((s.past_len + rb * B + B).min(t));
+        for pi in 0..klen / B {
+            tiles.block(&qa[rb * B * dpad..], dpad, &kp[pi * kpanel..], dpad, &mut c);
+            for i in 0..rows {
+                scores[i * tpad + pi * B..][..B].copy_from_slice(&c[i * B..(i + 1) * B]);
+            }
+        }
+        for i in 0..rows {
+            let vis = s.past_len + rb * B + i + 1;
+            let r = &mut scores[i * tpad..i * tpad + vis];
+            super::simd::softmax_row(r, &m[..vis], vis, scale);
+            let p = &mut pa[i * tpad..i * tpad + klen];
+            round_bf16(r, &mut p[..vis]);
+            p[vis..].iter_mut().for_each(|a| *a = 0);
+        }
+        // rows past n of the last block hold zeros or stale values: their outputs are dropped
+        for ci in 0..dpad / B {
+            tiles.block(&pa, tpad, &vp[ci * vpanel..], klen, &mut c);
+            let cols = B.min(d - ci * B);
+            for i in 0..rows {
+                out[(rb * B + i) * d + ci * B..][..cols].copy_from_slice(&c[i * B..i * B + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Masked multi-head attention of `q` over the cache; `amx` picks the bf16 AMX path for
+/// several queries (the bf16 mode), else f32.
 pub fn attention(
     q: &CpuTensor,
     k_cache: &CpuTensor,
     v_cache: &CpuTensor,
     mask: &CpuTensor,
     s: AttnShape,
+    amx: bool,
 ) -> Result<CpuTensor> {
     let max_len = check_cache(k_cache, s, "attention k cache")?;
     check_cache(v_cache, s, "attention v cache")?;
@@ -287,7 +374,11 @@ pub fn attention(
             let start = bh * max_len * d;
             let m = &mask[b * t..(b + 1) * t];
             let q0 = b * s.new_len * hid + head * d;
-            let out = if s.new_len > 1 {
+            let out = if s.new_len > 1 && amx {
+                let k = Rows::of(k_cache, start, t * d)?;
+                let v = Rows::of(v_cache, start, t * d)?;
+                pair_amx(&q[q0..], hid, k, v, m, s)
+            } else if s.new_len > 1 {
                 let (mut kb, mut vb) = (Vec::new(), Vec::new());
                 slab_f32(k_cache, start, t * d, &mut kb)?;
                 slab_f32(v_cache, start, t * d, &mut vb)?;
@@ -300,7 +391,8 @@ pub fn attention(
             Ok(out)
         })
         .collect();
-    let mut out = try_zeros::<f32>(s.batch * s.new_len * hid)?;
+    // every (sequence, head) pair's rows are written below
+    let mut out = super::pool::take_f32(s.batch * s.new_len * hid)?;
     for (bh, r) in per_pair.into_iter().enumerate() {
         let r = r?;
         let (b, head) = (bh / h, bh % h);

@@ -123,6 +123,36 @@ multiversion! {
 }
 
 multiversion! {
+    /// f32 -> bf16 bits, round to nearest even ([`super::bf16::to_bf16_bits`] on each value),
+    /// 16 lanes at a time where the CPU has AVX-512.
+    pub fn round_bf16(src: &[f32], dst: &mut [u16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = super::bf16::to_bf16_bits(*s);
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of f32 `src` (`rows` x `k`, at most 32 rows) -> bf16 bits in AMX tile order:
+    /// `dst[kb][r][c]` = row `r`, column `kb * 32 + c`, for `kpad / 32` blocks of 32 columns,
+    /// so each 16 x 32 A tile is 1 KiB contiguous. Columns past `k` are zero; rows past `rows`
+    /// are left as they are.
+    pub fn round_bf16_tiled(src: &[f32], rows: usize, k: usize, kpad: usize, dst: &mut [u16]) {
+        for r in 0..rows {
+            let row = &src[r * k..(r + 1) * k];
+            for kb in 0..kpad / 32 {
+                let d = &mut dst[kb * 1024 + r * 32..kb * 1024 + r * 32 + 32];
+                let s = &row[(kb * 32).min(k)..(kb * 32 + 32).min(k)];
+                for (o, v) in d.iter_mut().zip(s) {
+                    *o = super::bf16::to_bf16_bits(*v);
+                }
+                d[s.len()..].iter_mut().for_each(|o| *o = 0);
+            }
+        }
+    }
+}
+
+multiversion! {
     /// Layer norm of one row: `o = (r - mean) / sqrt(var + eps) * g + b`.
     pub fn layer_norm_row(r: &[f32], g: &[f32], b: &[f32], eps: f32, o: &mut [f32]) {
         let w = r.len() as f32;
@@ -156,11 +186,26 @@ multiversion! {
     /// `mask[j] != 0` are scaled and kept, the rest get probability 0. A row with no visible
     /// position becomes all zeros.
     pub fn softmax_row(row: &mut [f32], mask: &[u32], visible: usize, scale: f32) {
-        let mut max = f32::NEG_INFINITY;
-        for (j, (x, m)) in row.iter_mut().zip(mask).enumerate() {
-            *x = if j < visible && *m != 0 { *x * scale } else { f32::NEG_INFINITY };
-            max = max.max(*x);
+        // positions past `visible` (causal) need no exp: zero them and work on the rest
+        let vis = visible.min(row.len()).min(mask.len());
+        row[vis..].iter_mut().for_each(|x| *x = 0.0);
+        let (row, mask) = (&mut row[..vis], &mask[..vis]);
+        // masking and the max in 16 lanes, so the loop vectorizes (one running max would be a
+        // sequential dependence the compiler may not reorder)
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut rc = row.chunks_exact_mut(16);
+        let mut mc = mask.chunks_exact(16);
+        for (c, m) in (&mut rc).zip(&mut mc) {
+            for l in 0..16 {
+                c[l] = if m[l] != 0 { c[l] * scale } else { f32::NEG_INFINITY };
+                lanes[l] = lanes[l].max(c[l]);
+            }
         }
+        for (x, m) in rc.into_remainder().iter_mut().zip(mc.remainder()) {
+            *x = if *m != 0 { *x * scale } else { f32::NEG_INFINITY };
+            lanes[0] = lanes[0].max(*x);
+        }
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if max == f32::NEG_INFINITY {
             row.iter_mut().for_each(|x| *x = 0.0);
             return;
