@@ -53,7 +53,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let python = pyenv::venv_python(&venv);
-    if pyenv::probe(&python, pyenv::DS_MODULES, true).is_ok() {
+    if pyenv::probe_uncached(&python, pyenv::DS_MODULES, true).is_ok() {
         println!("{} is complete; reusing it", venv.display());
     } else {
         if !python.exists() {
@@ -123,7 +123,7 @@ fn run_step(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// Prints what the interpreter imports; true when everything is there (at the pins when strict).
 fn report(python: &Path, strict: bool) -> bool {
-    match pyenv::probe(python, pyenv::DS_MODULES, strict) {
+    match pyenv::probe_uncached(python, pyenv::DS_MODULES, strict) {
         Ok(versions) => {
             println!("{}: ok", python.display());
             for (m, v) in &versions {

@@ -94,12 +94,14 @@ pub fn probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, 
     if let Some(hit) = cache.lock().unwrap().get(&key) {
         return hit.clone();
     }
-    let answer = run_probe(python, modules, strict);
+    let answer = probe_uncached(python, modules, strict);
     cache.lock().unwrap().insert(key, answer.clone());
     answer
 }
 
-fn run_probe(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, String> {
+/// [`probe`] without the cache, for callers that change the environment between two probes
+/// (`cargo xtask python-env` probes, installs, then probes again).
+pub fn probe_uncached(python: &Path, modules: &[&str], strict: bool) -> Result<Versions, String> {
     const FIX: &str =
         "run `cargo xtask python-env` (or pass --python with an interpreter that has them)";
     if !python.exists() {
