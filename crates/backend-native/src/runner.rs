@@ -11,7 +11,7 @@ use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::dummy;
-use crate::generate::{generate, GenOptions, SampleMode};
+use crate::generate::{generate, GenOptions, GenOutput, SampleMode};
 use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
 use crate::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 
@@ -203,21 +203,7 @@ pub fn run_case_on<D: RunnerDevice>(
     );
     let weights = ModelWeights::load(dev, src.as_ref(), &cfg)?;
     let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
-    for _ in 0..case.warmup {
-        generate(dev, &cfg, &weights, &prompts, &warmup_options()).context("warm-up generation")?;
-    }
-    let o = measured_options(case);
-    let mut result = RawResult::default();
-    let mut last = None;
-    for r in 0..case.repetitions {
-        let out = generate(dev, &cfg, &weights, &prompts, &o)
-            .with_context(|| format!("repetition {r}"))?;
-        result.step_times_s.push(out.step_times_s);
-        last = Some(out.new_tokens);
-    }
-    let tokens = last.unwrap_or_default();
-    result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
-    result.tokens = Some(tokens);
+    let mut result = measure(case, || {}, |o| generate(dev, &cfg, &weights, &prompts, o))?;
     result
         .peak_memory_bytes
         .insert("host_rss".into(), peak_rss_bytes());
@@ -243,6 +229,32 @@ pub fn run_case_on<D: RunnerDevice>(
         result.bytes_moved.insert(link.into(), 0);
     }
     result.versions = versions(dev);
+    Ok(result)
+}
+
+/// The measured part of a case, the same for every path: `case.warmup` one-token generations,
+/// then `case.repetitions` measured ones (`after_warmup` runs in between, e.g. to zero I/O
+/// counters); the result holds every repetition's step times and the last one's tokens.
+fn measure(
+    case: &Case,
+    after_warmup: impl FnOnce(),
+    mut run: impl FnMut(&GenOptions) -> Result<GenOutput>,
+) -> Result<RawResult> {
+    for _ in 0..case.warmup {
+        run(&warmup_options()).context("warm-up generation")?;
+    }
+    after_warmup();
+    let o = measured_options(case);
+    let mut result = RawResult::default();
+    let mut last = None;
+    for r in 0..case.repetitions {
+        let out = run(&o).with_context(|| format!("repetition {r}"))?;
+        result.step_times_s.push(out.step_times_s);
+        last = Some(out.new_tokens);
+    }
+    let tokens = last.unwrap_or_default();
+    result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
+    result.tokens = Some(tokens);
     Ok(result)
 }
 
@@ -311,23 +323,11 @@ fn run_offloaded<D: RunnerDevice>(
     let model = OffloadModel::load(dev, src.as_ref(), &cfg, &policy, offload_dir, cache_disk)?;
     let sched = schedule_options(case);
     let prompts = bench_prompts(case.batch_size(), case.prompt_len, cfg.vocab_size);
-    for _ in 0..case.warmup {
-        generate_offloaded(dev, &model, &prompts, &warmup_options(), &sched)
-            .context("warm-up generation")?;
-    }
-    model.stats.reset_counters();
-    let o = measured_options(case);
-    let mut result = RawResult::default();
-    let mut last = None;
-    for r in 0..case.repetitions {
-        let out = generate_offloaded(dev, &model, &prompts, &o, &sched)
-            .with_context(|| format!("repetition {r}"))?;
-        result.step_times_s.push(out.step_times_s);
-        last = Some(out.new_tokens);
-    }
-    let tokens = last.unwrap_or_default();
-    result.generated_tokens = tokens.iter().map(|t| t.len() as u64).sum();
-    result.tokens = Some(tokens);
+    let mut result = measure(
+        case,
+        || model.stats.reset_counters(),
+        |o| generate_offloaded(dev, &model, &prompts, o, &sched),
+    )?;
     result.peak_memory_bytes = model.stats.peaks();
     // where the weights live (the I/O-bound floor of a decode step is the bytes off the compute
     // tier over the link's bandwidth: gpu-check.sh computes it for weights in host memory)
