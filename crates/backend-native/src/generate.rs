@@ -200,29 +200,60 @@ pub fn generate<D: Device, W: WeightStore<D>>(
             out.logits.push(dev.download_f32(&logits)?);
         }
         out.step_times_s.push(t0.elapsed().as_secs_f64());
+        let step = StepEnd {
+            pad: cfg.pad_token_id,
+            stop: opts.stop_token,
+            total,
+        };
+        match step.apply(&mut next, &mut unfinished, &mut mask, &mut counts, &mut out) {
+            Some(p) => positions = p,
+            None => break,
+        }
+        ids = next;
+    }
+    Ok(out)
+}
+
+/// The end of a generation step, shared by the resident and the offloaded loop.
+pub(crate) struct StepEnd {
+    pub pad: u32,
+    pub stop: Option<u32>,
+    /// Positions the mask covers this step.
+    pub total: usize,
+}
+
+impl StepEnd {
+    /// Records the sampled tokens (pads for sequences that already stopped) and, unless every
+    /// sequence has stopped, extends the mask by one real position per sequence and returns the
+    /// next step's positions.
+    pub(crate) fn apply(
+        &self,
+        next: &mut [u32],
+        unfinished: &mut [bool],
+        mask: &mut Vec<u32>,
+        counts: &mut [u32],
+        out: &mut GenOutput,
+    ) -> Option<Vec<u32>> {
         for (i, t) in next.iter_mut().enumerate() {
             if !unfinished[i] {
-                *t = cfg.pad_token_id;
-            } else if Some(*t) == opts.stop_token {
+                *t = self.pad;
+            } else if Some(*t) == self.stop {
                 unfinished[i] = false;
             }
             out.new_tokens[i].push(*t);
         }
         if !unfinished.iter().any(|&u| u) {
-            break;
+            return None;
         }
-        // next step's inputs: the new token, mask extended by one real position per sequence
-        let mut m2 = Vec::with_capacity(b * (total + 1));
-        for (i, row) in mask.chunks(total).enumerate() {
+        let mut m2 = Vec::with_capacity(counts.len() * (self.total + 1));
+        for (i, row) in mask.chunks(self.total).enumerate() {
             m2.extend_from_slice(row);
             m2.push(1);
             counts[i] += 1;
         }
-        mask = m2;
-        ids = next;
-        positions = counts.iter().map(|c| c + 1).collect();
+        *mask = m2;
+        Some(counts.iter().map(|c| c + 1).collect())
     }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -27,7 +27,9 @@ use bench_core::{ModelConfig, Policy};
 
 use crate::device::cpu::{CpuDevice, CpuOptions, CpuTensor};
 use crate::device::{AttnShape, DType, Device, DeviceTensor, Fence, HostSlice, Sampling};
-use crate::generate::{check_prompts, GenOptions, GenOutput, PaddedBatch, Rng, SampleMode};
+use crate::generate::{
+    check_prompts, GenOptions, GenOutput, PaddedBatch, Rng, SampleMode, StepEnd,
+};
 use crate::model::layers;
 use crate::model::TensorSource;
 use crate::offload::cache::{self, BatchCache, KvDims};
@@ -690,26 +692,16 @@ impl<'a, D: Device> Run<'a, D> {
                 out.logits.push(step_logits);
             }
             out.step_times_s.push(t0.elapsed().as_secs_f64());
-            for (i, t) in next.iter_mut().enumerate() {
-                if !unfinished[i] {
-                    *t = cfg.pad_token_id;
-                } else if Some(*t) == opts.stop_token {
-                    unfinished[i] = false;
-                }
-                out.new_tokens[i].push(*t);
+            let step = StepEnd {
+                pad: cfg.pad_token_id,
+                stop: opts.stop_token,
+                total,
+            };
+            match step.apply(&mut next, &mut unfinished, &mut mask, &mut counts, &mut out) {
+                Some(p) => positions = p,
+                None => break,
             }
-            if !unfinished.iter().any(|&u| u) {
-                break;
-            }
-            let mut m2 = Vec::with_capacity(b * (total + 1));
-            for (i, row) in mask.chunks(total).enumerate() {
-                m2.extend_from_slice(row);
-                m2.push(1);
-                counts[i] += 1;
-            }
-            mask = m2;
             ids = next;
-            positions = counts.iter().map(|c| c + 1).collect();
         }
         Ok(out)
     }
