@@ -586,6 +586,9 @@ mod tests {
             (17, 72, 50),
             (40, 130, 96),
             (7, 16, 1),
+            // several matvec tasks, the last one short and odd
+            (4, 96, 1001),
+            (10, 200, 517),
         ] {
             let x = rand_f32(n * k, n as u64);
             let w = rand_f16(m * k, 7 + k as u64);
