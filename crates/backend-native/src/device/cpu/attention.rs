@@ -175,6 +175,64 @@ mod f16_simd {
         _mm512_reduce_add_ps(acc)
     }
 
+    /// A whole decode pair for head_dim = 16 * C, the query and the output in registers:
+    /// scores over every cache row, masked softmax, then the weighted sum of value rows.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pair<const C: usize>(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        m: &[u32],
+        scale: f32,
+        p: &mut [f32],
+        out: &mut [f32],
+    ) -> bool {
+        let (t, d) = (p.len(), 16 * C);
+        if q.len() < d || out.len() < d || k.len() < t * d || v.len() < t * d || m.len() < t {
+            return false;
+        }
+        let mut qv = [_mm512_setzero_ps(); C];
+        for (c, r) in qv.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(q.as_ptr().add(c * 16));
+        }
+        let row = |base: *const f16, j: usize, c: usize| {
+            _mm512_cvtph_ps(_mm256_loadu_si256(
+                base.add(j * d + c * 16) as *const __m256i
+            ))
+        };
+        // the pair's K and V are short streams (a few KiB) that the hardware prefetchers barely
+        // pick up before they end: fetch K a few rows ahead, and V while the scores run
+        let line = |base: *const f16, j: usize, c: usize| base.add(j * d + c * 32) as *const i8;
+        for j in 0..t {
+            for c in 0..d.div_ceil(32) {
+                _mm_prefetch::<_MM_HINT_T0>(line(k.as_ptr(), j + 8, c));
+                _mm_prefetch::<_MM_HINT_T0>(line(v.as_ptr(), j, c));
+            }
+            if *m.get_unchecked(j) == 0 {
+                continue;
+            }
+            let mut acc = _mm512_mul_ps(row(k.as_ptr(), j, 0), qv[0]);
+            for (c, qc) in qv.iter().enumerate().skip(1) {
+                acc = _mm512_fmadd_ps(row(k.as_ptr(), j, c), *qc, acc);
+            }
+            *p.get_unchecked_mut(j) = _mm512_reduce_add_ps(acc);
+        }
+        super::super::simd::softmax_row(p, m, t, scale);
+        let mut o = [_mm512_setzero_ps(); C];
+        for (j, &w) in p.iter().enumerate() {
+            if w != 0.0 {
+                let wv = _mm512_set1_ps(w);
+                for (c, oc) in o.iter_mut().enumerate() {
+                    *oc = _mm512_fmadd_ps(wv, row(v.as_ptr(), j, c), *oc);
+                }
+            }
+        }
+        for (c, oc) in o.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *oc);
+        }
+        true
+    }
+
     #[target_feature(enable = "avx512f")]
     pub unsafe fn axpy(out: &mut [f32], w: f32, row: &[f16]) {
         let wv = _mm512_set1_ps(w);
@@ -193,6 +251,23 @@ fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Ve
     let (d, t) = (s.head_dim, s.total_len());
     let scale = s.scale();
     let mut out = vec![0f32; d];
+    #[cfg(target_arch = "x86_64")]
+    if let (Rows::F16(kr), Rows::F16(vr)) = (k, v) {
+        if super::simd::has_avx512() {
+            let mut p = vec![0f32; t];
+            // SAFETY: avx512f is present; the slices hold t rows of d values (Rows::of).
+            let done = unsafe {
+                match d {
+                    64 => f16_simd::pair::<4>(q, kr, vr, m, scale, &mut p, &mut out),
+                    128 => f16_simd::pair::<8>(q, kr, vr, m, scale, &mut p, &mut out),
+                    _ => false,
+                }
+            };
+            if done {
+                return out;
+            }
+        }
+    }
     let mut tmp = vec![0f32; d];
     let mut p = vec![0f32; t];
     for j in 0..t {

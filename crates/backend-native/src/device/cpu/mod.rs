@@ -606,12 +606,18 @@ mod tests {
 
     #[test]
     fn attention_matches_reference_prefill_and_decode() {
-        for kv in [DType::F32, DType::F16] {
+        // head_dim 64 and 128 take the decode kernel with the head in registers
+        for (kv, d) in [
+            (DType::F32, 8),
+            (DType::F16, 8),
+            (DType::F16, 64),
+            (DType::F16, 128),
+        ] {
             let dev = CpuDevice::new(CpuOptions {
                 kv_dtype: kv,
                 ..Default::default()
             });
-            let (b, h, d, s, max_len) = (3, 5, 8, 6, 9);
+            let (b, h, s, max_len) = (3, 5, 6, 9);
             let mut kc = dev.alloc_kv(b, h, max_len, d).unwrap();
             let mut vc = dev.alloc_kv(b, h, max_len, d).unwrap();
             // left padding: 0, 2 and 5 pads
@@ -657,7 +663,7 @@ mod tests {
                 );
                 assert!(
                     max_rel(&got, &want) < 1e-5,
-                    "{kv:?} past {past}: {}",
+                    "{kv:?} head_dim {d} past {past}: {}",
                     max_rel(&got, &want)
                 );
                 got
