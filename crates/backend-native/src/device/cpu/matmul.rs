@@ -151,7 +151,6 @@ fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32])
     let cols = m.div_ceil(parts);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..m.div_ceil(cols)).into_par_iter().for_each(|c| {
-        let ptr = ptr;
         let j0 = c * cols;
         let mc = cols.min(m - j0);
         let wb = &w[j0 * k..(j0 + mc) * k];
@@ -166,7 +165,7 @@ fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32])
                 n,
                 mc,
                 k,
-                ptr.0.add(j0),
+                ptr.get().add(j0),
                 1,
                 m as isize,
                 false,
@@ -200,6 +199,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the Send wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
     let tasks = (rayon::current_num_threads() * MATVEC_TASKS_PER_THREAD).max(1);
     // even row counts keep the kernel's two-row pairs whole; at least 16 rows per task
@@ -208,7 +214,6 @@ fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
     (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
         let j0 = c * rows;
         let j1 = (j0 + rows).min(m);
-        let ptr = ptr;
         // SAFETY: task c writes only columns j0..j1 of the n x m output, disjoint from other
         // tasks'; the pointer covers n*m values (asserted in `linear_cached`), and `out` is
         // borrowed mutably for the whole parallel loop.
@@ -250,7 +255,7 @@ unsafe fn matvec_block(
         if has_avx512() {
             // SAFETY: avx512f is present (checked at run time); w holds m*k values and x n*k
             // (asserted in `linear_cached`); the output contract is the caller's.
-            unsafe { avx512::matvec_block(w, x, n, k, m, j0, j1, out.0) };
+            unsafe { avx512::matvec_block(w, x, n, k, m, j0, j1, out.get()) };
             return;
         }
     }
@@ -259,7 +264,7 @@ unsafe fn matvec_block(
         matvec_row(&w[j * k..(j + 1) * k], x, k, &mut dst);
         for (i, v) in dst.iter().enumerate() {
             // SAFETY: (i, j) is inside the n x m output and in this task's columns
-            unsafe { *out.0.add(i * m + j) = *v };
+            unsafe { *out.get().add(i * m + j) = *v };
         }
     }
 }
