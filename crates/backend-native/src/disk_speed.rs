@@ -1,6 +1,12 @@
 //! The disk-offload speed benchmark: weights 100% on disk on the CPU device; the rate at which
 //! the decode phase reads weights against the disk's sequential O_DIRECT read bandwidth, both
 //! measured in the same run on the same files.
+//!
+//! Virtual disks drift (here: 0.9 to 2.4 GB/s within a minute, with bursts), so one reference
+//! read before and one after a generation says little. The benchmark runs in rounds: reference
+//! read, generation, reference read, generation, ..., reference read; each round's ratio is its
+//! decode rate over the mean of the reference reads on both sides of it, and the result is the
+//! median round.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,25 @@ pub struct DiskSpeedArgs {
     pub gen_len: usize,
     /// Block size of the reference sequential read (bytes).
     pub block: usize,
+    /// Generations, each between two reference reads.
+    pub rounds: usize,
+}
+
+/// One generation between two reference reads.
+#[derive(Debug, Serialize)]
+pub struct Round {
+    /// Weight bytes read from disk during the decode steps, their wall time and rate.
+    pub decode_read_bytes: u64,
+    pub decode_s: f64,
+    pub decode_read_gb_s: f64,
+    /// The sequential O_DIRECT reads right before and right after.
+    pub direct_read_gb_s_before: f64,
+    pub direct_read_gb_s_after: f64,
+    /// decode_read_gb_s / mean(before, after)
+    pub ratio: f64,
+    /// Time the disk thread spent in reads, over the generation's wall time.
+    pub disk_busy_fraction: f64,
+    pub step_times_s: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,23 +62,31 @@ pub struct DiskSpeedReport {
     pub prompt_len: usize,
     pub gen_len: usize,
     pub weight_file_bytes: u64,
-    /// Weight bytes read from disk during the decode steps, and their wall time.
-    pub decode_read_bytes: u64,
-    pub decode_s: f64,
+    pub rounds: Vec<Round>,
+    /// Medians over the rounds.
     pub decode_read_gb_s: f64,
-    /// Sequential O_DIRECT reads of the same files, before and after the generation.
-    pub direct_read_gb_s_before: f64,
-    pub direct_read_gb_s_after: f64,
-    /// decode_read_gb_s / mean(before, after)
+    pub direct_read_gb_s: f64,
     pub ratio: f64,
+    /// Over all rounds.
     pub io_wait_s: f64,
     pub compute_s: f64,
-    /// Time the disk thread spent in reads, over the whole generation's wall time.
     pub disk_busy_fraction: f64,
     /// Time spent copying weights from the read buffers to the compute device, likewise.
     pub transfer_busy_fraction: f64,
     pub peak_memory_bytes: BTreeMap<String, u64>,
-    pub step_times_s: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
@@ -61,6 +94,7 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         a.gen_len >= 2,
         "--gen-len must be at least 2 (one decode step)"
     );
+    ensure!(a.rounds >= 1, "--rounds must be at least 1");
     let cfg = bench_core::model::lookup(&a.model)
         .with_context(|| format!("unknown model `{}`", a.model))?;
     let dev = CpuDevice::new(CpuOptions::default());
@@ -81,9 +115,10 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let (b0, s0) = sequential_read(&files, a.block)?;
-    let before = b0 as f64 / s0 / 1e9;
-    eprintln!("sequential O_DIRECT read: {before:.3} GB/s; generating ...");
+    let reference = || -> Result<f64> {
+        let (bytes, secs) = sequential_read(&files, a.block)?;
+        Ok(bytes as f64 / secs / 1e9)
+    };
     let prompts = bench_prompts(a.batch, a.prompt_len, cfg.vocab_size);
     let sched = ScheduleOptions {
         num_gpu_batches: 1,
@@ -97,37 +132,61 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         keep_logits: false,
     };
     model.stats.reset_counters();
-    let out = generate_offloaded(&dev, &model, &prompts, &opts, &sched)?;
-    let read = model.stats.bytes(Link::DiskRead);
-    // every step reads every weight file once; the prefetch runs ahead but stops at the last step
-    let per_step = read / a.gen_len as u64;
-    let decode_steps = (out.step_times_s.len() - 1) as u64;
-    let decode_s: f64 = out.step_times_s[1..].iter().sum();
-    let decode_bytes = per_step * decode_steps;
-    let rate = decode_bytes as f64 / decode_s / 1e9;
-    let (b1, s1) = sequential_read(&files, a.block)?;
-    let after = b1 as f64 / s1 / 1e9;
+    let mut before = reference()?;
+    let mut rounds = Vec::new();
+    let mut wall = 0.0;
+    for r in 0..a.rounds {
+        eprintln!(
+            "round {}/{}: sequential O_DIRECT read {before:.3} GB/s; generating ...",
+            r + 1,
+            a.rounds
+        );
+        let read0 = model.stats.bytes(Link::DiskRead);
+        let busy0 = model.stats.disk_busy_s();
+        let out = generate_offloaded(&dev, &model, &prompts, &opts, &sched)?;
+        let read = model.stats.bytes(Link::DiskRead) - read0;
+        // every step reads every weight file once; the prefetch runs ahead but stops at the
+        // last step
+        let per_step = read / a.gen_len as u64;
+        let decode_steps = (out.step_times_s.len() - 1) as u64;
+        let decode_s: f64 = out.step_times_s[1..].iter().sum();
+        let decode_bytes = per_step * decode_steps;
+        let rate = decode_bytes as f64 / decode_s / 1e9;
+        let total_s: f64 = out.step_times_s.iter().sum();
+        wall += total_s;
+        let after = reference()?;
+        rounds.push(Round {
+            decode_read_bytes: decode_bytes,
+            decode_s,
+            decode_read_gb_s: rate,
+            direct_read_gb_s_before: before,
+            direct_read_gb_s_after: after,
+            ratio: rate / ((before + after) / 2.0),
+            disk_busy_fraction: (model.stats.disk_busy_s() - busy0) / total_s,
+            step_times_s: out.step_times_s,
+        });
+        before = after;
+    }
     let mut peaks = model.stats.peaks();
     peaks.insert("host_rss".into(), peak_rss_bytes());
     eprintln!("{}", dev.name());
+    let mut refs: Vec<f64> = rounds.iter().map(|r| r.direct_read_gb_s_before).collect();
+    refs.extend(rounds.last().map(|r| r.direct_read_gb_s_after));
     Ok(DiskSpeedReport {
         model: cfg.name.clone(),
         batch: a.batch,
         prompt_len: a.prompt_len,
         gen_len: a.gen_len,
         weight_file_bytes: file_bytes,
-        decode_read_bytes: decode_bytes,
-        decode_s,
-        decode_read_gb_s: rate,
-        direct_read_gb_s_before: before,
-        direct_read_gb_s_after: after,
-        ratio: rate / ((before + after) / 2.0),
+        decode_read_gb_s: median(rounds.iter().map(|r| r.decode_read_gb_s).collect()),
+        direct_read_gb_s: median(refs),
+        ratio: median(rounds.iter().map(|r| r.ratio).collect()),
         io_wait_s: model.stats.io_wait_s(),
-        disk_busy_fraction: model.stats.disk_busy_s() / out.step_times_s.iter().sum::<f64>(),
-        transfer_busy_fraction: model.stats.xfer_busy_s() / out.step_times_s.iter().sum::<f64>(),
         compute_s: model.stats.compute_s(),
+        disk_busy_fraction: model.stats.disk_busy_s() / wall,
+        transfer_busy_fraction: model.stats.xfer_busy_s() / wall,
         peak_memory_bytes: peaks,
-        step_times_s: out.step_times_s,
+        rounds,
     })
 }
 

@@ -204,7 +204,8 @@ enum Cmd {
     },
     /// The disk-offload speed benchmark: dummy weights 100% on disk, greedy generation on the CPU
     /// device; prints the decode phase's weight read rate against the sequential O_DIRECT read
-    /// bandwidth of the same files (measured before and after), and the memory peaks, as JSON.
+    /// bandwidth of the same files, in rounds (reference read, generation, reference read, ...)
+    /// so that the disk's drift cancels, and the memory peaks, as JSON.
     DiskSpeed {
         /// Registry model (dummy weights).
         #[arg(long, default_value = "opt-1.3b")]
@@ -222,6 +223,9 @@ enum Cmd {
         /// Block size of the reference sequential read, MiB (dd's bs).
         #[arg(long, default_value_t = 16)]
         block_mib: usize,
+        /// Generations, each between two reference reads (the ratio is the median round's).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -373,6 +377,7 @@ fn run_on_pool(cli: Cli) -> Result<()> {
             prompt_len,
             gen_len,
             block_mib,
+            rounds,
             device: _,
         } => {
             let r =
@@ -383,6 +388,7 @@ fn run_on_pool(cli: Cli) -> Result<()> {
                     prompt_len,
                     gen_len,
                     block: block_mib << 20,
+                    rounds,
                 })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

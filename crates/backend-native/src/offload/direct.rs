@@ -278,7 +278,7 @@ impl DirectFile {
         })
     }
 
-    fn read_chunk(&self, chunk: &mut [u8], offset: u64) -> Result<()> {
+    pub fn read_chunk(&self, chunk: &mut [u8], offset: u64) -> Result<()> {
         self.file
             .read_exact_at(chunk, offset)
             .map_err(|e| io_error(e, "reading", &self.path))
