@@ -278,6 +278,7 @@ impl DirectFile {
         })
     }
 
+    /// Reads exactly `chunk.len()` bytes at `offset` in one request (O_DIRECT: both aligned).
     pub fn read_chunk(&self, chunk: &mut [u8], offset: u64) -> Result<()> {
         self.file
             .read_exact_at(chunk, offset)
