@@ -172,14 +172,14 @@ pub fn generate<D: Device, W: WeightStore<D>>(
                     layers::attention_block(
                         dev,
                         cfg,
-                        w,
+                        &w.attn,
                         &mut x,
                         &mut k_cache[l],
                         &mut v_cache[l],
                         &mask_t,
                         shape,
                     )?;
-                    layers::mlp_block(dev, cfg, w, &mut x)
+                    layers::mlp_block(dev, cfg, &w.mlp, &mut x)
                 })
                 .with_context(|| format!("layer {l} of step {step}"))?;
         }

@@ -1,7 +1,9 @@
 //! Generation with offloading: the zig-zag block schedule over layers x GPU batches.
 //!
 //! For each token, each layer's weights are fetched once and used by every GPU batch before the
-//! next layer (the zig-zag); fetches run ahead on background threads by [`LOOKAHEAD`] units, so
+//! next layer (the zig-zag). With `sep_layer` (the policy's default, as in FlexLLMGen) a layer's
+//! attention and MLP halves are separate steps, each with its own weight unit: 2L + 2 units per
+//! token (input embedding, the halves, output head). Fetches run ahead on background threads by [`LOOKAHEAD`] units, so
 //! the next layer's weights stream in while *all* GPU batches of this layer compute, not only
 //! the first (the original synchronizes every step). The cache of GPU batch k+1 loads while
 //! batch k computes; new keys and values go back to disk on the disk thread. There is no global
@@ -611,9 +613,23 @@ impl<'a, D: Device> Run<'a, D> {
             drop(input);
             // the zig-zag: layer by layer, every GPU batch through a layer before the next
             let mut next_load = self.submit_cache_load(0, 0, past)?;
+            let sep = self.model.plan.sep_layer;
             for l in 0..nl {
-                let fetched = self.weights(base + 1 + l)?;
-                let w = fetched.layer();
+                // with sep_layer (FlexLLMGen's default) the halves are units of their own: the
+                // MLP's weights stream in while the attention half of every GPU batch computes,
+                // and only half a layer's weights need to be on the compute device at once
+                let (attn_unit, mlp_unit) = if sep {
+                    (base + 1 + 2 * l, Some(base + 2 + 2 * l))
+                } else {
+                    (base + 1 + l, None)
+                };
+                let fetched = self.weights(attn_unit)?;
+                let (aw, whole_mlp) = if sep {
+                    (fetched.attn(), None)
+                } else {
+                    let w = fetched.layer();
+                    (w.attn, Some(w.mlp))
+                };
                 for k in 0..nb {
                     let mut loaded = match next_load.take() {
                         Some(p) => p.wait(self.stats, "loading the KV cache")?,
@@ -637,14 +653,34 @@ impl<'a, D: Device> Run<'a, D> {
                         past,
                         new,
                     );
-                    self.attention(l, k, &w, &mut x, &masks[k], shape, loaded)
+                    self.attention(l, k, &aw, &mut x, &masks[k], shape, loaded)
                         .with_context(|| {
                             format!("attention of layer {l}, GPU batch {k}, step {step}")
                         })?;
-                    layers::mlp_block(dev, cfg, &w, &mut x)
-                        .with_context(|| format!("MLP of layer {l}, GPU batch {k}, step {step}"))?;
+                    if let Some(mw) = &whole_mlp {
+                        layers::mlp_block(dev, cfg, mw, &mut x).with_context(|| {
+                            format!("MLP of layer {l}, GPU batch {k}, step {step}")
+                        })?;
+                    }
                     hidden[k] = self.put_hidden(x)?;
                     self.stats.add_compute(tc.elapsed().as_secs_f64());
+                }
+                // the weights go before their unit, so its buffers return to the pool
+                drop((aw, whole_mlp));
+                drop(fetched);
+                if let Some(u) = mlp_unit {
+                    let fetched = self.weights(u)?;
+                    let mw = fetched.mlp();
+                    for (k, h) in hidden.iter_mut().enumerate() {
+                        let tc = Instant::now();
+                        let mut x = self.take_hidden(h)?;
+                        layers::mlp_block(dev, cfg, &mw, &mut x).with_context(|| {
+                            format!("MLP of layer {l}, GPU batch {k}, step {step}")
+                        })?;
+                        *h = self.put_hidden(x)?;
+                        self.stats.add_compute(tc.elapsed().as_secs_f64());
+                    }
+                    drop(mw);
                 }
             }
             // output head of every GPU batch
@@ -743,7 +779,7 @@ impl<'a, D: Device> Run<'a, D> {
         &mut self,
         l: usize,
         k: usize,
-        w: &crate::model::LayerWeights<Arc<D::Tensor>>,
+        w: &crate::model::AttnWeights<Arc<D::Tensor>>,
         x: &mut D::Tensor,
         mask: &(Vec<u32>, D::Tensor),
         shape: AttnShape,
@@ -770,9 +806,9 @@ impl<'a, D: Device> Run<'a, D> {
                 (None, None, None)
             } else {
                 (
-                    Some(slice_rows(dev, &q, rows.0, rows.1)?),
-                    Some(slice_rows(dev, &kk, rows.0, rows.1)?),
-                    Some(slice_rows(dev, &vv, rows.0, rows.1)?),
+                    Some(slice_rows(dev, self.stats, &q, rows.0, rows.1)?),
+                    Some(slice_rows(dev, self.stats, &kk, rows.0, rows.1)?),
+                    Some(slice_rows(dev, self.stats, &vv, rows.0, rows.1)?),
                 )
             };
             let (qs, ks, vs) = (
@@ -847,7 +883,7 @@ impl<'a, D: Device> Run<'a, D> {
         let a = if single {
             parts.pop().context("no cache segment")?
         } else {
-            concat_rows(dev, &parts)?
+            concat_rows(dev, self.stats, &parts)?
         };
         layers::attn_out(dev, cfg, w, x, &a)
     }
@@ -901,19 +937,34 @@ fn upload_act<D: Device>(dev: &D, v: &[f32], shape: &[usize]) -> Result<D::Tenso
 
 /// Rows `start .. start + n` of a 2-D activation tensor. Through the host: the device trait has
 /// no device-side copy yet (a CUDA device would do it in place); only split caches need it.
-fn slice_rows<D: Device>(dev: &D, t: &D::Tensor, start: usize, n: usize) -> Result<D::Tensor> {
+/// Both crossings are counted on their links.
+fn slice_rows<D: Device>(
+    dev: &D,
+    stats: &Stats,
+    t: &D::Tensor,
+    start: usize,
+    n: usize,
+) -> Result<D::Tensor> {
     let w = t.shape()[1];
     let v = dev.download_f32(t)?;
-    upload_act(dev, &v[start * w..(start + n) * w], &[n, w])
+    stats.moved(Link::ComputeToHost, t.size_bytes());
+    let r = upload_act(dev, &v[start * w..(start + n) * w], &[n, w])?;
+    stats.moved(Link::HostToCompute, r.size_bytes());
+    Ok(r)
 }
 
 /// The rows of `parts` stacked.
-fn concat_rows<D: Device>(dev: &D, parts: &[D::Tensor]) -> Result<D::Tensor> {
+///
+/// Through host memory like [`slice_rows`], and counted likewise.
+fn concat_rows<D: Device>(dev: &D, stats: &Stats, parts: &[D::Tensor]) -> Result<D::Tensor> {
     let w = parts[0].shape()[1];
     let mut all = Vec::new();
     for p in parts {
         all.extend(dev.download_f32(p)?);
+        stats.moved(Link::ComputeToHost, p.size_bytes());
     }
     let rows = all.len() / w;
-    upload_act(dev, &all, &[rows, w])
+    let r = upload_act(dev, &all, &[rows, w])?;
+    stats.moved(Link::HostToCompute, r.size_bytes());
+    Ok(r)
 }

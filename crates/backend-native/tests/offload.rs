@@ -53,6 +53,8 @@ struct Setup {
     cpu_attention: bool,
     overlap: bool,
     kv: DType,
+    /// Attention and MLP as separate schedule steps (FlexLLMGen's default) or whole layers.
+    sep_layer: bool,
 }
 
 fn run(name: &str, s: &Setup, offload: &Path) -> Vec<Vec<u32>> {
@@ -67,6 +69,7 @@ fn run(name: &str, s: &Setup, offload: &Path) -> Vec<Vec<u32>> {
     let mut policy = Policy::new(s.percent);
     policy.cpu_attention = s.cpu_attention;
     policy.overlap = s.overlap;
+    policy.sep_layer = s.sep_layer;
     let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, Some(offload), 0).unwrap();
     let opts = GenOptions {
         max_new_tokens: exp.max_new_tokens,
@@ -122,18 +125,22 @@ fn every_placement_gives_transformers_tokens() {
         for &percent in PLACEMENTS {
             for nb in [1, 2, 3] {
                 for cpu_attention in [false, true] {
-                    let s = Setup {
-                        percent,
-                        nb,
-                        cpu_attention,
-                        overlap: true,
-                        kv: DType::F32,
-                    };
-                    let got = run(name, &s, &off);
-                    assert_eq!(
-                        got, exp.new_tokens,
-                        "{name}: percent {percent:?}, {nb} GPU batches, cpu attention {cpu_attention}"
-                    );
+                    for sep_layer in [true, false] {
+                        let s = Setup {
+                            percent,
+                            nb,
+                            cpu_attention,
+                            overlap: true,
+                            kv: DType::F32,
+                            sep_layer,
+                        };
+                        let got = run(name, &s, &off);
+                        assert_eq!(
+                            got, exp.new_tokens,
+                            "{name}: percent {percent:?}, {nb} GPU batches, cpu attention \
+                             {cpu_attention}, sep_layer {sep_layer}"
+                        );
+                    }
                 }
             }
         }
@@ -159,6 +166,7 @@ fn fp16_cache_and_no_overlap_give_the_same_tokens() {
                     cpu_attention,
                     overlap,
                     kv: DType::F16,
+                    sep_layer: true,
                 };
                 assert_eq!(
                     run("odd_f16", &s, &off),
@@ -222,5 +230,91 @@ fn sampling_and_logits_match_the_plain_path() {
         }
     }
     assert!(entries(&off).is_empty());
+    std::fs::remove_dir_all(&off).ok();
+}
+
+/// `flexbench-native generate` with FlexLLMGen's policy flags prints transformers' tokens, as
+/// it does without them.
+#[test]
+fn policy_flags_of_generate_keep_the_tokens() {
+    let off = scratch("cli");
+    let dir = fixture("prenorm_f32");
+    let exp = expected(&dir);
+    let input = off.join("prompts.json");
+    std::fs::write(
+        &input,
+        serde_json::json!({"prompts": exp.prompts, "max_new_tokens": exp.max_new_tokens})
+            .to_string(),
+    )
+    .unwrap();
+    let work = off.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let w = work.to_str().unwrap();
+    let variants: &[&[&str]] = &[
+        &[],
+        &[
+            "--percent",
+            "0",
+            "0",
+            "0",
+            "0",
+            "100",
+            "0",
+            "--offload-dir",
+            w,
+        ],
+        &[
+            "--percent",
+            "0",
+            "50",
+            "0",
+            "50",
+            "100",
+            "0",
+            "--offload-dir",
+            w,
+            "--sep-layer",
+            "false",
+            "--num-gpu-batches",
+            "2",
+        ],
+        &[
+            "--percent",
+            "0",
+            "0",
+            "50",
+            "0",
+            "100",
+            "0",
+            "--offload-dir",
+            w,
+            "--cpu-attention",
+            "--overlap",
+            "false",
+        ],
+    ];
+    for flags in variants {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flexbench-native"))
+            .args(["generate", "--json", "--stop-at-eos", "--model"])
+            .arg(&dir)
+            .arg("--input")
+            .arg(&input)
+            .args(*flags)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<Vec<u32>> = serde_json::from_value(got["new_tokens"].clone()).unwrap();
+        assert_eq!(got, exp.new_tokens, "{flags:?}");
+    }
+    assert!(
+        entries(&work).is_empty(),
+        "stray files: {:?}",
+        entries(&work)
+    );
     std::fs::remove_dir_all(&off).ok();
 }

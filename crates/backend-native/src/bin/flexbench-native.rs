@@ -100,6 +100,10 @@ struct PolicyArgs {
     /// Overlap I/O with compute on background threads.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     overlap: Option<bool>,
+    /// Attention and MLP as separate schedule steps, each fetching its own weights (default
+    /// true, as in FlexLLMGen); false fetches whole layers.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    sep_layer: Option<bool>,
 }
 
 impl PolicyArgs {
@@ -110,6 +114,7 @@ impl PolicyArgs {
             || self.offload_dir.is_some()
             || self.cpu_attention
             || self.overlap.is_some()
+            || self.sep_layer.is_some()
     }
 
     /// The policy and schedule for `n` prompts.
@@ -124,6 +129,7 @@ impl PolicyArgs {
         let mut policy = bench_core::Policy::new(percent);
         policy.cpu_attention = self.cpu_attention;
         policy.overlap = self.overlap.unwrap_or(true);
+        policy.sep_layer = self.sep_layer.unwrap_or(true);
         policy
             .validate()
             .map_err(|e| anyhow::anyhow!("--percent: {e}"))?;

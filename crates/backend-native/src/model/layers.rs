@@ -6,7 +6,7 @@ use std::borrow::Borrow;
 use anyhow::Result;
 use bench_core::ModelConfig;
 
-use super::weights::{GlobalWeights, LayerWeights};
+use super::weights::{AttnWeights, GlobalWeights, MlpWeights};
 use crate::device::{Activation, AttnShape, Device};
 
 /// LayerNorm epsilon of every OPT model.
@@ -47,13 +47,13 @@ pub fn embed_with<D: Device>(
     Ok(x)
 }
 
-/// The attention half of layer `w`, in place on `x` (`[batch * new_len, hidden]`); appends this
+/// The attention half of a layer (weights `w`), in place on `x` (`[batch * new_len, hidden]`); appends this
 /// step's keys and values to the layer's cache.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_block<D: Device, B: Borrow<D::Tensor>>(
     dev: &D,
     cfg: &ModelConfig,
-    w: &LayerWeights<B>,
+    w: &AttnWeights<B>,
     x: &mut D::Tensor,
     k_cache: &mut D::Tensor,
     v_cache: &mut D::Tensor,
@@ -70,12 +70,12 @@ pub fn attention_block<D: Device, B: Borrow<D::Tensor>>(
 pub fn attn_qkv<D: Device, B: Borrow<D::Tensor>>(
     dev: &D,
     cfg: &ModelConfig,
-    w: &LayerWeights<B>,
+    w: &AttnWeights<B>,
     x: &D::Tensor,
 ) -> Result<(D::Tensor, D::Tensor, D::Tensor)> {
     let normed;
     let input = if cfg.do_layer_norm_before {
-        normed = dev.layer_norm(x, w.attn_ln_w.borrow(), w.attn_ln_b.borrow(), LN_EPS)?;
+        normed = dev.layer_norm(x, w.ln_w.borrow(), w.ln_b.borrow(), LN_EPS)?;
         &normed
     } else {
         x
@@ -105,29 +105,29 @@ pub fn attn_qkv<D: Device, B: Borrow<D::Tensor>>(
 pub fn attn_out<D: Device, B: Borrow<D::Tensor>>(
     dev: &D,
     cfg: &ModelConfig,
-    w: &LayerWeights<B>,
+    w: &AttnWeights<B>,
     x: &mut D::Tensor,
     a: &D::Tensor,
 ) -> Result<()> {
     let o = dev.linear(a, w.o_w.borrow(), Some(w.o_b.borrow()), Activation::None)?;
     dev.add_inplace(x, &o)?;
     if !cfg.do_layer_norm_before {
-        *x = dev.layer_norm(x, w.attn_ln_w.borrow(), w.attn_ln_b.borrow(), LN_EPS)?;
+        *x = dev.layer_norm(x, w.ln_w.borrow(), w.ln_b.borrow(), LN_EPS)?;
     }
     Ok(())
 }
 
-/// The MLP half of layer `w`, in place on `x`.
+/// The MLP half of a layer (weights `w`), in place on `x`.
 pub fn mlp_block<D: Device, B: Borrow<D::Tensor>>(
     dev: &D,
     cfg: &ModelConfig,
-    w: &LayerWeights<B>,
+    w: &MlpWeights<B>,
     x: &mut D::Tensor,
 ) -> Result<()> {
     let pre = cfg.do_layer_norm_before;
     let normed;
     let input = if pre {
-        normed = dev.layer_norm(x, w.mlp_ln_w.borrow(), w.mlp_ln_b.borrow(), LN_EPS)?;
+        normed = dev.layer_norm(x, w.ln_w.borrow(), w.ln_b.borrow(), LN_EPS)?;
         &normed
     } else {
         &*x
@@ -146,7 +146,7 @@ pub fn mlp_block<D: Device, B: Borrow<D::Tensor>>(
     )?;
     dev.add_inplace(x, &o)?;
     if !pre {
-        *x = dev.layer_norm(x, w.mlp_ln_w.borrow(), w.mlp_ln_b.borrow(), LN_EPS)?;
+        *x = dev.layer_norm(x, w.ln_w.borrow(), w.ln_b.borrow(), LN_EPS)?;
     }
     Ok(())
 }

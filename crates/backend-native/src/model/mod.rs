@@ -8,4 +8,4 @@ pub mod weights;
 
 pub use checkpoint::{Checkpoint, DummySource, TensorSource};
 pub use config::load_config;
-pub use weights::{GlobalWeights, LayerWeights, ModelWeights};
+pub use weights::{AttnWeights, GlobalWeights, LayerWeights, MlpWeights, ModelWeights};

@@ -6,8 +6,9 @@ use bench_core::ModelConfig;
 use super::checkpoint::TensorSource;
 use crate::device::{Device, DeviceTensor, HostSlice};
 
-/// One decoder layer's tensors (HF names in comments). Linear weights are `[out, in]`.
-pub struct LayerWeights<T> {
+/// The attention half of a decoder layer (HF names in comments). Linear weights are
+/// `[out, in]`.
+pub struct AttnWeights<T> {
     pub q_w: T, // self_attn.q_proj
     pub q_b: T,
     pub k_w: T, // self_attn.k_proj
@@ -16,14 +17,90 @@ pub struct LayerWeights<T> {
     pub v_b: T,
     pub o_w: T, // self_attn.out_proj
     pub o_b: T,
-    pub attn_ln_w: T, // self_attn_layer_norm
-    pub attn_ln_b: T,
+    pub ln_w: T, // self_attn_layer_norm
+    pub ln_b: T,
+}
+
+/// The MLP half of a decoder layer.
+pub struct MlpWeights<T> {
     pub fc1_w: T,
     pub fc1_b: T,
     pub fc2_w: T,
     pub fc2_b: T,
-    pub mlp_ln_w: T, // final_layer_norm (of the layer)
-    pub mlp_ln_b: T,
+    pub ln_w: T, // final_layer_norm (of the layer)
+    pub ln_b: T,
+}
+
+/// One decoder layer's tensors: its two halves, which the offloader's `sep_layer` schedule
+/// fetches separately.
+pub struct LayerWeights<T> {
+    pub attn: AttnWeights<T>,
+    pub mlp: MlpWeights<T>,
+}
+
+/// Tensors of an attention half, in [`layer_tensor_names`] order.
+pub const ATTN_TENSORS: usize = 10;
+
+impl<T> AttnWeights<T> {
+    /// From its tensors in [`layer_tensor_names`] order (the first [`ATTN_TENSORS`]).
+    pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<AttnWeights<T>> {
+        Some(AttnWeights {
+            q_w: t.next()?,
+            q_b: t.next()?,
+            k_w: t.next()?,
+            k_b: t.next()?,
+            v_w: t.next()?,
+            v_b: t.next()?,
+            o_w: t.next()?,
+            o_b: t.next()?,
+            ln_w: t.next()?,
+            ln_b: t.next()?,
+        })
+    }
+    fn all(&self) -> [&T; ATTN_TENSORS] {
+        [
+            &self.q_w, &self.q_b, &self.k_w, &self.k_b, &self.v_w, &self.v_b, &self.o_w, &self.o_b,
+            &self.ln_w, &self.ln_b,
+        ]
+    }
+}
+
+impl<T> MlpWeights<T> {
+    /// From its tensors in [`layer_tensor_names`] order (the last six).
+    pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<MlpWeights<T>> {
+        Some(MlpWeights {
+            fc1_w: t.next()?,
+            fc1_b: t.next()?,
+            fc2_w: t.next()?,
+            fc2_b: t.next()?,
+            ln_w: t.next()?,
+            ln_b: t.next()?,
+        })
+    }
+    fn all(&self) -> [&T; 6] {
+        [
+            &self.fc1_w,
+            &self.fc1_b,
+            &self.fc2_w,
+            &self.fc2_b,
+            &self.ln_w,
+            &self.ln_b,
+        ]
+    }
+}
+
+impl<T> LayerWeights<T> {
+    /// From its 16 tensors in [`layer_tensor_names`] order.
+    pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<LayerWeights<T>> {
+        Some(LayerWeights {
+            attn: AttnWeights::from_tensors(t)?,
+            mlp: MlpWeights::from_tensors(t)?,
+        })
+    }
+    /// Every tensor, in [`layer_tensor_names`] order.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.attn.all().into_iter().chain(self.mlp.all())
+    }
 }
 
 /// The tensors outside the layers.
@@ -44,7 +121,8 @@ impl<T> GlobalWeights<T> {
     }
 }
 
-/// (suffix, shape) of every tensor of layer weights, in [`LayerWeights`] field order.
+/// (name, shape) of every tensor of layer `i`: the attention half ([`ATTN_TENSORS`] of them),
+/// then the MLP half, in [`AttnWeights`] and [`MlpWeights`] field order.
 pub fn layer_tensor_names(cfg: &ModelConfig, i: usize) -> Vec<(String, Vec<usize>)> {
     let (h, f) = (cfg.hidden_size, cfg.ffn_dim);
     let l = format!("model.decoder.layers.{i}");
@@ -87,25 +165,7 @@ pub fn load_layer<D: Device>(
         .map(|(n, s)| upload(dev, src, &n, &s))
         .collect::<Result<Vec<_>>>()?
         .into_iter();
-    let mut next = || t.next().expect("layer_tensor_names lists 16 tensors");
-    Ok(LayerWeights {
-        q_w: next(),
-        q_b: next(),
-        k_w: next(),
-        k_b: next(),
-        v_w: next(),
-        v_b: next(),
-        o_w: next(),
-        o_b: next(),
-        attn_ln_w: next(),
-        attn_ln_b: next(),
-        fc1_w: next(),
-        fc1_b: next(),
-        fc2_w: next(),
-        fc2_b: next(),
-        mlp_ln_w: next(),
-        mlp_ln_b: next(),
-    })
+    Ok(LayerWeights::from_tensors(&mut t).expect("layer_tensor_names lists 16 tensors"))
 }
 
 /// Loads the non-layer tensors from `src` onto `dev`.
@@ -209,26 +269,7 @@ impl<T: DeviceTensor> ModelWeights<T> {
             n += a.size_bytes() + b.size_bytes();
         }
         for l in &self.layers {
-            for t in [
-                &l.q_w,
-                &l.q_b,
-                &l.k_w,
-                &l.k_b,
-                &l.v_w,
-                &l.v_b,
-                &l.o_w,
-                &l.o_b,
-                &l.attn_ln_w,
-                &l.attn_ln_b,
-                &l.fc1_w,
-                &l.fc1_b,
-                &l.fc2_w,
-                &l.fc2_b,
-                &l.mlp_ln_w,
-                &l.mlp_ln_b,
-            ] {
-                n += t.size_bytes();
-            }
+            n += l.all().map(|t| t.size_bytes()).sum::<usize>();
         }
         n
     }

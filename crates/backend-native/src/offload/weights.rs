@@ -21,7 +21,9 @@ use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
 use super::placement::{place_weights, Tier};
 use super::stats::{Link, MemGuard, Stats};
 use crate::device::{DType, Device, DeviceTensor, Fence, HostSlice};
-use crate::model::weights::{layer_tensor_names, LayerWeights};
+use crate::model::weights::{
+    layer_tensor_names, AttnWeights, LayerWeights, MlpWeights, ATTN_TENSORS,
+};
 use crate::model::TensorSource;
 
 /// One tensor's place in the plan.
@@ -44,9 +46,12 @@ impl TensorPlan {
 #[derive(Debug, Clone)]
 pub struct WeightPlan {
     pub tensors: Vec<TensorPlan>,
-    /// Unit 0: input embedding; 1..=L: decoder layers; L + 1: output head. Tensor indices in the
+    /// Unit 0: input embedding; then each decoder layer (1..=L), or with `sep_layer` each
+    /// layer's attention and MLP halves (1..=2L); last: the output head. Tensor indices in the
     /// order [`Fetched`]'s accessors expect.
     pub units: Vec<Vec<usize>>,
+    /// Whether layers are split into two units.
+    pub sep_layer: bool,
 }
 
 impl WeightPlan {
@@ -90,17 +95,19 @@ impl WeightPlan {
         units.push(group(input, 0, &mut tensors));
         for i in 0..cfg.num_hidden_layers {
             let names = layer_tensor_names(cfg, i);
-            let u = if policy.sep_layer {
-                let mlp = names[10..].to_vec();
-                let mut a = group(names[..10].to_vec(), i + 1, &mut tensors);
-                a.extend(group(mlp, i + 1, &mut tensors));
-                a
+            if policy.sep_layer {
+                // the attention and MLP halves are units of their own (FlexLLMGen's default)
+                let mlp = names[ATTN_TENSORS..].to_vec();
+                let a = group(names[..ATTN_TENSORS].to_vec(), units.len(), &mut tensors);
+                units.push(a);
+                let m = group(mlp, units.len(), &mut tensors);
+                units.push(m);
             } else {
-                group(names, i + 1, &mut tensors)
-            };
-            units.push(u);
+                let u = group(names, units.len(), &mut tensors);
+                units.push(u);
+            }
         }
-        let out_unit = cfg.num_hidden_layers + 1;
+        let out_unit = units.len();
         let mut out = Vec::new();
         if cfg.do_layer_norm_before {
             out.push((format!("{p}.final_layer_norm.weight"), vec![h]));
@@ -117,7 +124,11 @@ impl WeightPlan {
             u.push(units[0][0]);
         }
         units.push(u);
-        WeightPlan { tensors, units }
+        WeightPlan {
+            tensors,
+            units,
+            sep_layer: policy.sep_layer,
+        }
     }
 
     /// Bytes of the disk files (each tensor padded to the O_DIRECT alignment).
@@ -583,27 +594,22 @@ impl<T> Fetched<T> {
         Ok(())
     }
 
-    /// A decoder layer's weights (unit 1..=L).
+    /// A whole decoder layer's weights (a layer unit without `sep_layer`).
     pub fn layer(&self) -> LayerWeights<Arc<T>> {
-        let t = &self.tensors;
-        LayerWeights {
-            q_w: t[0].clone(),
-            q_b: t[1].clone(),
-            k_w: t[2].clone(),
-            k_b: t[3].clone(),
-            v_w: t[4].clone(),
-            v_b: t[5].clone(),
-            o_w: t[6].clone(),
-            o_b: t[7].clone(),
-            attn_ln_w: t[8].clone(),
-            attn_ln_b: t[9].clone(),
-            fc1_w: t[10].clone(),
-            fc1_b: t[11].clone(),
-            fc2_w: t[12].clone(),
-            fc2_b: t[13].clone(),
-            mlp_ln_w: t[14].clone(),
-            mlp_ln_b: t[15].clone(),
-        }
+        LayerWeights::from_tensors(&mut self.tensors.iter().cloned())
+            .expect("a layer unit holds 16 tensors")
+    }
+
+    /// An attention half's weights (an attention unit with `sep_layer`).
+    pub fn attn(&self) -> AttnWeights<Arc<T>> {
+        AttnWeights::from_tensors(&mut self.tensors.iter().cloned())
+            .expect("an attention unit holds its 10 tensors")
+    }
+
+    /// An MLP half's weights (an MLP unit with `sep_layer`).
+    pub fn mlp(&self) -> MlpWeights<Arc<T>> {
+        MlpWeights::from_tensors(&mut self.tensors.iter().cloned())
+            .expect("an MLP unit holds its 6 tensors")
     }
 }
 
@@ -614,12 +620,24 @@ mod tests {
     #[test]
     fn plan_places_groups_and_ties_the_head() {
         let cfg = bench_core::model::lookup("opt-tiny").unwrap();
-        let all_disk = WeightPlan::new(&cfg, &Policy::new([0, 0, 100, 0, 100, 0]), false);
+        let mut whole = Policy::new([0, 0, 100, 0, 100, 0]);
+        whole.sep_layer = false;
+        let all_disk = WeightPlan::new(&cfg, &whole, false);
         assert!(all_disk.tensors.iter().all(|t| t.tier == Tier::Disk));
         assert_eq!(all_disk.units.len(), cfg.num_hidden_layers + 2);
         assert!(all_disk.units[1..=cfg.num_hidden_layers]
             .iter()
             .all(|u| u.len() == 16));
+        // sep_layer (the default): 2L + 2 units, the halves alternating
+        let halves = WeightPlan::new(&cfg, &Policy::new([0, 0, 100, 0, 100, 0]), false);
+        assert_eq!(halves.units.len(), 2 * cfg.num_hidden_layers + 2);
+        for l in 0..cfg.num_hidden_layers {
+            assert_eq!(halves.units[1 + 2 * l].len(), ATTN_TENSORS);
+            assert_eq!(halves.units[2 + 2 * l].len(), 16 - ATTN_TENSORS);
+            assert!(halves.tensors[halves.units[2 + 2 * l][0]]
+                .name
+                .ends_with("fc1.weight"));
+        }
         // the tied head is the input's embedding table
         assert_eq!(
             *all_disk.units.last().unwrap().last().unwrap(),
