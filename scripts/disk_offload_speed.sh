@@ -60,6 +60,8 @@ print(f"medians: decode {r['decode_read_gb_s']:.3f} GB/s, sequential O_DIRECT re
 print(f"dd iflag=direct, 2 GiB scratch file, right after: {dd:.3f} GB/s with bs=16M, {dd256:.3f} GB/s with bs=256M "
       f"(the engine reads one layer per request, about 100 MB for opt-1.3b)")
 print(f"ratio decode / sequential O_DIRECT, median round: {r['ratio']:.3f} (goal >= 0.85)")
+print(f"sequential O_DIRECT read beside a thread streaming memory (as decode's matrix products do): "
+      f"{r['direct_read_beside_memory_load_gb_s']:.3f} GB/s; decode / that: {r['ratio_beside_memory_load']:.3f}")
 peaks = ", ".join(f"{k} {gib(v):.2f} GiB" for k, v in sorted(r['peak_memory_bytes'].items()))
 print(f"memory peaks: {peaks}")
 print("step times of the last round (s): " + " ".join(f"{t:.3f}" for t in r['rounds'][-1]['step_times_s']))

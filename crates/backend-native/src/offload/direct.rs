@@ -242,15 +242,20 @@ impl DirectFile {
             len.is_multiple_of(ALIGN) && offset.is_multiple_of(ALIGN as u64) && len <= buf.len(),
             "unaligned offload read"
         );
-        // requests of REQUEST bytes, QUEUE_DEPTH of them in flight (as DeepSpeed's aio and
-        // NVMe drivers do): one large request at a time leaves the device's queue mostly empty
+        // requests of at most REQUEST bytes, QUEUE_DEPTH of them in flight (as DeepSpeed's aio
+        // and NVMe drivers do): one large request at a time leaves the device's queue mostly
+        // empty. The requests are of equal size, a multiple of QUEUE_DEPTH of them, so that the
+        // lanes end together: 16 MiB pieces and a short remainder left one lane reading alone
+        // at the end of every weight unit.
+        let pieces = len.div_ceil(REQUEST).next_multiple_of(QUEUE_DEPTH);
+        let size = align_up(len.div_ceil(pieces)).max(ALIGN);
         let chunks: Vec<(usize, &mut [u8])> = buf.bytes_mut()[..len]
-            .chunks_mut(REQUEST)
+            .chunks_mut(size)
             .enumerate()
             .collect();
         if chunks.len() <= 1 {
             for (i, c) in chunks {
-                self.read_chunk(c, offset + (i * REQUEST) as u64)?;
+                self.read_chunk(c, offset + (i * size) as u64)?;
             }
             return Ok(());
         }
@@ -265,7 +270,7 @@ impl DirectFile {
                 .map(|lane| {
                     s.spawn(move || -> Result<()> {
                         for (i, c) in lane {
-                            self.read_chunk(c, offset + (i * REQUEST) as u64)?;
+                            self.read_chunk(c, offset + (i * size) as u64)?;
                         }
                         Ok(())
                     })
