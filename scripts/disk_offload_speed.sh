@@ -3,13 +3,15 @@
 # Prints the decode phase's weight read rate against the disk's sequential O_DIRECT read
 # bandwidth measured in the same run, their ratio (goal: >= 0.85), and the memory peaks.
 #
-# usage: scripts/disk_offload_speed.sh [OFFLOAD_DIR] [MODEL] [GEN_LEN] [BATCH] [ROUNDS]
+# usage: scripts/disk_offload_speed.sh [OFFLOAD_DIR] [MODEL] [GEN_LEN] [BATCH] [ROUNDS] [SEP_LAYER]
 #   OFFLOAD_DIR  a directory on the disk to measure (default: ./target/offload-speed); it needs
 #                room for the model's fp16 weights (opt-1.3b: 2.6 GB)
 #   MODEL        registry model with dummy weights (default: opt-1.3b)
 #   GEN_LEN      tokens per sequence: 1 prefill + GEN_LEN-1 decode steps (default: 8)
 #   BATCH        sequences (default: 1)
 #   ROUNDS       generations, each between two reference reads (default: 5)
+#   SEP_LAYER    true: attention and MLP halves read as separate units (FlexLLMGen's default);
+#                false: whole layers (default: true)
 #
 # Two reference figures: `flexbench-native disk-speed` reads the model's own weight files
 # sequentially with O_DIRECT in 16 MiB blocks before, between and after ROUNDS generations (each
@@ -24,11 +26,12 @@ model="${2:-opt-1.3b}"
 gen_len="${3:-8}"
 batch="${4:-1}"
 rounds="${5:-5}"
+sep_layer="${6:-true}"
 mkdir -p "$dir"
 cargo build --release -q -p backend-native --manifest-path "$root/Cargo.toml"
 bin="$root/target/release/flexbench-native"
 
-json="$("$bin" disk-speed --offload-dir "$dir" --model "$model" --gen-len "$gen_len" --batch "$batch" --rounds "$rounds")"
+json="$("$bin" disk-speed --offload-dir "$dir" --model "$model" --gen-len "$gen_len" --batch "$batch" --rounds "$rounds" --sep-layer "$sep_layer")"
 
 scratch="$dir/dd-scratch-$$.bin"
 trap 'rm -f "$scratch"' EXIT
@@ -47,7 +50,7 @@ r = json.loads(sys.argv[1])
 dd = int(sys.argv[2]) / float(sys.argv[3]) / 1e9
 dd256 = int(sys.argv[4]) / float(sys.argv[5]) / 1e9
 gib = lambda b: b / 2**30
-print(f"model {r['model']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}: "
+print(f"model {r['model']}, batch {r['batch']}, prompt {r['prompt_len']}, gen {r['gen_len']}, sep_layer {r['sep_layer']}: "
       f"{gib(r['weight_file_bytes']):.2f} GiB of weights on disk")
 for i, x in enumerate(r['rounds']):
     print(f"round {i + 1}: O_DIRECT read {x['direct_read_gb_s_before']:.3f} GB/s, decode read {gib(x['decode_read_bytes']):.2f} GiB "
@@ -58,7 +61,7 @@ print(f"over all rounds: io wait {r['io_wait_s']:.2f} s, compute {r['compute_s']
 print(f"medians: decode {r['decode_read_gb_s']:.3f} GB/s, sequential O_DIRECT read of the weight files (16 MiB blocks) "
       f"{r['direct_read_gb_s']:.3f} GB/s")
 print(f"dd iflag=direct, 2 GiB scratch file, right after: {dd:.3f} GB/s with bs=16M, {dd256:.3f} GB/s with bs=256M "
-      f"(the engine reads one layer per request, about 100 MB for opt-1.3b)")
+      f"(the engine reads one unit per request: a layer, or half of one with sep_layer)")
 print(f"ratio decode / sequential O_DIRECT, median round: {r['ratio']:.3f} (goal >= 0.85)")
 print(f"sequential O_DIRECT read beside a thread streaming memory (as decode's matrix products do): "
       f"{r['direct_read_beside_memory_load_gb_s']:.3f} GB/s; decode / that: {r['ratio_beside_memory_load']:.3f}")

@@ -36,6 +36,8 @@ pub struct DiskSpeedArgs {
     pub block: usize,
     /// Generations, each between two reference reads.
     pub rounds: usize,
+    /// The policy's sep_layer: attention and MLP halves as separate weight units.
+    pub sep_layer: bool,
 }
 
 /// One generation between two reference reads.
@@ -58,6 +60,7 @@ pub struct Round {
 #[derive(Debug, Serialize)]
 pub struct DiskSpeedReport {
     pub model: String,
+    pub sep_layer: bool,
     pub batch: usize,
     pub prompt_len: usize,
     pub gen_len: usize,
@@ -104,7 +107,8 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
     let cfg = bench_core::model::lookup(&a.model)
         .with_context(|| format!("unknown model `{}`", a.model))?;
     let dev = CpuDevice::new(CpuOptions::default());
-    let policy = Policy::new([0, 0, 100, 0, 100, 0]);
+    let mut policy = Policy::new([0, 0, 100, 0, 100, 0]);
+    policy.sep_layer = a.sep_layer;
     let src = DummySource::new(&cfg, dummy::DEFAULT_SEED);
     eprintln!(
         "writing {}'s weights to {} ...",
@@ -182,6 +186,7 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
     let decode_rate = median(rounds.iter().map(|r| r.decode_read_gb_s).collect());
     Ok(DiskSpeedReport {
         model: cfg.name.clone(),
+        sep_layer: a.sep_layer,
         batch: a.batch,
         prompt_len: a.prompt_len,
         gen_len: a.gen_len,

@@ -78,11 +78,6 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
             "compression and sparse attention are not built yet".into(),
         ));
     }
-    if crate::offload::placement::activation_tier(&p) == crate::offload::Tier::Disk {
-        return Err(Unavailable(
-            "activations on disk are not supported by the native engine".into(),
-        ));
-    }
     if case.num_nodes * case.num_gpus_per_node != 1 {
         return Err(Unavailable("the native engine runs on one device".into()));
     }

@@ -35,7 +35,7 @@ use crate::generate::{
 use crate::model::layers;
 use crate::model::TensorSource;
 use crate::offload::cache::{self, BatchCache, KvDims};
-use crate::offload::direct::OffloadDir;
+use crate::offload::direct::{align_up, AlignedBuf, DirectFile, OffloadDir};
 use crate::offload::placement::{activation_tier, split_sequences, Tier};
 use crate::offload::stats::{Link, MemGuard, Stats};
 use crate::offload::weights::{Fetched, TieredWeights, WeightPlan};
@@ -115,9 +115,6 @@ pub fn check_policy(p: &Policy) -> Result<()> {
     }
     if p.attn_sparsity < 1.0 {
         bail!("sparse attention is not implemented in the native engine yet");
-    }
-    if activation_tier(p) == Tier::Disk {
-        bail!("activations on disk are not supported: put them on the gpu or cpu tier (percent[4] or percent[5] = 100)");
     }
     Ok(())
 }
@@ -262,6 +259,8 @@ impl<T> Default for Loaded<T> {
 enum Hidden<T> {
     Compute(T),
     Host(Vec<f32>, Vec<usize>, MemGuard),
+    /// In the batch's activation file (f32 values from offset 0), of this shape.
+    Disk(Vec<usize>),
     Empty,
 }
 
@@ -326,6 +325,20 @@ pub fn generate_offloaded<D: Device>(
         caches.push(row);
     }
     let act_tier = activation_tier(&model.policy);
+    // hidden states on disk: a file per GPU batch, its largest size (the prefill's) reserved
+    // now, so a full disk fails here and not in the middle of generation
+    let mut act_files = Vec::new();
+    let mut act_mem = Vec::new();
+    if act_tier == Tier::Disk {
+        let dir = dir.context("activations on disk need an offload directory")?;
+        for (k, &n) in groups.iter().enumerate() {
+            let f = dir.file(&format!("act-{k:03}.bin"))?;
+            let bytes = align_up(n * s * cfg.hidden_size.max(cfg.word_embed_proj_dim) * 4);
+            f.allocate(bytes as u64)?;
+            act_files.push(f);
+            act_mem.push(MemGuard::new(stats, Tier::Disk, bytes));
+        }
+    }
     let overlap = sched.overlap;
     let disk_q = Arc::new(Queue::new(!overlap));
     let xfer_q = Arc::new(Queue::new(!overlap));
@@ -350,8 +363,10 @@ pub fn generate_offloaded<D: Device>(
             fetches: VecDeque::new(),
             stores: HashMap::new(),
             act_tier,
+            act_files,
         };
         let r = run.generate(&batch, &groups, &starts, opts);
+        drop(act_mem);
         // let in-flight I/O finish (its results are dropped) before the threads are joined
         let flushed = run.finish();
         disk_q.close();
@@ -377,6 +392,8 @@ struct Run<'a, D: Device> {
     /// Disk writes of the cache per (layer, batch), awaited before that cache is read again.
     stores: HashMap<(usize, usize), Pending<()>>,
     act_tier: Tier,
+    /// One file per GPU batch for hidden states on the disk tier (empty otherwise).
+    act_files: Vec<DirectFile>,
 }
 
 impl<'a, D: Device> Run<'a, D> {
@@ -606,7 +623,7 @@ impl<'a, D: Device> Run<'a, D> {
                 let t = &input.tensors;
                 let x =
                     layers::embed_with(dev, &t[0], &t[1], t.get(2).map(|a| &**a), &ids_t, &pos_t)?;
-                hidden.push(self.put_hidden(x)?);
+                hidden.push(self.put_hidden(k, x)?);
                 masks.push((m, mask_t));
             }
             self.stats.add_compute(tc.elapsed().as_secs_f64());
@@ -645,7 +662,7 @@ impl<'a, D: Device> Run<'a, D> {
                         next_load = self.submit_cache_load(nl_, nk, past)?;
                     }
                     let tc = Instant::now();
-                    let mut x = self.take_hidden(&mut hidden[k])?;
+                    let mut x = self.take_hidden(k, &mut hidden[k])?;
                     let shape = AttnShape::new(
                         groups[k],
                         cfg.num_attention_heads,
@@ -662,7 +679,7 @@ impl<'a, D: Device> Run<'a, D> {
                             format!("MLP of layer {l}, GPU batch {k}, step {step}")
                         })?;
                     }
-                    hidden[k] = self.put_hidden(x)?;
+                    hidden[k] = self.put_hidden(k, x)?;
                     self.stats.add_compute(tc.elapsed().as_secs_f64());
                 }
                 // the weights go before their unit, so its buffers return to the pool
@@ -673,11 +690,11 @@ impl<'a, D: Device> Run<'a, D> {
                     let mw = fetched.mlp();
                     for (k, h) in hidden.iter_mut().enumerate() {
                         let tc = Instant::now();
-                        let mut x = self.take_hidden(h)?;
+                        let mut x = self.take_hidden(k, h)?;
                         layers::mlp_block(dev, cfg, &mw, &mut x).with_context(|| {
                             format!("MLP of layer {l}, GPU batch {k}, step {step}")
                         })?;
-                        *h = self.put_hidden(x)?;
+                        *h = self.put_hidden(k, x)?;
                         self.stats.add_compute(tc.elapsed().as_secs_f64());
                     }
                     drop(mw);
@@ -708,7 +725,7 @@ impl<'a, D: Device> Run<'a, D> {
             let mut next = Vec::with_capacity(b);
             let mut step_logits = Vec::new();
             for (k, &n) in groups.iter().enumerate() {
-                let x = self.take_hidden(&mut hidden[k])?;
+                let x = self.take_hidden(k, &mut hidden[k])?;
                 let logits = layers::head_with(dev, final_ln, project_out, lm_head, &x, n, new)?;
                 let how = match opts.sample {
                     SampleMode::Greedy => Sampling::Greedy,
@@ -743,34 +760,51 @@ impl<'a, D: Device> Run<'a, D> {
     }
 
     /// Hidden states to the activation tier.
-    fn put_hidden(&self, x: D::Tensor) -> Result<Hidden<D::Tensor>> {
-        match self.act_tier {
-            Tier::Compute => Ok(Hidden::Compute(x)),
-            _ => {
-                let shape = x.shape().to_vec();
-                let bytes = x.size_bytes();
-                let v = self.dev.download_f32(&x)?;
-                self.stats.moved(Link::ComputeToHost, bytes);
-                Ok(Hidden::Host(
-                    v,
-                    shape,
-                    MemGuard::new(self.stats, Tier::Host, bytes),
-                ))
-            }
+    fn put_hidden(&self, k: usize, x: D::Tensor) -> Result<Hidden<D::Tensor>> {
+        if self.act_tier == Tier::Compute {
+            return Ok(Hidden::Compute(x));
         }
+        let shape = x.shape().to_vec();
+        let v = self.dev.download_f32(&x)?;
+        self.stats.moved(Link::ComputeToHost, x.size_bytes());
+        if self.act_tier == Tier::Host {
+            let g = MemGuard::new(self.stats, Tier::Host, v.len() * 4);
+            return Ok(Hidden::Host(v, shape, g));
+        }
+        let file = &self.act_files[k];
+        let len = align_up(v.len() * 4);
+        let mut buf = AlignedBuf::new(len)?;
+        buf.f32s_mut(0, v.len()).copy_from_slice(&v);
+        let t = Instant::now();
+        file.write_at(&buf, len, 0)
+            .context("writing hidden states to the offload directory")?;
+        self.stats.add_disk_busy(t.elapsed().as_secs_f64());
+        self.stats.moved(Link::DiskWrite, len);
+        Ok(Hidden::Disk(shape))
     }
 
     /// Hidden states back on the compute device.
-    fn take_hidden(&self, h: &mut Hidden<D::Tensor>) -> Result<D::Tensor> {
-        match std::mem::replace(h, Hidden::Empty) {
-            Hidden::Compute(x) => Ok(x),
-            Hidden::Host(v, shape, _g) => {
-                let t = upload_act(self.dev, &v, &shape)?;
-                self.stats.moved(Link::HostToCompute, t.size_bytes());
-                Ok(t)
+    fn take_hidden(&self, k: usize, h: &mut Hidden<D::Tensor>) -> Result<D::Tensor> {
+        let (v, shape) = match std::mem::replace(h, Hidden::Empty) {
+            Hidden::Compute(x) => return Ok(x),
+            Hidden::Host(v, shape, _g) => (v, shape),
+            Hidden::Disk(shape) => {
+                let n: usize = shape.iter().product();
+                let len = align_up(n * 4);
+                let mut buf = AlignedBuf::new(len)?;
+                let t = Instant::now();
+                self.act_files[k]
+                    .read_at(&mut buf, len, 0)
+                    .context("reading hidden states from the offload directory")?;
+                self.stats.add_disk_busy(t.elapsed().as_secs_f64());
+                self.stats.moved(Link::DiskRead, len);
+                (buf.f32s(0, n).to_vec(), shape)
             }
             Hidden::Empty => bail!("hidden states taken twice"),
-        }
+        };
+        let t = upload_act(self.dev, &v, &shape)?;
+        self.stats.moved(Link::HostToCompute, t.size_bytes());
+        Ok(t)
     }
 
     /// The attention half of layer `l` for GPU batch `k`, each cache segment where it lives.

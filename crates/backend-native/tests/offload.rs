@@ -94,6 +94,13 @@ fn run(name: &str, s: &Setup, offload: &Path) -> Vec<Vec<u32>> {
             s.percent
         );
     }
+    if policy.activations().2 > 0 {
+        assert!(
+            st.bytes(backend_native::offload::stats::Link::DiskWrite) > 0,
+            "activations on disk: {:?}",
+            s.percent
+        );
+    }
     // (with GPU batches of one sequence a 50% split rounds the whole sequence to one side)
     if cdisk > 0 && s.nb == 1 {
         assert!(
@@ -115,6 +122,8 @@ const PLACEMENTS: &[[u8; 6]] = &[
     [50, 0, 50, 0, 100, 0],   // 50/50 compute/disk splits
     [0, 50, 0, 50, 0, 100],   // 50/50 host/disk, activations on the host
     [20, 30, 30, 30, 100, 0], // three-way splits
+    [0, 0, 0, 0, 0, 0],       // everything on disk, activations too
+    [100, 0, 50, 50, 0, 0],   // activations on disk, the rest in memory
 ];
 
 #[test]

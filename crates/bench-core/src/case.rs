@@ -141,6 +141,9 @@ impl Policy {
         if !self.overlap {
             s.push_str("+no_overlap");
         }
+        if !self.sep_layer {
+            s.push_str("+whole_layers");
+        }
         s
     }
 }
@@ -442,5 +445,18 @@ mod tests {
         c.framework = "hf".into();
         c.placement = Placement::Policy(Policy::new([100, 0, 100, 0, 100, 0]));
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn labels_name_every_non_default_switch() {
+        let mut p = Policy::new([20, 80, 0, 100, 0, 100]);
+        assert_eq!(p.label(), "20/80/0/100/0/100");
+        p.cpu_attention = true;
+        p.overlap = false;
+        p.sep_layer = false;
+        assert_eq!(
+            p.label(),
+            "20/80/0/100/0/100+cpu_attn+no_overlap+whole_layers"
+        );
     }
 }

@@ -232,6 +232,10 @@ enum Cmd {
         /// Generations, each between two reference reads (the ratio is the median round's).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Attention and MLP halves as separate weight units (FlexLLMGen's default); false reads
+        /// whole layers.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+        sep_layer: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -384,6 +388,7 @@ fn run_on_pool(cli: Cli) -> Result<()> {
             gen_len,
             block_mib,
             rounds,
+            sep_layer,
             device: _,
         } => {
             let r =
@@ -395,6 +400,7 @@ fn run_on_pool(cli: Cli) -> Result<()> {
                     gen_len,
                     block: block_mib << 20,
                     rounds,
+                    sep_layer,
                 })?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
