@@ -2,7 +2,7 @@
 """Native engine vs HuggingFace transformers on the CPU, side by side in one run.
 
 Run with the project's venv after `cargo build --release -p backend-native`:
-  ~/.cache/flexbench/venv/bin/python scripts/cpu_speed_vs_hf.py [--reps 2] [--cases b4p128,b16p256]
+  ~/.cache/flexbench/venv/bin/python scripts/cpu_speed_vs_hf.py [--reps 2] [--rounds 3] [--cases b4p128,b16p256]
 
 For each case (opt-125m shapes, random weights, gen 32) it runs
   - transformers fp32 and bf16 the FlexLLMGen way: one `generate` per repetition after a
@@ -13,7 +13,9 @@ then prints prefill / decode / total throughput with FlexLLMGen's definitions, t
 issue asks for, and each figure's floor for this machine: FLOPs / measured matrix-product rate +
 bytes / measured memory bandwidth (rates from `flexbench-native floor` and torch matmuls).
 Each figure is the median over repetitions. Other processes on the machine make these noisy:
-the script prints the machine's load average at start and end.
+the script prints the machine's load average at start and end, and with --rounds R it measures
+both sides R times in alternation (transformers, native, transformers, native, ...) and gives
+each goal's ratio per round and the median round, so a slow minute hits one round, not one side.
 
 transformers runs in child processes, once per OpenMP wait policy (ACTIVE, PASSIVE) and dtype,
 and each of its figures is the better of the two: with other processes on the cores, libgomp's
@@ -143,6 +145,8 @@ def _timed(f):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure both sides this many times in alternation; goals use the median round")
     ap.add_argument("--cases", default="b4p128,b16p256")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--omp-policies", default="ACTIVE,PASSIVE",
@@ -160,8 +164,7 @@ def main():
           + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     # bytes per weight and per KV value each engine moves
     widths = {"native f32": (2, 2), "native bf16": (2, 2), "hf fp32": (4, 4), "hf bf16": (2, 2)}
-    summary = {}
-    for c in args.cases.split(","):
+    def measure(c):
         batch, prompt = (int(x) for x in c[1:].split("p"))
         res = {}
         for name, dtype in [("hf fp32", "float32"), ("hf bf16", "bfloat16")]:
@@ -184,28 +187,42 @@ def main():
             fpre, fdec, ftot = batch * prompt / f["prefill_s"], batch * (GEN - 1) / f["decode_s"], batch * GEN / f["total_s"]
             rss_s = f"{rss / 2**20:.0f} MiB" if rss else ""
             print(f"{name:12} {m['prefill']:9.1f} {fpre:9.1f} {m['decode']:9.1f} {fdec:9.1f} {m['total']:9.1f} {ftot:9.1f}  {rss_s}")
-        summary[c] = res
-    print("\n== ratios (native / transformers)")
-    for c, res in summary.items():
-        for nat in ["native f32", "native bf16"]:
-            n = res[nat][0]
-            for hf in ["hf fp32", "hf bf16"]:
-                h = res[hf][0]
-                print(f"{c:8} {nat:11} vs {hf:7}: prefill {n['prefill'] / h['prefill']:.2f}x  "
-                      f"decode {n['decode'] / h['decode']:.2f}x  total {n['total'] / h['total']:.2f}x")
-    best = {c: max(("native f32", "native bf16"), key=lambda k: res[k][0]["total"]) for c, res in summary.items()}
-    print("\n== goals (issue 3 item 6)")
+        return res
+
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"\n######## round {r + 1} of {args.rounds}", flush=True)
+        summary = {c: measure(c) for c in args.cases.split(",")}
+        print("\n== ratios (native / transformers)")
+        for c, res in summary.items():
+            for nat in ["native f32", "native bf16"]:
+                n = res[nat][0]
+                for hf in ["hf fp32", "hf bf16"]:
+                    h = res[hf][0]
+                    print(f"{c:8} {nat:11} vs {hf:7}: prefill {n['prefill'] / h['prefill']:.2f}x  "
+                          f"decode {n['decode'] / h['decode']:.2f}x  total {n['total'] / h['total']:.2f}x")
+        rounds.append(summary)
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+    print(f"\n== goals (issue 3 item 6){'; median of the rounds, each round in brackets' if len(rounds) > 1 else ''}")
     def goal(label, c, nat, hf, key, target):
-        if c not in summary:
+        if c not in rounds[0]:
             return
-        r = summary[c][nat][0][key] / summary[c][hf][0][key]
-        print(f"{label:58} {r:5.2f}x  (goal {target}x) {'met' if r >= target else 'NOT met'}")
+        rs = []
+        for summary in rounds:
+            n = nat or max(("native f32", "native bf16"), key=lambda k: summary[c][k][0]["total"])
+            rs.append(summary[c][n][0][key] / summary[c][hf][0][key])
+        r = median(rs)
+        each = f" [{', '.join(f'{x:.2f}' for x in rs)}]" if len(rs) > 1 else ""
+        print(f"{label:58} {r:5.2f}x  (goal {target}x) {'met' if r >= target else 'NOT met'}{each}")
     goal("b4p128 total, native f32 vs transformers fp32", "b4p128", "native f32", "hf fp32", "total", 2.5)
-    for c in summary:
-        pass
-    goal(f"b4p128 decode, {best.get('b4p128', '')} vs transformers bf16", "b4p128", best.get("b4p128"), "hf bf16", "decode", 2.0)
-    goal(f"b4p128 total, {best.get('b4p128', '')} vs transformers bf16", "b4p128", best.get("b4p128"), "hf bf16", "total", 1.3)
-    goal(f"b16p256 total, {best.get('b16p256', '')} vs transformers bf16", "b16p256", best.get("b16p256"), "hf bf16", "total", 1.0)
+    goal("b4p128 decode, best native vs transformers bf16", "b4p128", None, "hf bf16", "decode", 2.0)
+    goal("b4p128 total, best native vs transformers bf16", "b4p128", None, "hf bf16", "total", 1.3)
+    goal("b16p256 total, best native vs transformers bf16", "b16p256", None, "hf bf16", "total", 1.0)
     print(f"\nload average at end: {os.getloadavg()}")
 
 
