@@ -24,11 +24,24 @@ fn main() {
             .collect();
         let mut out = vec![0f32; n * m];
         let packed = std::sync::OnceLock::new();
+        let wide = std::sync::OnceLock::new();
         for mode in [MatmulMode::F32, MatmulMode::Bf16] {
             let mut best = f64::INFINITY;
             for _ in 0..5 {
                 let t = Instant::now();
-                matmul::linear_cached(mode, &x, &w, Some(&packed), None, false, n, k, m, &mut out);
+                matmul::linear_cached(
+                    mode,
+                    &x,
+                    &w,
+                    Some(&packed),
+                    Some(&wide),
+                    None,
+                    false,
+                    n,
+                    k,
+                    m,
+                    &mut out,
+                );
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gflops = 2.0 * (n * k * m) as f64 / best / 1e9;

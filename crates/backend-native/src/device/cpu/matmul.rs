@@ -56,17 +56,19 @@ pub fn linear(
     m: usize,
     out: &mut [f32],
 ) {
-    linear_cached(mode, x, w, None, bias, false, n, k, m, out)
+    linear_cached(mode, x, w, None, None, bias, false, n, k, m, out)
 }
 
-/// [`linear`] with a place to keep `w` packed for AMX (bf16 mode), so it is packed only once,
-/// and an optional ReLU fused into the output pass.
+/// [`linear`] with places to keep `w` packed for AMX (bf16 mode) or converted to f32 (f32
+/// mode's GEMMs, [`super::wide`]), so that happens once, and an optional ReLU fused into the
+/// output pass.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_cached(
     mode: MatmulMode,
     x: &[f32],
     w: &[f16],
     packed: Option<&OnceLock<Vec<u16>>>,
+    wide: Option<&super::wide::WideCell>,
     bias: Option<&[f16]>,
     relu: bool,
     n: usize,
@@ -97,7 +99,15 @@ pub fn linear_cached(
         }
         _ if n <= MATVEC_MAX_ROWS => matvec(x, w, n, k, m, out),
         MatmulMode::Bf16 if super::bf16::available() => super::bf16::linear(x, w, n, k, m, out),
-        _ => gemm_f32(x, w, n, k, m, out),
+        _ => gemm_f32(
+            x,
+            w,
+            wide.and_then(|c| super::wide::get(c, w)),
+            n,
+            k,
+            m,
+            out,
+        ),
     }
     // bias and ReLU in one pass over the output
     if bias.is_some() || relu {
@@ -141,7 +151,16 @@ pub fn to_f32(w: &[f16]) -> Vec<f32> {
 /// Output columns per GEMM task at least: below this a task's product is too thin to run well.
 const GEMM_MIN_COLS: usize = 64;
 
-fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
+/// `wf`: `w` already in f32, when kept; else each task converts its block.
+fn gemm_f32(
+    x: &[f32],
+    w: &[f16],
+    wf: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
     // One task per thread, each owning a contiguous block of W's rows (output columns): it
     // converts its block to f32 and runs a single-threaded GEMM on it. Measured at OPT-125m
     // prefill shapes (512 rows), this beats one GEMM split by the crate's own parallelism by
@@ -153,10 +172,19 @@ fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32])
     (0..m.div_ceil(cols)).into_par_iter().for_each(|c| {
         let j0 = c * cols;
         let mc = cols.min(m - j0);
-        let wb = &w[j0 * k..(j0 + mc) * k];
-        // a recycled buffer: a fresh one would be page faults and zeroing on every product
-        let mut wf = super::pool::take_f32(wb.len()).unwrap_or_else(|_| vec![0f32; wb.len()]);
-        super::convert::f16_to_f32(wb, &mut wf);
+        let block = j0 * k..(j0 + mc) * k;
+        let mut converted = Vec::new();
+        let wf: &[f32] = match wf {
+            Some(all) => &all[block],
+            None => {
+                let wb = &w[block];
+                // a recycled buffer: a fresh one would be page faults and zeroing every time
+                converted =
+                    super::pool::take_f32(wb.len()).unwrap_or_else(|_| vec![0f32; wb.len()]);
+                super::convert::f16_to_f32(wb, &mut converted);
+                &converted
+            }
+        };
         // SAFETY: x covers n*k values, wf mc*k, and the output n*m (asserted in
         // `linear_cached`); this task writes only columns j0..j0+mc, disjoint from the others'.
         // rhs is the block's W^T read through strides: element (p, j) is wf[j * k + p].
@@ -183,7 +211,7 @@ fn gemm_f32(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32])
                 gemm::Parallelism::None,
             )
         };
-        super::pool::give_f32(wf);
+        super::pool::give_f32(converted);
     });
 }
 

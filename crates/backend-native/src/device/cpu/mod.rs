@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod pool;
 pub mod profile;
 pub mod simd;
+pub mod wide;
 
 use std::sync::OnceLock;
 
@@ -67,6 +68,8 @@ pub struct CpuTensor {
     /// The weight packed for AMX, made on first use in the bf16 mode (a second copy of the
     /// weight in bf16: the bf16 mode trades memory for prefill speed).
     packed: OnceLock<Vec<u16>>,
+    /// The weight in f32 for the f32 mode's GEMMs, made on first use ([`wide`]).
+    wide: wide::WideCell,
 }
 
 impl Drop for CpuTensor {
@@ -142,6 +145,7 @@ impl CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F32(data),
             packed: OnceLock::new(),
+            wide: OnceLock::new(),
         })
     }
     /// An f16 tensor from owned data (no copy).
@@ -155,6 +159,7 @@ impl CpuTensor {
             shape: shape.to_vec(),
             data: Storage::F16(data),
             packed: OnceLock::new(),
+            wide: OnceLock::new(),
         })
     }
     /// Rows and width of a 2-D tensor.
@@ -241,6 +246,7 @@ impl Device for CpuDevice {
             shape: shape.to_vec(),
             data,
             packed: OnceLock::new(),
+            wide: OnceLock::new(),
         })
     }
 
@@ -252,7 +258,9 @@ impl Device for CpuDevice {
             data.len()
         );
         let r = offset..offset + data.len();
-        dst.packed = OnceLock::new(); // the values change: a packed copy would be stale
+        // the values change: packed and f32 copies would be stale
+        dst.packed = OnceLock::new();
+        dst.wide = OnceLock::new();
         match (&mut dst.data, data) {
             (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
             (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
@@ -277,6 +285,7 @@ impl Device for CpuDevice {
             shape: shape.to_vec(),
             data,
             packed: OnceLock::new(),
+            wide: OnceLock::new(),
         })
     }
 
@@ -413,6 +422,7 @@ impl Device for CpuDevice {
                 x.f32()?,
                 w.f16()?,
                 Some(&w.packed),
+                Some(&w.wide),
                 bias,
                 act == Activation::Relu,
                 n,
@@ -602,6 +612,37 @@ mod tests {
                 max_rel(&out, &r)
             );
         }
+    }
+
+    #[test]
+    fn kept_f32_weights_give_the_same_products() {
+        let (n, k, m) = (40, 72, 130);
+        let x = rand_f32(n * k, 5);
+        let w = rand_f16(m * k, 6);
+        let want = matmul::linear_reference(&x, &w, None, n, k, m);
+        let (packed, wide) = (OnceLock::new(), OnceLock::new());
+        // the first call converts and keeps the weight, the second reads the kept copy
+        for _ in 0..2 {
+            let mut out = vec![0f32; n * m];
+            matmul::linear_cached(
+                MatmulMode::F32,
+                &x,
+                &w,
+                Some(&packed),
+                Some(&wide),
+                None,
+                false,
+                n,
+                k,
+                m,
+                &mut out,
+            );
+            assert!(max_rel(&out, &want) < 1e-5, "{}", max_rel(&out, &want));
+        }
+        assert!(
+            matches!(wide.get(), Some(Some(_))),
+            "the weight was kept in f32"
+        );
     }
 
     #[test]
