@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use backend_native::device::cpu::{CpuDevice, CpuOptions};
-use backend_native::disk_speed::weight_files;
+use backend_native::disk_speed::{reference_beside_memory_load, weight_files};
 use backend_native::model::DummySource;
 use backend_native::offload::direct::sequential_read;
 use backend_native::schedule::OffloadModel;
@@ -72,20 +72,7 @@ fn main() {
         }
         let lanes = fb as f64 / t.elapsed().as_secs_f64() / 1e9;
         // the reference read beside a thread streaming memory (as decode's matrix products do)
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let busy = std::thread::scope(|sc| {
-            sc.spawn(|| {
-                let v = vec![1u64; 1 << 27];
-                let mut acc = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    acc = acc.wrapping_add(v.iter().sum::<u64>());
-                }
-                std::hint::black_box(acc);
-            });
-            let (b, s) = sequential_read(&files, 16 << 20).unwrap();
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            b as f64 / s / 1e9
-        });
+        let busy = reference_beside_memory_load(&files, 16 << 20).unwrap();
         // the reference's requests, into destinations rotating through 512 MiB
         let t = Instant::now();
         let mut rb = 0u64;

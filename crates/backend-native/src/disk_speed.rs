@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
+use bench_core::metrics::median;
 use bench_core::Policy;
 use serde::Serialize;
 
@@ -83,19 +84,6 @@ pub struct DiskSpeedReport {
     /// Time spent copying weights from the read buffers to the compute device, likewise.
     pub transfer_busy_fraction: f64,
     pub peak_memory_bytes: BTreeMap<String, u64>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
@@ -183,7 +171,12 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
     eprintln!("{}", dev.name());
     let mut refs: Vec<f64> = rounds.iter().map(|r| r.direct_read_gb_s_before).collect();
     refs.extend(rounds.last().map(|r| r.direct_read_gb_s_after));
-    let decode_rate = median(rounds.iter().map(|r| r.decode_read_gb_s).collect());
+    let decode_rate = median(
+        &rounds
+            .iter()
+            .map(|r| r.decode_read_gb_s)
+            .collect::<Vec<_>>(),
+    );
     Ok(DiskSpeedReport {
         model: cfg.name.clone(),
         sep_layer: a.sep_layer,
@@ -192,8 +185,8 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         gen_len: a.gen_len,
         weight_file_bytes: file_bytes,
         decode_read_gb_s: decode_rate,
-        direct_read_gb_s: median(refs),
-        ratio: median(rounds.iter().map(|r| r.ratio).collect()),
+        direct_read_gb_s: median(&refs),
+        ratio: median(&rounds.iter().map(|r| r.ratio).collect::<Vec<_>>()),
         direct_read_beside_memory_load_gb_s: loaded,
         ratio_beside_memory_load: decode_rate / loaded,
         io_wait_s: model.stats.io_wait_s(),
@@ -205,8 +198,9 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
     })
 }
 
-/// The sequential O_DIRECT read of `files` while another thread streams through 1 GiB of memory.
-fn reference_beside_memory_load(files: &[PathBuf], block: usize) -> Result<f64> {
+/// The sequential O_DIRECT read of `files` while another thread streams through 1 GiB of
+/// memory, GB/s.
+pub fn reference_beside_memory_load(files: &[PathBuf], block: usize) -> Result<f64> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {

@@ -11,6 +11,8 @@
 use std::sync::OnceLock;
 
 use half::f16;
+
+use super::matmul::SharedOut;
 use rayon::prelude::*;
 
 const TILE_K: usize = 32; // bf16 values per A-tile row (64 bytes)
@@ -198,19 +200,6 @@ impl Drop for Tiles {
 pub fn round32(v: usize) -> usize {
     round_up(v, BLOCK)
 }
-
-/// The output pointer shared by tasks that write disjoint parts of it.
-struct SharedOut(*mut f32);
-
-impl SharedOut {
-    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks write disjoint elements (see `linear`), and `out` outlives the parallel loop.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {

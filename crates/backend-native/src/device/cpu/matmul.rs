@@ -168,7 +168,7 @@ fn gemm_f32(
     // while it is still in cache.
     let parts = rayon::current_num_threads().min(m / GEMM_MIN_COLS).max(1);
     let cols = m.div_ceil(parts);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = SharedOut(out.as_mut_ptr());
     (0..m.div_ceil(cols)).into_par_iter().for_each(|c| {
         let j0 = c * cols;
         let mc = cols.min(m - j0);
@@ -193,7 +193,7 @@ fn gemm_f32(
                 n,
                 mc,
                 k,
-                ptr.get().add(j0),
+                ptr.ptr().add(j0),
                 1,
                 m as isize,
                 false,
@@ -220,16 +220,19 @@ fn gemm_f32(
 /// a few tasks per thread still balance the load when a core is busy elsewhere.
 const MATVEC_TASKS_PER_THREAD: usize = 2;
 
-/// `out` shared by tasks that write disjoint columns of it.
+/// The output pointer shared by tasks that write disjoint parts of it (the matrix-vector and
+/// GEMM paths here, the AMX path in [`super::amx`]).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges (see `matvec`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+pub(super) struct SharedOut(pub(super) *mut f32);
 
-impl OutPtr {
-    /// The pointer (a method, so closures capture the Send wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
+// SAFETY: tasks write disjoint elements, and the output outlives the parallel loop (each user
+// borrows it mutably around the loop).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Through a method, so closures capture the whole (Send, Sync) wrapper, not the raw field.
+    pub(super) fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
@@ -238,7 +241,7 @@ fn matvec(x: &[f32], w: &[f16], n: usize, k: usize, m: usize, out: &mut [f32]) {
     let tasks = (rayon::current_num_threads() * MATVEC_TASKS_PER_THREAD).max(1);
     // even row counts keep the kernel's two-row pairs whole; at least 16 rows per task
     let rows = m.div_ceil(tasks).next_multiple_of(2).max(16);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = SharedOut(out.as_mut_ptr());
     (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
         let j0 = c * rows;
         let j1 = (j0 + rows).min(m);
@@ -276,14 +279,14 @@ unsafe fn matvec_block(
     m: usize,
     j0: usize,
     j1: usize,
-    out: OutPtr,
+    out: SharedOut,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512() {
             // SAFETY: avx512f is present (checked at run time); w holds m*k values and x n*k
             // (asserted in `linear_cached`); the output contract is the caller's.
-            unsafe { avx512::matvec_block(w, x, n, k, m, j0, j1, out.get()) };
+            unsafe { avx512::matvec_block(w, x, n, k, m, j0, j1, out.ptr()) };
             return;
         }
     }
@@ -292,7 +295,7 @@ unsafe fn matvec_block(
         matvec_row(&w[j * k..(j + 1) * k], x, k, &mut dst);
         for (i, v) in dst.iter().enumerate() {
             // SAFETY: (i, j) is inside the n x m output and in this task's columns
-            unsafe { *out.get().add(i * m + j) = *v };
+            unsafe { *out.ptr().add(i * m + j) = *v };
         }
     }
 }
