@@ -26,6 +26,21 @@ except ImportError:
 GIB = 1 << 30
 
 
+def unlink_shm_buffer(dist, rank):
+    """DeepSpeed's CPU all-reduce maps one POSIX shared-memory file per rank,
+    /dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank} (69 MB), and never
+    removes it: with a fresh port per case every run would leave one behind in RAM. Once every rank
+    has mapped every buffer (the barrier: DeepSpeed maps them all while initializing) the names can
+    go; the mappings live on until the ranks exit, even when a timeout kills them."""
+    path = "/dev/shm/deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def ds_config(placement, dtype_name, hidden, batch, offload_dir, on_cuda, largest_param):
     zero = {
         "stage": 3,
@@ -99,6 +114,7 @@ def run():
 
     deepspeed.init_distributed("nccl" if on_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    unlink_shm_buffer(dist, rank)
     batch = len(prompts)
     if batch % world:
         raise fr.Unavailable(f"batch {batch} does not split over {world} ranks")

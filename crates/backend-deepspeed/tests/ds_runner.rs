@@ -48,6 +48,25 @@ fn zero3_cpu_offload_runs_and_matches_hf_tokens() {
     DeepSpeedBackend.check_case(&case, &ctx).unwrap();
     let out = child::run_case(&DeepSpeedBackend, &case, &ctx, Duration::from_secs(600)).unwrap();
     assert!(out.status.unwrap().success(), "{}", out.stderr);
+    // DeepSpeed's CPU all-reduce buffers (a 69 MB file in /dev/shm per rank, named after the
+    // rendezvous port the launcher logs) must not outlive the run
+    let log = format!("{}{}", out.stdout, out.stderr);
+    let port = log
+        .split("--master_port=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the launcher logs its command with --master_port");
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.starts_with("deepspeed_allreduce_buffer") && n.contains(&format!("_{port}_"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
     let r = find_result(&out.stdout).unwrap().expect("a result line");
     assert_eq!(r.step_times_s.len(), 2);
     assert!(r
