@@ -5,6 +5,10 @@ use std::time::Instant;
 use backend_native::device::cpu::{CpuDevice, CpuOptions};
 use backend_native::device::{AttnShape, Device, HostSlice};
 
+// the runner's allocator, so that memory behaves as in `flexbench-native`
+#[global_allocator]
+static ALLOC: backend_native::huge_alloc::HugePageAlloc = backend_native::huge_alloc::HugePageAlloc;
+
 fn main() {
     rayon::scope(|_| run());
 }

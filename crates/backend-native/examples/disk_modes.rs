@@ -8,6 +8,10 @@ use std::time::Instant;
 
 use backend_native::offload::direct::{AlignedBuf, OffloadDir};
 
+// the runner's allocator, so that memory behaves as in `flexbench-native`
+#[global_allocator]
+static ALLOC: backend_native::huge_alloc::HugePageAlloc = backend_native::huge_alloc::HugePageAlloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);

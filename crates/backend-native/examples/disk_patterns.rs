@@ -19,6 +19,10 @@ use backend_native::offload::direct::sequential_read;
 use backend_native::schedule::OffloadModel;
 use bench_core::Policy;
 
+// the runner's allocator, so that memory behaves as in `flexbench-native`
+#[global_allocator]
+static ALLOC: backend_native::huge_alloc::HugePageAlloc = backend_native::huge_alloc::HugePageAlloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);

@@ -5,6 +5,10 @@ use std::time::Instant;
 use backend_native::device::cpu::{matmul, MatmulMode};
 use half::f16;
 
+// the runner's allocator, so that memory behaves as in `flexbench-native`
+#[global_allocator]
+static ALLOC: backend_native::huge_alloc::HugePageAlloc = backend_native::huge_alloc::HugePageAlloc;
+
 fn main() {
     for &(n, k, m) in &[
         (4, 768, 768),

@@ -11,6 +11,7 @@
 //! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate) on the
 //!   device a case names (cuda: unavailable, exit 4, where the probe finds no usable GPU);
 //! - [`floor`]: the machine's matrix-product rate and memory bandwidth;
+//! - [`huge_alloc`]: the runner's allocator (large blocks on transparent huge pages);
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod disk_speed;
 pub mod dummy;
 pub mod floor;
 pub mod generate;
+pub mod huge_alloc;
 pub mod model;
 pub mod offload;
 pub mod runner;

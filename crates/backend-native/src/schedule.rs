@@ -411,6 +411,14 @@ impl<'a, D: Device> Run<'a, D> {
         if w.is_resident(unit) {
             // nothing moves: no thread needed
             tx.send(w.materialize(dev, unit, None)).ok();
+        } else if w.stages_disk_reads(dev, unit) {
+            // reads and copies in one job on the disk thread
+            self.disk_q.push(
+                false,
+                Box::new(move || {
+                    tx.send(w.fetch_staged(dev, unit)).ok();
+                }),
+            );
         } else if w.has_disk(unit) {
             let xfer = self.xfer_q.clone();
             self.disk_q.push(

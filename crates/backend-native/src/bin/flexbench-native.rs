@@ -19,6 +19,9 @@ use bench_core::protocol::{self, EXIT_OOM, EXIT_UNAVAILABLE};
 use bench_core::{ModelConfig, Policy};
 use clap::{Parser, Subcommand, ValueEnum};
 
+#[global_allocator]
+static ALLOC: backend_native::huge_alloc::HugePageAlloc = backend_native::huge_alloc::HugePageAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "flexbench-native",

@@ -318,6 +318,18 @@ pub trait Device: Send + Sync {
         bias: Option<&Self::Tensor>,
         act: Activation,
     ) -> Result<Self::Tensor>;
+    /// [`Device::linear`] of one `x` by several weights without activation (attention's q, k
+    /// and v): one call, so that a device may run the products as one pass.
+    fn linear_shared_input(
+        &self,
+        x: &Self::Tensor,
+        weights: &[(&Self::Tensor, Option<&Self::Tensor>)],
+    ) -> Result<Vec<Self::Tensor>> {
+        weights
+            .iter()
+            .map(|&(w, b)| self.linear(x, w, b, Activation::None))
+            .collect()
+    }
     /// `x += y` (same shape). Residual connections.
     fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// Allocates one layer's K or V cache: zeros of `[batch, heads, max_len, head_dim]`.

@@ -80,24 +80,19 @@ pub fn attn_qkv<D: Device, B: Borrow<D::Tensor>>(
     } else {
         x
     };
-    let q = dev.linear(
-        input,
-        w.q_w.borrow(),
-        Some(w.q_b.borrow()),
-        Activation::None,
-    )?;
-    let k = dev.linear(
-        input,
-        w.k_w.borrow(),
-        Some(w.k_b.borrow()),
-        Activation::None,
-    )?;
-    let v = dev.linear(
-        input,
-        w.v_w.borrow(),
-        Some(w.v_b.borrow()),
-        Activation::None,
-    )?;
+    let mut qkv = dev
+        .linear_shared_input(
+            input,
+            &[
+                (w.q_w.borrow(), Some(w.q_b.borrow())),
+                (w.k_w.borrow(), Some(w.k_b.borrow())),
+                (w.v_w.borrow(), Some(w.v_b.borrow())),
+            ],
+        )?
+        .into_iter();
+    let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+        anyhow::bail!("linear_shared_input returned fewer than three products");
+    };
     Ok((q, k, v))
 }
 

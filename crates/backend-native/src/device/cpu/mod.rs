@@ -191,6 +191,47 @@ pub struct CpuDevice {
 }
 
 impl CpuDevice {
+    /// `act(x W^T + b)` for each `(W, b)`, as one [`matmul::linear_group`].
+    fn products(
+        &self,
+        x: &CpuTensor,
+        weights: &[(&CpuTensor, Option<&CpuTensor>)],
+        relu: bool,
+    ) -> Result<Vec<CpuTensor>> {
+        profile::timed(0, || {
+            let (n, k) = x.dims2("linear x")?;
+            let mut outs = Vec::with_capacity(weights.len());
+            for &(w, bias) in weights {
+                let (m, k2) = w.dims2("linear weight")?;
+                ensure!(
+                    k == k2,
+                    "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
+                );
+                if let Some(b) = bias {
+                    let len = b.f16()?.len();
+                    ensure!(len == m, "linear: bias of {len} for {m} outputs");
+                }
+                // every element is written by the product
+                outs.push((m, pool::take_f32(n * m)?));
+            }
+            let mut parts = Vec::with_capacity(weights.len());
+            for (&(w, bias), (m, out)) in weights.iter().zip(outs.iter_mut()) {
+                parts.push(matmul::Part {
+                    w: w.f16()?,
+                    m: *m,
+                    bias: bias.map(|b| b.f16()).transpose()?,
+                    relu,
+                    packed: Some(&w.packed),
+                    wide: Some(&w.wide),
+                    out,
+                });
+            }
+            matmul::linear_group(self.opts.matmul, x.f32()?, n, k, &mut parts);
+            outs.into_iter()
+                .map(|(m, out)| CpuTensor::from_f32(&[n, m], out))
+                .collect()
+        })
+    }
     pub fn new(opts: CpuOptions) -> CpuDevice {
         CpuDevice { opts }
     }
@@ -400,38 +441,16 @@ impl Device for CpuDevice {
         bias: Option<&CpuTensor>,
         act: Activation,
     ) -> Result<CpuTensor> {
-        profile::timed(0, || {
-            let (n, k) = x.dims2("linear x")?;
-            let (m, k2) = w.dims2("linear weight")?;
-            ensure!(
-                k == k2,
-                "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
-            );
-            let bias = match bias {
-                Some(b) => {
-                    let b = b.f16()?;
-                    ensure!(b.len() == m, "linear: bias of {} for {m} outputs", b.len());
-                    Some(b)
-                }
-                None => None,
-            };
-            // every element is written by the product
-            let mut out = pool::take_f32(n * m)?;
-            matmul::linear_cached(
-                self.opts.matmul,
-                x.f32()?,
-                w.f16()?,
-                Some(&w.packed),
-                Some(&w.wide),
-                bias,
-                act == Activation::Relu,
-                n,
-                k,
-                m,
-                &mut out,
-            );
-            CpuTensor::from_f32(&[n, m], out)
-        })
+        let mut outs = self.products(x, &[(w, bias)], act == Activation::Relu)?;
+        Ok(outs.remove(0))
+    }
+
+    fn linear_shared_input(
+        &self,
+        x: &CpuTensor,
+        weights: &[(&CpuTensor, Option<&CpuTensor>)],
+    ) -> Result<Vec<CpuTensor>> {
+        self.products(x, weights, false)
     }
 
     fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
@@ -643,6 +662,58 @@ mod tests {
             matches!(wide.get(), Some(Some(_))),
             "the weight was kept in f32"
         );
+    }
+
+    #[test]
+    fn shared_input_products_match_separate_references() {
+        // matvec rows (one pass over all parts, task blocks crossing parts, odd widths) and
+        // GEMM rows; relu through `linear`, bias on some parts only
+        let dev = CpuDevice::new(CpuOptions::default());
+        for &(n, k) in &[(1, 40), (4, 96), (16, 64), (17, 72)] {
+            let x = rand_f32(n * k, n as u64);
+            let xt = CpuTensor::from_f32(&[n, k], x.clone()).unwrap();
+            let shapes = [(33, true), (70, false), (1, true), (517, true)];
+            let ws: Vec<Vec<f16>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(m, _))| rand_f16(m * k, 20 + i as u64))
+                .collect();
+            let bs: Vec<Vec<f16>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(m, _))| rand_f16(m, 40 + i as u64))
+                .collect();
+            let up = |v: &[f16], shape: &[usize]| dev.upload(HostSlice::F16(v), shape).unwrap();
+            let wt: Vec<CpuTensor> = ws
+                .iter()
+                .zip(&shapes)
+                .map(|(w, &(m, _))| up(w, &[m, k]))
+                .collect();
+            let bt: Vec<CpuTensor> = bs
+                .iter()
+                .zip(&shapes)
+                .map(|(b, &(m, _))| up(b, &[m]))
+                .collect();
+            let pairs: Vec<(&CpuTensor, Option<&CpuTensor>)> = wt
+                .iter()
+                .zip(&bt)
+                .zip(&shapes)
+                .map(|((w, b), &(_, has))| (w, has.then_some(b)))
+                .collect();
+            let outs = dev.linear_shared_input(&xt, &pairs).unwrap();
+            for (i, &(m, has)) in shapes.iter().enumerate() {
+                let bias = has.then_some(&bs[i][..]);
+                let want = matmul::linear_reference(&x, &ws[i], bias, n, k, m);
+                let got = dev.download_f32(&outs[i]).unwrap();
+                assert!(max_rel(&got, &want) < 1e-5, "n={n} part {i}");
+                let relu = dev
+                    .linear(&xt, &wt[i], pairs[i].1, Activation::Relu)
+                    .unwrap();
+                let want: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+                let got = dev.download_f32(&relu).unwrap();
+                assert!(max_rel(&got, &want) < 1e-5, "relu n={n} part {i}");
+            }
+        }
     }
 
     #[test]
