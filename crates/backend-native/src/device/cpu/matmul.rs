@@ -123,8 +123,24 @@ pub fn linear_group(mode: MatmulMode, x: &[f32], n: usize, k: usize, parts: &mut
         return matvec(x, n, k, parts);
     }
     for p in parts.iter_mut() {
-        many_rows(mode, amx, x, n, k, p);
+        if !amx && mode == MatmulMode::F32 && n <= FRESH_MATVEC_MAX_ROWS && !keeps_f32(p) {
+            matvec(x, n, k, std::slice::from_mut(p));
+        } else {
+            many_rows(mode, amx, x, n, k, p);
+        }
     }
+}
+
+/// Rows up to which the matrix-vector path beats the f32 GEMM when the weight has no f32 copy
+/// (a weight fetched from an offload tier, or past the copies' budget): the GEMM then converts
+/// the whole weight for one product. Measured with `--example thin_products` (4096 x 16384,
+/// fresh weights): 24 rows 54 ms by GEMM against 14 ms for 16 rows by the matrix-vector
+/// kernel, which grows with the rows; the GEMM caught up at 64 rows.
+const FRESH_MATVEC_MAX_ROWS: usize = 48;
+
+/// Whether the f32 GEMM would find (or make and keep) an f32 copy of the weight.
+fn keeps_f32(p: &Part<'_>) -> bool {
+    p.wide.is_some_and(|c| !matches!(c.get(), Some(None)))
 }
 
 /// One product on the paths for many rows: AMX, bf16 dot products, or the f32 GEMM.

@@ -299,9 +299,11 @@ impl Device for CpuDevice {
             data.len()
         );
         let r = offset..offset + data.len();
-        // the values change: packed and f32 copies would be stale
+        // the values change: packed and f32 copies would be stale. A tensor written into is a
+        // buffer refilled by the offloader (a fetched weight) or an activation: an f32 copy of
+        // it would serve one product, so none is made (see `matmul::linear_group`)
         dst.packed = OnceLock::new();
-        dst.wide = OnceLock::new();
+        dst.wide = OnceLock::from(None);
         match (&mut dst.data, data) {
             (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
             (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
@@ -614,6 +616,8 @@ mod tests {
             (16, 64, 129),
             (17, 72, 50),
             (40, 130, 96),
+            // past the rows where weights without an f32 copy take the matrix-vector path
+            (60, 70, 90),
             (7, 16, 1),
             // several matvec tasks, the last one short and odd
             (4, 96, 1001),
