@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 
+use super::stats::{Link, Stats};
 use crate::device::OutOfMemory;
 
 /// Alignment of O_DIRECT offsets, lengths and buffers (the page size; every Linux block device's
@@ -427,6 +428,59 @@ pub fn sequential_read(paths: &[PathBuf], block: usize) -> Result<(u64, f64)> {
     Ok((total, t0.elapsed().as_secs_f64()))
 }
 
+/// Reads `span` of `file` in requests of `chunk` bytes, one in flight, on a helper thread, into
+/// the buffers of `ring` in turn, and hands each filled one to `consume` (file offset, bytes read,
+/// buffer) on this thread while the reader fills the next. Disk time and bytes go to `stats`.
+/// An error on either side stops both and is returned.
+pub fn read_span_staged(
+    file: &DirectFile,
+    span: std::ops::Range<usize>,
+    chunk: usize,
+    ring: &mut [AlignedBuf],
+    stats: &Stats,
+    mut consume: impl FnMut(usize, usize, &AlignedBuf) -> Result<()>,
+) -> Result<()> {
+    use std::sync::mpsc::channel;
+    ensure!(
+        chunk.is_multiple_of(ALIGN) && ring.iter().all(|b| b.len() >= chunk) && !ring.is_empty(),
+        "staged reads need a ring of buffers of at least one {chunk}-byte aligned chunk"
+    );
+    let (free_tx, free_rx) = channel::<&mut AlignedBuf>();
+    let (full_tx, full_rx) = channel::<Result<(usize, usize, &mut AlignedBuf)>>();
+    for b in ring.iter_mut() {
+        free_tx.send(b).expect("the receiver is alive");
+    }
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let mut at = span.start;
+            while at < span.end {
+                // a closed channel: the consumer stopped (an error); stop too
+                let Ok(buf) = free_rx.recv() else { return };
+                let len = chunk.min(span.end - at);
+                let t0 = std::time::Instant::now();
+                let r = file.read_chunk(&mut buf.bytes_mut()[..len], at as u64);
+                stats.add_disk_busy(t0.elapsed().as_secs_f64());
+                let failed = r.is_err();
+                if full_tx.send(r.map(|()| (at, len, buf))).is_err() || failed {
+                    return;
+                }
+                stats.moved(Link::DiskRead, len);
+                at += len;
+            }
+        });
+        // owned here, so that returning early (an error) closes both channels before the scope
+        // waits for the reader, which then stops instead of waiting for a buffer forever
+        let (free_tx, full_rx) = (free_tx, full_rx);
+        for msg in full_rx.iter() {
+            let (at, len, buf) = msg?;
+            consume(at, len, buf)?;
+            // the reader is gone once it has read the whole span
+            let _ = free_tx.send(buf);
+        }
+        Ok(())
+    })
+}
+
 /// Bytes available to this user on the filesystem of `path`.
 pub fn free_bytes(path: &Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -471,6 +525,74 @@ mod tests {
         drop(f);
         drop(dir);
         assert!(!sub.exists(), "the run's subdirectory is removed");
+    }
+
+    #[test]
+    fn staged_reads_deliver_every_chunk_in_order_and_stop_on_errors() {
+        let dir = OffloadDir::open(&std::env::temp_dir(), 0).unwrap();
+        let f = dir.file("staged.bin").unwrap();
+        let mut b = AlignedBuf::new(10 * ALIGN).unwrap();
+        for (i, x) in b.bytes_mut().iter_mut().enumerate() {
+            *x = (i * 7 % 251) as u8;
+        }
+        f.write_at(&b, 10 * ALIGN, 0).unwrap();
+        let stats = Stats::new();
+        let mut ring: Vec<AlignedBuf> = (0..2)
+            .map(|_| AlignedBuf::new(3 * ALIGN).unwrap())
+            .collect();
+        // a span from one page in, ending in a short chunk: 3 + 3 + 2 pages
+        let mut got = Vec::new();
+        read_span_staged(
+            &f,
+            ALIGN..9 * ALIGN,
+            3 * ALIGN,
+            &mut ring,
+            &stats,
+            |at, len, buf| {
+                assert_eq!(at, ALIGN + got.len());
+                got.extend_from_slice(&buf.bytes()[..len]);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(got == b.bytes()[ALIGN..9 * ALIGN]);
+        assert_eq!(stats.bytes(Link::DiskRead), 8 * ALIGN as u64);
+        // the consumer fails on the second chunk: an error, not a reader waiting forever for a
+        // buffer (on a thread of its own, so that a hang fails the test)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = f.path().to_path_buf();
+        std::thread::spawn(move || {
+            let f = DirectFile::open_read(&path).unwrap();
+            let mut ring = vec![AlignedBuf::new(ALIGN).unwrap()];
+            let mut calls = 0;
+            let r = read_span_staged(
+                &f,
+                0..10 * ALIGN,
+                ALIGN,
+                &mut ring,
+                &Stats::new(),
+                |_, _, _| {
+                    calls += 1;
+                    anyhow::ensure!(calls < 2, "consumer failed");
+                    Ok(())
+                },
+            );
+            tx.send(r.map_err(|e| format!("{e:#}"))).ok();
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a failing consumer must end the read, not leave the reader waiting");
+        assert!(r.unwrap_err().contains("consumer failed"));
+        // a read past the end of the file fails on the reader's side
+        let r = read_span_staged(
+            &f,
+            0..12 * ALIGN,
+            3 * ALIGN,
+            &mut ring,
+            &stats,
+            |_, _, _| Ok(()),
+        );
+        assert!(r.is_err());
     }
 
     /// Device memory wrapped as a buffer (pinned memory on CUDA): zeroed, recognised again by

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use bench_core::{ModelConfig, Policy};
 use half::f16;
 
-use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
+use super::direct::{align_up, read_span_staged, AlignedBuf, DirectFile, OffloadDir, ALIGN};
 use super::placement::{place_weights, Tier};
 use super::stats::{Link, MemGuard, Stats};
 use crate::device::{DType, Device, DeviceTensor, Fence, HostSlice};
@@ -602,26 +602,34 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     .as_ref()
                     .expect("disk tensors have a file")
                     .file;
-                self.read_span_staged(f, *start, *end, &mut ring, |chunk_at, len, chunk| {
-                    let t0 = std::time::Instant::now();
-                    for &(slot, off) in parts {
-                        let s = &self.stored[idx[slot]];
-                        // the tensor's bytes [off, off + bytes) within this chunk
-                        let lo = off.max(chunk_at);
-                        let hi = (off + s.plan.bytes()).min(chunk_at + len);
-                        if lo >= hi {
-                            continue;
+                let chunk = self.stage_chunk;
+                read_span_staged(
+                    f,
+                    *start..*end,
+                    chunk,
+                    &mut ring,
+                    &self.stats,
+                    |chunk_at, len, chunk| {
+                        let t0 = std::time::Instant::now();
+                        for &(slot, off) in parts {
+                            let s = &self.stored[idx[slot]];
+                            // the tensor's bytes [off, off + bytes) within this chunk
+                            let lo = off.max(chunk_at);
+                            let hi = (off + s.plan.bytes()).min(chunk_at + len);
+                            if lo >= hi {
+                                continue;
+                            }
+                            let (t, _) = bufs[slot].as_mut().expect("a buffer per disk tensor");
+                            let vals = chunk.f16s(lo - chunk_at, (hi - lo) / 2);
+                            dev.write(t, (lo - off) / 2, HostSlice::F16(vals))
+                                .with_context(|| {
+                                    format!("copying {} to {}", s.plan.name, dev.name())
+                                })?;
                         }
-                        let (t, _) = bufs[slot].as_mut().expect("a buffer per disk tensor");
-                        let vals = chunk.f16s(lo - chunk_at, (hi - lo) / 2);
-                        dev.write(t, (lo - off) / 2, HostSlice::F16(vals))
-                            .with_context(|| {
-                                format!("copying {} to {}", s.plan.name, dev.name())
-                            })?;
-                    }
-                    self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
-                    Ok(())
-                })
+                        self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
+                        Ok(())
+                    },
+                )
                 .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
             }
             Ok(())
@@ -652,51 +660,6 @@ impl<T: DeviceTensor> TieredWeights<T> {
             fences: Vec::new(),
             copies,
             pool: self.cpool.clone(),
-        })
-    }
-
-    /// Reads `start..end` of `file` in `stage_chunk` requests, one in flight, on a helper
-    /// thread, into the buffers of `ring` in turn, and hands each filled one to `consume`
-    /// (file offset, bytes read, buffer) on this thread; the reader fills the next meanwhile.
-    fn read_span_staged(
-        &self,
-        file: &DirectFile,
-        start: usize,
-        end: usize,
-        ring: &mut [AlignedBuf],
-        mut consume: impl FnMut(usize, usize, &AlignedBuf) -> Result<()>,
-    ) -> Result<()> {
-        use std::sync::mpsc::channel;
-        let (free_tx, free_rx) = channel::<&mut AlignedBuf>();
-        let (full_tx, full_rx) = channel::<Result<(usize, usize, &mut AlignedBuf)>>();
-        for b in ring.iter_mut() {
-            free_tx.send(b).expect("the receiver is alive");
-        }
-        std::thread::scope(|sc| {
-            sc.spawn(move || {
-                let mut at = start;
-                while at < end {
-                    // a closed channel: the consumer stopped (an error); stop too
-                    let Ok(buf) = free_rx.recv() else { return };
-                    let len = self.stage_chunk.min(end - at);
-                    let t0 = std::time::Instant::now();
-                    let r = file.read_chunk(&mut buf.bytes_mut()[..len], at as u64);
-                    self.stats.add_disk_busy(t0.elapsed().as_secs_f64());
-                    let failed = r.is_err();
-                    if full_tx.send(r.map(|()| (at, len, buf))).is_err() || failed {
-                        return;
-                    }
-                    self.stats.moved(Link::DiskRead, len);
-                    at += len;
-                }
-            });
-            for msg in full_rx.iter() {
-                let (at, len, buf) = msg?;
-                consume(at, len, buf)?;
-                // the reader is gone once it has read the whole span
-                let _ = free_tx.send(buf);
-            }
-            Ok(())
         })
     }
 
