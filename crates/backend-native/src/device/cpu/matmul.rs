@@ -133,10 +133,10 @@ pub fn linear_group(mode: MatmulMode, x: &[f32], n: usize, k: usize, parts: &mut
 
 /// Rows up to which the matrix-vector path beats the f32 GEMM when the weight has no f32 copy
 /// (a weight fetched from an offload tier, or past the copies' budget): the GEMM then converts
-/// the whole weight for one product. Measured with `--example thin_products` (4096 x 16384,
-/// fresh weights): 24 rows 54 ms by GEMM against 14 ms for 16 rows by the matrix-vector
-/// kernel, which grows with the rows; the GEMM caught up at 64 rows.
-const FRESH_MATVEC_MAX_ROWS: usize = 48;
+/// the whole weight for one product. Measured with `--example thin_products` (fresh weights),
+/// matrix-vector against GEMM: 4096 x 16384 at 64 rows 43 against 64-67 ms, at 96 rows 63
+/// against 73-77 ms, at 128 rows 90 against 84-90 ms; 768 x 3072 at 96 rows 1.9 ms both ways.
+const FRESH_MATVEC_MAX_ROWS: usize = 96;
 
 /// Whether the f32 GEMM would find (or make and keep) an f32 copy of the weight.
 fn keeps_f32(p: &Part<'_>) -> bool {
@@ -449,6 +449,54 @@ mod avx512 {
         }
     }
 
+    /// Four weight rows x `R` rows of x per pass (R <= 6, 4R accumulators): for more than 8
+    /// rows of x, each loaded slice of x feeds four FMAs instead of two, which halves the
+    /// traffic from L2 once the rows of x no longer fit L1.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel4<const R: usize>(
+        w: &[f16],
+        x: &[f32],
+        k: usize,
+        i0: usize,
+        j: usize,
+        prefetch: bool,
+        out: &mut [[f32; 4]; 6],
+    ) {
+        let full = k / 16;
+        let mut a = [[_mm512_setzero_ps(); 4]; R];
+        let wp: [*const u8; 4] = std::array::from_fn(|q| w.as_ptr().add((j + q) * k) as *const u8);
+        let xp = x.as_ptr().add(i0 * k);
+        // the next four rows (8k bytes on), as the pair kernel's two pairs ahead
+        let ahead = 8 * k;
+        for c in 0..full {
+            if prefetch && c % 2 == 0 {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T1>(p.add(c * 32 + ahead) as *const i8);
+                }
+            }
+            let v: [__m512; 4] = std::array::from_fn(|q| {
+                _mm512_cvtph_ps(_mm256_loadu_si256(wp[q].add(c * 32) as *const __m256i))
+            });
+            for (r, ar) in a.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(r * k + c * 16));
+                for (acc, vq) in ar.iter_mut().zip(&v) {
+                    *acc = _mm512_fmadd_ps(*vq, xv, *acc);
+                }
+            }
+        }
+        for (r, ar) in a.iter().enumerate() {
+            for (q, acc) in ar.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*acc);
+                for p in full * 16..k {
+                    s += w.get_unchecked((j + q) * k + p).to_f32()
+                        * *x.get_unchecked((i0 + r) * k + p);
+                }
+                out[r][q] = s;
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matvec_block(
@@ -463,7 +511,31 @@ mod avx512 {
     ) {
         let mut j = j0;
         let mut out = [[0f32; 2]; 8];
+        let mut out4 = [[0f32; 4]; 6];
         while j < j1 {
+            if n > 8 && j + 4 <= j1 {
+                let mut i0 = 0;
+                while i0 < n {
+                    let rows = (n - i0).min(6);
+                    let pf = i0 == 0 && j + 8 <= j1;
+                    match rows {
+                        1 => kernel4::<1>(w, x, k, i0, j, pf, &mut out4),
+                        2 => kernel4::<2>(w, x, k, i0, j, pf, &mut out4),
+                        3 => kernel4::<3>(w, x, k, i0, j, pf, &mut out4),
+                        4 => kernel4::<4>(w, x, k, i0, j, pf, &mut out4),
+                        5 => kernel4::<5>(w, x, k, i0, j, pf, &mut out4),
+                        _ => kernel4::<6>(w, x, k, i0, j, pf, &mut out4),
+                    }
+                    for (r, o) in out4.iter().enumerate().take(rows) {
+                        for (q, v) in o.iter().enumerate() {
+                            *dst.add((i0 + r) * m + j + q) = *v;
+                        }
+                    }
+                    i0 += rows;
+                }
+                j += 4;
+                continue;
+            }
             let two = j + 1 < j1;
             let mut i0 = 0;
             while i0 < n {

@@ -616,8 +616,10 @@ mod tests {
             (16, 64, 129),
             (17, 72, 50),
             (40, 130, 96),
-            // past the rows where weights without an f32 copy take the matrix-vector path
+            // many rows through the matrix-vector path (weights without an f32 copy), and past
+            // the rows where those take the GEMM again
             (60, 70, 90),
+            (100, 70, 90),
             (7, 16, 1),
             // several matvec tasks, the last one short and odd
             (4, 96, 1001),
