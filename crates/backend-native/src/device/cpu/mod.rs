@@ -641,7 +641,7 @@ mod tests {
 
     #[test]
     fn kept_f32_weights_give_the_same_products() {
-        let (n, k, m) = (40, 72, 130);
+        let (n, k, m) = (80, 72, 130);
         let x = rand_f32(n * k, 5);
         let w = rand_f16(m * k, 6);
         let want = matmul::linear_reference(&x, &w, None, n, k, m);
