@@ -262,9 +262,20 @@ impl<T> Drop for Fetched<T> {
     }
 }
 
-/// Per file of a staged fetch: the owning unit, the span start..end to read, and the disk
-/// tensors in it (slot in the unit, file offset).
-type StagedSpan = (usize, usize, usize, Vec<(usize, usize)>);
+/// The part of one unit file a fetch reads: `start..end` of the file of unit `owner`, covering
+/// the disk tensors `parts` (slot in the fetched unit, file offset).
+struct DiskSpan {
+    owner: usize,
+    start: usize,
+    end: usize,
+    parts: Vec<(usize, usize)>,
+}
+
+/// A tensor of a staged fetch: resident already, or a compute buffer being filled.
+enum StagedSlot<T> {
+    Resident(Arc<T>),
+    Copy(T, MemGuard),
+}
 
 /// Bytes per read request of [`TieredWeights::fetch_staged`].
 pub const STAGE_CHUNK: usize = 8 << 20;
@@ -426,27 +437,40 @@ impl<T: DeviceTensor> TieredWeights<T> {
             .any(|&i| matches!(self.stored[i].home, Home::Disk { .. }))
     }
 
-    /// Stage one: reads every file that holds a disk tensor of `unit`, each with one sequential
-    /// O_DIRECT read.
-    pub fn read_disk<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<DiskRead> {
-        // per file, the span covering this unit's tensors in it (all of the unit's own file; the
-        // embedding table alone when the output head reads the input's file)
-        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (owner, start, end)
-        for &i in &self.units[unit] {
+    /// Per file holding disk tensors of `unit`, the span covering them: all of the unit's own
+    /// file, or the embedding table alone when the output head reads the input's file.
+    fn disk_spans(&self, unit: usize) -> Vec<DiskSpan> {
+        let mut spans: Vec<DiskSpan> = Vec::new();
+        for (slot, &i) in self.units[unit].iter().enumerate() {
             let s = &self.stored[i];
             if let Home::Disk { offset } = s.home {
                 let end = offset + align_up(s.plan.bytes());
-                match spans.iter_mut().find(|(o, _, _)| *o == s.plan.unit) {
+                match spans.iter_mut().find(|sp| sp.owner == s.plan.unit) {
                     Some(sp) => {
-                        sp.1 = sp.1.min(offset);
-                        sp.2 = sp.2.max(end);
+                        sp.start = sp.start.min(offset);
+                        sp.end = sp.end.max(end);
+                        sp.parts.push((slot, offset));
                     }
-                    None => spans.push((s.plan.unit, offset, end)),
+                    None => spans.push(DiskSpan {
+                        owner: s.plan.unit,
+                        start: offset,
+                        end,
+                        parts: vec![(slot, offset)],
+                    }),
                 }
             }
         }
+        spans
+    }
+
+    /// Stage one: reads every file that holds a disk tensor of `unit`, each with one sequential
+    /// O_DIRECT read.
+    pub fn read_disk<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<DiskRead> {
         let mut bufs = Vec::new();
-        for (owner, start, end) in spans {
+        for DiskSpan {
+            owner, start, end, ..
+        } in self.disk_spans(unit)
+        {
             let f = self.files[owner]
                 .as_ref()
                 .expect("disk tensors have a file");
@@ -562,13 +586,11 @@ impl<T: DeviceTensor> TieredWeights<T> {
     /// both ways). It also saves the unit-sized host buffers.
     pub fn fetch_staged<D: Device<Tensor = T>>(&self, dev: &D, unit: usize) -> Result<Fetched<T>> {
         let idx = &self.units[unit];
-        let mut tensors: Vec<Option<Arc<T>>> = vec![None; idx.len()];
-        let mut bufs: Vec<Option<(T, MemGuard)>> = (0..idx.len()).map(|_| None).collect();
-        let mut spans: Vec<StagedSpan> = Vec::new();
-        for (slot, &i) in idx.iter().enumerate() {
+        let mut slots = Vec::with_capacity(idx.len());
+        for &i in idx {
             let s = &self.stored[i];
-            match &s.home {
-                Home::Compute(t) => tensors[slot] = Some(t.clone()),
+            slots.push(match &s.home {
+                Home::Compute(t) => StagedSlot::Resident(t.clone()),
                 Home::Host(buf) => {
                     let t0 = std::time::Instant::now();
                     let (mut t, g) = self.compute_buf(dev, &s.plan.shape)?;
@@ -576,87 +598,76 @@ impl<T: DeviceTensor> TieredWeights<T> {
                         .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
                     self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
                     self.stats.moved(Link::HostToCompute, s.plan.bytes());
-                    bufs[slot] = Some((t, g));
+                    StagedSlot::Copy(t, g)
                 }
-                Home::Disk { offset } => {
-                    bufs[slot] = Some(self.compute_buf(dev, &s.plan.shape)?);
-                    let end = offset + align_up(s.plan.bytes());
-                    match spans.iter_mut().find(|sp| sp.0 == s.plan.unit) {
-                        Some(sp) => {
-                            sp.1 = sp.1.min(*offset);
-                            sp.2 = sp.2.max(end);
-                            sp.3.push((slot, *offset));
-                        }
-                        None => spans.push((s.plan.unit, *offset, end, vec![(slot, *offset)])),
-                    }
+                Home::Disk { .. } => {
+                    let (t, g) = self.compute_buf(dev, &s.plan.shape)?;
+                    StagedSlot::Copy(t, g)
                 }
-            }
+            });
         }
         let mut ring = std::mem::take(&mut *self.staging.lock().expect("staging lock"));
         while ring.len() < STAGE_BUFS {
             ring.push(AlignedBuf::new(self.stage_chunk)?);
         }
         let result = (|| -> Result<()> {
-            for (owner, start, end, parts) in &spans {
-                let f = &self.files[*owner]
+            for span in self.disk_spans(unit) {
+                let f = &self.files[span.owner]
                     .as_ref()
                     .expect("disk tensors have a file")
                     .file;
-                let chunk = self.stage_chunk;
+                let copy = |chunk_at: usize, len: usize, chunk: &AlignedBuf| -> Result<()> {
+                    let t0 = std::time::Instant::now();
+                    for &(slot, off) in &span.parts {
+                        let s = &self.stored[idx[slot]];
+                        // the tensor's bytes [off, off + bytes) within this chunk
+                        let lo = off.max(chunk_at);
+                        let hi = (off + s.plan.bytes()).min(chunk_at + len);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let StagedSlot::Copy(t, _) = &mut slots[slot] else {
+                            unreachable!("disk tensors get a compute buffer")
+                        };
+                        let vals = chunk.f16s(lo - chunk_at, (hi - lo) / 2);
+                        dev.write(t, (lo - off) / 2, HostSlice::F16(vals))
+                            .with_context(|| {
+                                format!("copying {} to {}", s.plan.name, dev.name())
+                            })?;
+                        self.stats.moved(Link::HostToCompute, hi - lo);
+                    }
+                    self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
+                    Ok(())
+                };
                 read_span_staged(
                     f,
-                    *start..*end,
-                    chunk,
+                    span.start..span.end,
+                    self.stage_chunk,
                     &mut ring,
                     &self.stats,
-                    |chunk_at, len, chunk| {
-                        let t0 = std::time::Instant::now();
-                        for &(slot, off) in parts {
-                            let s = &self.stored[idx[slot]];
-                            // the tensor's bytes [off, off + bytes) within this chunk
-                            let lo = off.max(chunk_at);
-                            let hi = (off + s.plan.bytes()).min(chunk_at + len);
-                            if lo >= hi {
-                                continue;
-                            }
-                            let (t, _) = bufs[slot].as_mut().expect("a buffer per disk tensor");
-                            let vals = chunk.f16s(lo - chunk_at, (hi - lo) / 2);
-                            dev.write(t, (lo - off) / 2, HostSlice::F16(vals))
-                                .with_context(|| {
-                                    format!("copying {} to {}", s.plan.name, dev.name())
-                                })?;
-                        }
-                        self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
-                        Ok(())
-                    },
+                    copy,
                 )
-                .with_context(|| format!("reading the weights of schedule unit {owner}"))?;
+                .with_context(|| format!("reading the weights of schedule unit {}", span.owner))?;
             }
             Ok(())
         })();
         *self.staging.lock().expect("staging lock") = ring;
         result?;
-        let mut copies = Vec::with_capacity(idx.len());
-        let mut out = Vec::with_capacity(idx.len());
-        for (slot, (t, b)) in tensors.into_iter().zip(bufs).enumerate() {
-            match (t, b) {
-                (Some(t), _) => {
-                    out.push(t);
+        let (mut tensors, mut copies) = (Vec::new(), Vec::new());
+        for (slot, &i) in slots.into_iter().zip(idx) {
+            match slot {
+                StagedSlot::Resident(t) => {
+                    tensors.push(t);
                     copies.push(None);
                 }
-                (None, Some((t, g))) => {
-                    let s = &self.stored[idx[slot]];
-                    if matches!(s.home, Home::Disk { .. }) {
-                        self.stats.moved(Link::HostToCompute, s.plan.bytes());
-                    }
-                    out.push(Arc::new(t));
-                    copies.push(Some((s.plan.shape.clone(), g)));
+                StagedSlot::Copy(t, g) => {
+                    tensors.push(Arc::new(t));
+                    copies.push(Some((self.stored[i].plan.shape.clone(), g)));
                 }
-                (None, None) => unreachable!("every tensor is resident or copied"),
             }
         }
         Ok(Fetched {
-            tensors: out,
+            tensors,
             fences: Vec::new(),
             copies,
             pool: self.cpool.clone(),
