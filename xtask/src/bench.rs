@@ -2,13 +2,13 @@
 //! through bench-core's orchestrator.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bench_core::backend::backend_for;
 use bench_core::filter::{self, Filter};
 use bench_core::run::{self, Rerun, RunOptions};
-use bench_core::{suite, Case, IdentifiedCase, Suite};
+use bench_core::{suite, Backend, BuildStep, Case, Frameworks, IdentifiedCase, Suite};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -46,7 +46,8 @@ pub struct Args {
     /// Results root; the suite's results go to <OUT>/<suite>/ [default: results/ in the repository].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Do not build the native runner (`cargo build --release -p backend-native`) first.
+    /// Do not build the backends' runners first (the native engine's `cargo build --release -p
+    /// backend-native`): run with what is in --bin-dir.
     #[arg(long)]
     pub no_build: bool,
     /// Where the runner binaries are [default: target/release].
@@ -58,8 +59,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let backends = crate::backends::registry();
     let path = suite::resolve(&crate::suites_dir(), &args.suite)?;
-    let suite = Suite::load(&path)?;
+    let suite = Suite::load(&path, &Frameworks::of(&backends))?;
     let cases = select(&suite, &args.filters)?;
 
     if args.dry_run {
@@ -76,13 +78,15 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::release_bin_dir);
-    if !args.no_build && cases.iter().any(|(c, _)| c.framework == "native") {
-        build_native_runner()?;
+    if !args.no_build {
+        for step in build_steps(&backends, cases.iter().map(|(c, _)| c)) {
+            build(&step)?;
+        }
     }
     let opts = RunOptions {
         out_dir: args.out.clone().unwrap_or_else(crate::default_results_dir),
         project_root: crate::project_root(),
-        cache_dir: crate::cache_dir(),
+        cache_dir: bench_core::dirs::cache_dir(),
         bin_dir,
         python: args.python.clone(),
         timeout_override: args.timeout.map(Duration::from_secs),
@@ -96,7 +100,6 @@ pub fn run(args: Args) -> Result<()> {
         progress: true,
     };
     let cases: Vec<Case> = cases.into_iter().map(|(c, _)| c).collect();
-    let backends = crate::backends::registry();
     let code = run::finish(run::run_suite(&suite.name, &cases, &backends, &opts));
     std::process::exit(code);
 }
@@ -181,17 +184,36 @@ fn print_table(suite: &Suite, cases: &[(Case, String)]) {
     println!("{} case(s) from {}", rows.len(), suite.path.display());
 }
 
-/// Builds the native runner so a run never measures a stale binary.
-fn build_native_runner() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the native runner: cargo build --release -p backend-native");
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "backend-native"])
-        .current_dir(crate::project_root())
-        .status()
-        .context("running cargo to build the native runner")?;
-    if !status.success() {
-        bail!("building the native runner failed ({status}); fix the build, or pass --no-build to run with what is in target/release");
+/// The build steps of the backends that serve `cases`, each once, in registry order.
+fn build_steps<'a>(
+    backends: &[Box<dyn Backend>],
+    cases: impl Iterator<Item = &'a Case>,
+) -> Vec<BuildStep> {
+    let mut steps: Vec<BuildStep> = Vec::new();
+    for c in cases {
+        if let Some(step) = backend_for(backends, &c.framework).and_then(|b| b.build_step()) {
+            if !steps.contains(&step) {
+                steps.push(step);
+            }
+        }
     }
-    Ok(())
+    steps
+}
+
+/// Runs one build step, so a run never measures a stale binary.
+fn build(step: &BuildStep) -> Result<()> {
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(crate::project_root());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let args = step.cargo_args;
+    eprintln!("building {}: cargo {}", step.what, args.join(" "));
+    xshell::cmd!(sh, "{cargo} {args...}")
+        .quiet()
+        .run()
+        .with_context(|| {
+            format!(
+                "building {} failed; fix the build, or pass --no-build to run with what is in target/release",
+                step.what
+            )
+        })
 }

@@ -23,10 +23,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use bench_core::case::{Case, Device, Placement, Policy, Weights};
+use bench_core::case::{Case, Placement, Policy};
+use xshell::{cmd, Shell};
 
 /// The device machine's limit for everything that travels (working tree + carried paths).
 const CARRY_LIMIT: u64 = 64 << 20;
@@ -68,16 +68,12 @@ pub fn run(args: Args) -> Result<()> {
         println!("results come back under $OUT: report.md, gpu-check.log and one log per step");
         return Ok(());
     }
-    let status = Command::new("bash")
-        .arg(root.join("scripts").join("gpu-check.sh"))
+    let sh = Shell::new()?;
+    sh.change_dir(&root);
+    cmd!(sh, "bash scripts/gpu-check.sh")
         .env("GPU_CHECK_DIR", &dir)
-        .current_dir(&root)
-        .status()
-        .context("running scripts/gpu-check.sh")?;
-    if !status.success() {
-        bail!("scripts/gpu-check.sh failed ({status}); see its report above");
-    }
-    Ok(())
+        .run()
+        .context("scripts/gpu-check.sh failed; see its report above")
 }
 
 /// Builds and stages everything the script needs.
@@ -129,12 +125,12 @@ fn prepare(root: &Path, dir: &Path) -> Result<()> {
         std::fs::copy(src, &dst)
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
         // Symbols are most of a release test binary; the script needs none of them.
-        let stripped = Command::new("strip")
-            .arg("--strip-unneeded")
-            .arg(&dst)
-            .stderr(Stdio::null())
-            .status();
-        if !matches!(stripped, Ok(s) if s.success()) {
+        let sh = Shell::new()?;
+        let stripped = cmd!(sh, "strip --strip-unneeded {dst}")
+            .quiet()
+            .ignore_stderr()
+            .run();
+        if stripped.is_err() {
             eprintln!(
                 "note: could not strip {} (is binutils installed?); staging it as is",
                 dst.display()
@@ -197,20 +193,12 @@ fn bench_cases() -> Vec<(String, Case)> {
         for (label, placement) in &placements {
             let case = Case {
                 model: model.into(),
-                framework: "native".into(),
                 prompt_len: 512,
-                gen_len: 32,
                 cut_gen_len: Some(8),
-                gpu_batch_size: 4,
-                num_gpu_batches: 1,
                 placement: placement.clone(),
-                device: Device::Cuda,
-                weights: Weights::Dummy,
-                num_nodes: 1,
-                num_gpus_per_node: 1,
-                warmup: 1,
-                repetitions: 1,
+                device: bench_core::Device::Cuda,
                 timeout_s: Some(90),
+                ..Case::example("native")
             };
             out.push((format!("{model}_{label}.json"), case));
         }
@@ -223,18 +211,18 @@ fn bench_cases() -> Vec<(String, Case)> {
 fn cargo_executables(root: &Path, args: &[&str], tests: bool) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("$ cargo {}", args.join(" "));
-    let out = Command::new(&cargo)
-        .args(args)
-        .arg("--message-format=json-render-diagnostics")
-        .current_dir(root)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!("cargo {} failed ({})", args.join(" "), out.status);
-    }
+    let sh = Shell::new()?;
+    sh.change_dir(root);
+    // Diagnostics go to the terminal (stderr); stdout is cargo's JSON messages.
+    let stdout = cmd!(
+        sh,
+        "{cargo} {args...} --message-format=json-render-diagnostics"
+    )
+    .quiet()
+    .read()
+    .with_context(|| format!("cargo {} failed", args.join(" ")))?;
     let mut exes = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in stdout.lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };

@@ -6,11 +6,11 @@
 //! `~/.cache/flexbench/nvrtc` on first use (pip, no CUDA install needed), reused afterwards.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use backend_native::device::cuda::{kernels, nvrtc};
+use xshell::{cmd, Shell};
 
 const ARCHS: &[&str] = &["sm_80", "sm_90"];
 const WHEELS: &[&str] = &["nvidia-cuda-nvrtc>=13,<14", "nvidia-cuda-runtime>=13,<14"];
@@ -37,7 +37,9 @@ pub fn run(args: Args) -> Result<()> {
     let (nv, include) = if args.system {
         (nvrtc::Nvrtc::load(None)?, None)
     } else {
-        let dir = args.nvrtc_dir.unwrap_or_else(|| cache_root().join("nvrtc"));
+        let dir = args
+            .nvrtc_dir
+            .unwrap_or_else(|| bench_core::dirs::cache_dir().join("nvrtc"));
         let tk = ensure_wheels(&dir)?;
         (nvrtc::Nvrtc::load(Some(&tk.lib))?, Some(tk.include))
     };
@@ -101,31 +103,17 @@ fn emulate(root: &Path) -> Result<()> {
     let emu = root.join("kernels").join("emu");
     let exe = root.join("target").join("kernels-emu-check");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let status = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-pthread",
-            "-fno-strict-aliasing",
-            "-Wall",
-            "-Wno-unknown-pragmas",
-            "-I",
-        ])
-        .arg(&emu)
-        .arg("-o")
-        .arg(&exe)
-        .arg(emu.join("check.cpp"))
-        .status()
-        .with_context(|| format!("running {cxx} (set CXX to a C++20 compiler)"))?;
-    if !status.success() {
-        bail!("compiling kernels/emu/check.cpp with {cxx} failed ({status})");
-    }
-    let status = Command::new(&exe)
-        .status()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !status.success() {
-        bail!("the emulated kernel check failed ({status}); its output above names the kernel");
-    }
+    let sh = Shell::new()?;
+    let check = emu.join("check.cpp");
+    cmd!(
+        sh,
+        "{cxx} -std=c++20 -O2 -pthread -fno-strict-aliasing -Wall -Wno-unknown-pragmas -I {emu} -o {exe} {check}"
+    )
+    .run()
+    .with_context(|| format!("compiling kernels/emu/check.cpp with {cxx} (set CXX to a C++20 compiler)"))?;
+    cmd!(sh, "{exe}")
+        .run()
+        .context("the emulated kernel check failed; its output above names the kernel")?;
     println!(
         "ok: emulated kernel check in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -183,16 +171,6 @@ fn split_log(log: &str) -> (Vec<String>, Vec<String>) {
     (warnings, usage)
 }
 
-fn cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("FLEXBENCH_CACHE") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("flexbench")
-}
-
 /// The wheel toolkit in `dir`, installing it with pip first if it is not there yet. Installs into
 /// a sibling temporary directory and renames it, so an interrupted install is never mistaken for a
 /// complete one.
@@ -209,23 +187,18 @@ fn ensure_wheels(dir: &Path) -> Result<nvrtc::WheelToolkit> {
         "installing CUDA 13 NVRTC and headers from PyPI into {} (first use only)",
         dir.display()
     );
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--target",
-        ])
-        .arg(&tmp)
-        .args(WHEELS)
-        .status()
-        .with_context(|| format!("running {python} -m pip (set PYTHON to a Python with pip)"))?;
-    if !status.success() {
+    let sh = Shell::new()?;
+    let wheels = WHEELS;
+    let installed = cmd!(
+        sh,
+        "{python} -m pip install --quiet --no-deps --only-binary=:all: --target {tmp} {wheels...}"
+    )
+    .run();
+    if let Err(e) = installed {
         let _ = std::fs::remove_dir_all(&tmp);
-        bail!("pip install {WHEELS:?} failed ({status}); check network access to PyPI");
+        return Err(e).with_context(|| {
+            format!("pip install {WHEELS:?} failed; check network access to PyPI (PYTHON names the Python with pip)")
+        });
     }
     if nvrtc::wheel_toolkit(&tmp).is_none() {
         bail!(

@@ -1,8 +1,7 @@
 //! `cargo xtask list`: the suites, the backends, and whether each backend can run here.
 
 use anyhow::Result;
-use bench_core::case::FRAMEWORKS;
-use bench_core::{suite, RunContext, Suite};
+use bench_core::{suite, Frameworks, RunContext, Suite};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -12,6 +11,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let backends = crate::backends::registry();
+    let frameworks = Frameworks::of(&backends);
     let dir = crate::suites_dir();
     println!("Suites ({}):", dir.display());
     let names = suite::available(&dir);
@@ -20,7 +21,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let width = names.iter().map(|n| n.len()).max().unwrap_or(0);
     for name in &names {
-        match Suite::load(&dir.join(format!("{name}.{}", suite::SUITE_EXT))) {
+        match Suite::load(
+            &dir.join(format!("{name}.{}", suite::SUITE_EXT)),
+            &frameworks,
+        ) {
             Ok(s) => println!(
                 "  {name:<width$}  {:>3} cases  {}",
                 s.expand().len(),
@@ -37,12 +41,11 @@ pub fn run(args: Args) -> Result<()> {
         project_root: crate::project_root(),
         case_file: std::env::temp_dir().join("flexbench-list-case.json"),
         work_dir: std::env::temp_dir(),
-        cache_dir: crate::cache_dir(),
+        cache_dir: bench_core::dirs::cache_dir(),
         bin_dir: crate::release_bin_dir(),
         python: args.python,
     };
     println!("\nBackends:");
-    let backends = crate::backends::registry();
     for b in &backends {
         let status = match b.probe(&ctx) {
             Ok(()) => "available".to_string(),
@@ -52,17 +55,6 @@ pub fn run(args: Args) -> Result<()> {
             "  {:<10} frameworks: {:<20} {status}",
             b.name(),
             b.frameworks().join(", ")
-        );
-    }
-    let unserved: Vec<&str> = FRAMEWORKS
-        .iter()
-        .copied()
-        .filter(|f| !backends.iter().any(|b| b.frameworks().contains(f)))
-        .collect();
-    if !unserved.is_empty() {
-        println!(
-            "  frameworks without a backend in this build: {} (their cases are recorded as unavailable)",
-            unserved.join(", ")
         );
     }
     Ok(())

@@ -1,19 +1,8 @@
 //! flexbench's command line: `cargo xtask <command>`. A thin dispatcher; each command lives in its
-//! own module and the real work in the crates.
-
-mod agreement;
-mod backends;
-mod bench;
-mod gpu_check;
-mod kernels;
-mod list;
-mod plot;
-mod python_env;
-mod report;
-
-use std::path::PathBuf;
+//! own module of the xtask library and the real work in the crates.
 
 use clap::{Parser, Subcommand};
+use xtask::{bench, gpu_check, kernels, list, python_env, report};
 
 #[derive(Parser)]
 #[command(
@@ -62,44 +51,4 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
-}
-
-/// The repository root (xtask's manifest is one level below it).
-pub fn project_root() -> PathBuf {
-    let dir = std::env::var("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    dir.parent()
-        .expect("xtask lives in the repo root")
-        .to_path_buf()
-}
-
-/// Where suite files live.
-pub fn suites_dir() -> PathBuf {
-    project_root().join("suites")
-}
-
-/// The default results root.
-pub fn default_results_dir() -> PathBuf {
-    project_root().join("results")
-}
-
-/// Cache shared by runs (dummy checkpoints, compiled kernels): `$FLEXBENCH_CACHE`, else
-/// `~/.cache/flexbench`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FLEXBENCH_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("flexbench")
-}
-
-/// Where the workspace's release binaries (the runners) are.
-pub fn release_bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target"))
-        .join("release")
 }

@@ -1,15 +1,15 @@
-//! `cargo xtask python-env`: the Python virtual environment the hf and deepspeed backends run in,
-//! with pinned torch / transformers / accelerate / deepspeed (`backend_hf::pyenv::PINNED`).
+//! `cargo xtask python-env`: the Python virtual environment the Python-runner backends share,
+//! holding what every registered backend declares (`Backend::python_requirements`), at their pins.
 //!
 //! Idempotent: a complete environment (every module imports at its pinned version) is reused as
 //! is; an incomplete one gets only what it lacks (pip leaves satisfied requirements alone, so an
 //! installed torch is never downloaded again).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
-use backend_hf::pyenv;
+use anyhow::{anyhow, bail, Context, Result};
+use bench_core::pyenv::{self, Merged};
+use xshell::{cmd, Shell};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,29 +23,22 @@ pub struct Args {
     check: bool,
 }
 
-/// What DeepSpeed needs to build from its sdist without build isolation (it imports torch at
-/// build time), and what its ops need at run time.
-const DEEPSPEED_BUILD_DEPS: &[&str] = &[
-    "ninja",
-    "py-cpuinfo",
-    "hjson",
-    "msgpack",
-    "einops",
-    "packaging",
-    "psutil",
-    "pydantic",
-    "tqdm",
-];
+/// What the registered backends need, merged.
+pub fn requirements() -> Result<Merged> {
+    let backends = crate::backends::registry();
+    pyenv::merge(backends.iter().filter_map(|b| b.python_requirements())).map_err(|e| anyhow!(e))
+}
 
 pub fn run(args: Args) -> Result<()> {
+    let reqs = requirements()?;
     let venv = pyenv::venv_dir();
     if args.check {
         let python = args
             .python
             .clone()
             .unwrap_or_else(|| pyenv::venv_python(&venv));
-        let ok = report(&python, args.python.is_none());
-        system_packages();
+        let ok = report(&reqs, &python, args.python.is_none());
+        system_packages(&reqs);
         if !ok {
             bail!("the Python environment is incomplete: run `cargo xtask python-env`");
         }
@@ -53,9 +46,10 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let python = pyenv::venv_python(&venv);
-    if pyenv::probe_uncached(&python, pyenv::DS_MODULES, true).is_ok() {
+    if pyenv::probe_uncached(&python, &reqs.imports(), true).is_ok() {
         println!("{} is complete; reusing it", venv.display());
     } else {
+        let sh = Shell::new()?;
         if !python.exists() {
             let base = args
                 .python
@@ -63,33 +57,26 @@ pub fn run(args: Args) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("python3"));
             println!("creating {} with {}", venv.display(), base.display());
             std::fs::create_dir_all(venv.parent().unwrap_or(Path::new(".")))?;
-            run_step(
-                Command::new(&base).arg("-m").arg("venv").arg(&venv),
-                "creating the virtual environment",
-            )
-            .with_context(|| format!("is {} a Python 3 with the venv module?", base.display()))?;
+            cmd!(sh, "{base} -m venv {venv}").run().with_context(|| {
+                format!(
+                    "creating the virtual environment: is {} a Python 3 with the venv module?",
+                    base.display()
+                )
+            })?;
         } else {
             println!("completing {}", venv.display());
         }
-        let pin = |m: &str| format!("{m}=={}", pyenv::pinned(m).expect("pinned"));
-        let mut core: Vec<String> = ["torch", "transformers", "accelerate"]
-            .iter()
-            .map(|m| pin(m))
-            .collect();
-        core.extend(pyenv::UNPINNED.iter().map(|m| m.to_string()));
-        pip(&python, &core, false)?;
-        pip(
-            &python,
-            &DEEPSPEED_BUILD_DEPS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-            false,
-        )?;
-        pip(&python, &[pin("deepspeed")], true)?;
+        let wheels: Vec<String> = reqs.packages.iter().map(|p| p.requirement()).collect();
+        pip(&sh, &python, &wheels, false)?;
+        for build in &reqs.source_builds {
+            let deps: Vec<String> = build.build_deps.iter().map(|d| d.to_string()).collect();
+            pip(&sh, &python, &deps, false)?;
+            // Its setup imports the environment's own packages (torch): no isolated build env.
+            pip(&sh, &python, &[build.package.requirement()], true)?;
+        }
     }
-    let ok = report(&python, true);
-    system_packages();
+    let ok = report(&reqs, &python, true);
+    system_packages(&reqs);
     if !ok {
         bail!(
             "{} is still incomplete after installing; see the messages above",
@@ -99,35 +86,34 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn pip(python: &Path, packages: &[String], no_build_isolation: bool) -> Result<()> {
-    let mut cmd = Command::new(python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check"]);
-    if no_build_isolation {
-        // DeepSpeed's setup.py imports torch: it must see the environment's torch.
-        cmd.arg("--no-build-isolation");
+fn pip(sh: &Shell, python: &Path, packages: &[String], no_build_isolation: bool) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
     }
-    cmd.args(packages);
-    run_step(&mut cmd, &format!("pip install {}", packages.join(" ")))
-}
-
-fn run_step(cmd: &mut Command, what: &str) -> Result<()> {
-    println!("$ {what}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
+    let isolation: &[&str] = if no_build_isolation {
+        &["--no-build-isolation"]
+    } else {
+        &[]
+    };
+    cmd!(
+        sh,
+        "{python} -m pip install --disable-pip-version-check {isolation...} {packages...}"
+    )
+    .run()
+    .with_context(|| format!("pip install {} failed", packages.join(" ")))
 }
 
 /// Prints what the interpreter imports; true when everything is there (at the pins when strict).
-fn report(python: &Path, strict: bool) -> bool {
-    match pyenv::probe_uncached(python, pyenv::DS_MODULES, strict) {
+fn report(reqs: &Merged, python: &Path, strict: bool) -> bool {
+    let imports = reqs.imports();
+    match pyenv::probe_uncached(python, &imports, strict) {
         Ok(versions) => {
             println!("{}: ok", python.display());
             for (m, v) in &versions {
-                let pin = pyenv::pinned(m)
+                let pin = imports
+                    .iter()
+                    .find(|p| p.import == m)
+                    .and_then(|p| p.pin)
                     .map(|p| format!(" (pinned {p})"))
                     .unwrap_or_default();
                 println!("  {m:<13} {v}{pin}");
@@ -141,24 +127,27 @@ fn report(python: &Path, strict: bool) -> bool {
     }
 }
 
-/// System packages the Python backends need beyond pip's reach.
-fn system_packages() {
-    let libaio = backend_deepspeed::libaio_installed();
-    println!(
-        "system package libaio-dev (DeepSpeed NVMe offload, deepspeed cases with placement disk): {}",
-        if libaio { "installed" } else { "NOT installed: apt-get install libaio-dev" }
-    );
-    let gxx = Command::new("g++")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    println!(
-        "g++ (DeepSpeed compiles its ops at first use): {}",
-        if gxx {
-            "installed"
-        } else {
-            "NOT installed: apt-get install g++"
-        }
-    );
+/// The system packages the backends need beyond pip's reach, and whether each is there.
+fn system_packages(reqs: &Merged) {
+    for s in &reqs.system {
+        println!(
+            "system package {} ({}): {}",
+            s.apt,
+            s.why,
+            if (s.installed)() {
+                "installed".to_string()
+            } else {
+                format!("NOT installed: apt-get install {}", s.apt)
+            }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_registered_backends_agree_on_their_pins() {
+        let reqs = super::requirements().unwrap();
+        assert!(reqs.imports().iter().any(|p| p.pin.is_some()));
+    }
 }

@@ -11,7 +11,7 @@ Each rank generates its share of the batch (batch / world size), as the original
 result line. On CUDA the weights are fp16 with the NCCL backend (the original); on CPU DeepSpeed's
 CPU accelerator (gloo) refuses fp16, so fp32 (FLEXBENCH_CPU_DTYPE=bf16 for bf16).
 
-The shared protocol code is flexbench_runner.py in backend-hf's python/ directory, found through
+The shared protocol code is flexbench_runner.py in bench-core's python/ directory, found through
 PYTHONPATH (set by the Rust backend; the launcher passes the environment to every rank).
 """
 
@@ -21,7 +21,7 @@ import sys
 try:
     import flexbench_runner as fr
 except ImportError:
-    sys.exit("flexbench_runner is not importable: PYTHONPATH must name crates/backend-hf/python")
+    sys.exit("flexbench_runner is not importable: PYTHONPATH must name crates/bench-core/python")
 
 GIB = 1 << 30
 

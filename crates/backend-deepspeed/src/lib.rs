@@ -1,10 +1,10 @@
 //! backend-deepspeed: runs DeepSpeed ZeRO-Inference (ZeRO stage 3 with parameter offload) through
 //! the `deepspeed` launcher, one process per rank, with FlexLLMGen's baseline settings.
 //!
-//! The runner script is `python/run_deepspeed.py`; the protocol code it shares with the hf runner
-//! (`flexbench_runner.py`) lives in backend-hf's `python/` directory and reaches the ranks through
+//! The runner script is `python/run_deepspeed.py`; the protocol code every Python runner shares
+//! (`flexbench_runner.py`) lives in bench-core's `python/` directory and reaches the ranks through
 //! `PYTHONPATH`. The Python environment, the shared dummy checkpoint and the prompts are
-//! backend-hf's too (`backend_hf::{pyenv, inputs}`).
+//! bench-core's (`bench_core::{pyenv, inputs}`); this crate declares what it needs of them.
 //!
 //! Process hygiene: the launcher (`python -m deepspeed.launcher.runner`, which is what the
 //! `deepspeed` command runs) starts `deepspeed.launcher.launch`, which starts the ranks with plain
@@ -17,8 +17,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use backend_hf::{gpu, inputs, pyenv, python_dir};
-use bench_core::{Backend, Case, Placement, RunContext};
+use bench_core::pyenv::{self, Package, PythonRequirements, SourceBuild, SystemPackage};
+use bench_core::{env, inputs, Backend, Case, Placement, RunContext};
 
 /// The runner script, relative to this crate's `python/` directory.
 pub const SCRIPT: &str = "run_deepspeed.py";
@@ -33,6 +33,48 @@ pub fn script_path(project_root: &Path) -> PathBuf {
         .join("backend-deepspeed")
         .join("python")
         .join(SCRIPT)
+}
+
+/// What `run_deepspeed.py` imports. DeepSpeed builds from its sdist against the environment's own
+/// torch (its setup imports torch), after what it needs at build and run time.
+pub const REQUIREMENTS: PythonRequirements = PythonRequirements {
+    packages: &[
+        Package::pinned("torch", "2.15.0"),
+        Package::pinned("transformers", "5.23.0"),
+        Package::pinned("accelerate", "1.15.0"),
+        Package::any("safetensors"),
+        Package::any("numpy"),
+    ],
+    source_builds: &[SourceBuild {
+        package: Package::pinned("deepspeed", "0.19.8"),
+        build_deps: &[
+            "ninja",
+            "py-cpuinfo",
+            "hjson",
+            "msgpack",
+            "einops",
+            "packaging",
+            "psutil",
+            "pydantic",
+            "tqdm",
+        ],
+    }],
+    system: &[
+        SystemPackage {
+            apt: "libaio-dev",
+            why: "DeepSpeed NVMe offload, deepspeed cases with placement disk",
+            installed: libaio_installed,
+        },
+        SystemPackage {
+            apt: "g++",
+            why: "DeepSpeed compiles its ops at first use",
+            installed: gxx_installed,
+        },
+    ],
+};
+
+fn gxx_installed() -> bool {
+    pyenv::command_works("g++", "--version")
 }
 
 /// Whether the libaio headers DeepSpeed's async_io op compiles against are installed.
@@ -51,19 +93,17 @@ impl Backend for DeepSpeedBackend {
     fn frameworks(&self) -> &'static [&'static str] {
         &["deepspeed"]
     }
+    fn python_requirements(&self) -> Option<&'static PythonRequirements> {
+        Some(&REQUIREMENTS)
+    }
     fn probe(&self, ctx: &RunContext) -> Result<(), String> {
         let script = script_path(&ctx.project_root);
         if !script.is_file() {
             return Err(format!("runner script {} is missing", script.display()));
         }
-        pyenv::probe_ctx(ctx, pyenv::DS_MODULES)?;
+        pyenv::probe_ctx(ctx, &REQUIREMENTS)?;
         // DeepSpeed compiles its communication op at first init (and async_io for NVMe).
-        if Command::new("g++")
-            .arg("--version")
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
+        if !gxx_installed() {
             return Err(
                 "DeepSpeed compiles its ops with g++, which is not installed: apt-get install g++"
                     .into(),
@@ -72,11 +112,6 @@ impl Backend for DeepSpeedBackend {
         Ok(())
     }
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
-        if let Placement::Policy(_) = case.placement {
-            return Err(
-                "deepspeed takes a preset placement (gpu, cpu or disk), not a policy".into(),
-            );
-        }
         if case.placement == Placement::Disk && !libaio_installed() {
             return Err("NVMe offload needs libaio: apt-get install libaio-dev".into());
         }
@@ -93,13 +128,13 @@ impl Backend for DeepSpeedBackend {
                 case.batch_size()
             ));
         }
-        gpu::check_device(case.device)
+        env::check_device(case.device)
     }
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
-        inputs::prepare(case, ctx)
+        inputs::prepare_checkpoint_and_prompts(case, ctx)
     }
     fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
-        pyenv::probe_ctx(ctx, pyenv::DS_MODULES).unwrap_or_default()
+        pyenv::probe_ctx(ctx, &REQUIREMENTS).unwrap_or_default()
     }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
@@ -131,7 +166,7 @@ impl Backend for DeepSpeedBackend {
             .arg("--offload-dir")
             .arg(&ctx.work_dir)
             .env("PATH", pyenv::path_with_interpreter_bin(&python))
-            .env("PYTHONPATH", python_path(&ctx.project_root))
+            .env("PYTHONPATH", pyenv::python_path(&ctx.project_root))
             .env("PYTHONUNBUFFERED", "1")
             .env("HF_HUB_OFFLINE", "1")
             .env("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1");
@@ -151,19 +186,9 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// `PYTHONPATH` with the shared runner module first, keeping the caller's entries.
-fn python_path(project_root: &Path) -> std::ffi::OsString {
-    let mut dirs = vec![python_dir(project_root)];
-    if let Some(p) = std::env::var_os("PYTHONPATH") {
-        dirs.extend(std::env::split_paths(&p));
-    }
-    std::env::join_paths(dirs).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bench_core::{Device, Policy, Weights};
 
     fn ctx() -> RunContext {
         RunContext {
@@ -178,21 +203,9 @@ mod tests {
 
     fn case() -> Case {
         Case {
-            model: "opt-125m".into(),
-            framework: "deepspeed".into(),
-            prompt_len: 128,
-            gen_len: 32,
-            cut_gen_len: None,
-            gpu_batch_size: 4,
-            num_gpu_batches: 1,
             placement: Placement::Cpu,
-            device: Device::Cpu,
-            weights: Weights::Dummy,
-            num_nodes: 1,
             num_gpus_per_node: 2,
-            warmup: 1,
-            repetitions: 1,
-            timeout_s: None,
+            ..Case::example("deepspeed")
         }
     }
 
@@ -229,7 +242,7 @@ mod tests {
         let pp = env["PYTHONPATH"].clone().unwrap();
         assert!(
             pp.to_string_lossy()
-                .starts_with("/repo/crates/backend-hf/python"),
+                .starts_with("/repo/crates/bench-core/python"),
             "{pp:?}"
         );
         assert_eq!(
@@ -251,12 +264,7 @@ mod tests {
             .check_case(&c, &ctx())
             .unwrap_err()
             .contains("does not split"));
-        let mut c = case();
-        c.placement = Placement::Policy(Policy::new([0, 100, 100, 0, 100, 0]));
-        assert!(DeepSpeedBackend
-            .check_case(&c, &ctx())
-            .unwrap_err()
-            .contains("preset placement"));
+        assert!(!DeepSpeedBackend.takes_policy(), "preset placements only");
         let mut c = case();
         c.num_nodes = 2;
         if std::env::var_os(HOSTFILE_ENV).is_none() {

@@ -13,7 +13,8 @@ Weights are fp16 on CUDA (as the original) and fp32 on CPU (FLEXBENCH_CPU_DTYPE=
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The shared runner module is bench-core's (crates/bench-core/python), beside this crate.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench-core", "python"))
 import flexbench_runner as fr  # noqa: E402
 
 

@@ -1,14 +1,36 @@
 //! The `Backend` that runs hf cases: `python -u python/run_hf.py` with the shared checkpoint and
-//! prompts.
+//! prompts, in the pinned Python environment it declares.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bench_core::{Backend, Case, Placement, RunContext};
+use bench_core::pyenv::{self, Package, PythonRequirements};
+use bench_core::{env, inputs, Backend, Case, RunContext};
 
-use crate::{gpu, inputs, pyenv, python_dir};
-
-/// The runner script, relative to [`python_dir`].
+/// The runner script, relative to this crate's `python/` directory.
 pub const SCRIPT: &str = "run_hf.py";
+
+/// What `run_hf.py` imports, at the versions it was tested with.
+pub const REQUIREMENTS: PythonRequirements = PythonRequirements {
+    packages: &[
+        Package::pinned("torch", "2.15.0"),
+        Package::pinned("transformers", "5.23.0"),
+        Package::pinned("accelerate", "1.15.0"),
+        Package::any("safetensors"),
+        Package::any("numpy"),
+    ],
+    source_builds: &[],
+    system: &[],
+};
+
+/// Where the hf runner script is.
+pub fn script_path(project_root: &Path) -> PathBuf {
+    project_root
+        .join("crates")
+        .join("backend-hf")
+        .join("python")
+        .join(SCRIPT)
+}
 
 pub struct HfBackend;
 
@@ -19,36 +41,36 @@ impl Backend for HfBackend {
     fn frameworks(&self) -> &'static [&'static str] {
         &["hf"]
     }
+    fn python_requirements(&self) -> Option<&'static PythonRequirements> {
+        Some(&REQUIREMENTS)
+    }
     fn probe(&self, ctx: &RunContext) -> Result<(), String> {
-        let script = python_dir(&ctx.project_root).join(SCRIPT);
+        let script = script_path(&ctx.project_root);
         if !script.is_file() {
             return Err(format!("runner script {} is missing", script.display()));
         }
-        pyenv::probe_ctx(ctx, pyenv::HF_MODULES).map(|_| ())
+        pyenv::probe_ctx(ctx, &REQUIREMENTS).map(|_| ())
     }
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
-        if let Placement::Policy(_) = case.placement {
-            return Err("hf takes a preset placement (gpu, cpu or disk), not a policy".into());
-        }
         if case.num_nodes > 1 {
             return Err(
                 "hf (accelerate device maps) runs on one node; use deepspeed for several".into(),
             );
         }
-        gpu::check_device(case.device)
+        env::check_device(case.device)
     }
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
-        inputs::prepare(case, ctx)
+        inputs::prepare_checkpoint_and_prompts(case, ctx)
     }
     fn versions(&self, ctx: &RunContext) -> std::collections::BTreeMap<String, String> {
         // The probe's answer (cached per process): the versions this run's cases will import.
-        pyenv::probe_ctx(ctx, pyenv::HF_MODULES).unwrap_or_default()
+        pyenv::probe_ctx(ctx, &REQUIREMENTS).unwrap_or_default()
     }
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let python = pyenv::python_for(ctx);
         let mut cmd = Command::new(&python);
         cmd.arg("-u")
-            .arg(python_dir(&ctx.project_root).join(SCRIPT))
+            .arg(script_path(&ctx.project_root))
             .arg("--case")
             .arg(&ctx.case_file)
             .arg("--checkpoint")
@@ -58,6 +80,7 @@ impl Backend for HfBackend {
             .arg("--offload-dir")
             .arg(&ctx.work_dir)
             .env("PATH", pyenv::path_with_interpreter_bin(&python))
+            .env("PYTHONPATH", pyenv::python_path(&ctx.project_root))
             .env("PYTHONUNBUFFERED", "1")
             // Hub lookups cannot succeed offline and only add retries: everything is local.
             .env("HF_HUB_OFFLINE", "1")

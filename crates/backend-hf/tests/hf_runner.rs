@@ -1,24 +1,29 @@
 //! Runs the hf runner for real (Python child processes) on small dummy models.
 
-mod common;
-
 use std::time::Duration;
 
-use backend_hf::{child, HfBackend};
+use backend_hf::HfBackend;
 use bench_core::protocol::{find_result, EXIT_OOM, EXIT_UNAVAILABLE};
-use bench_core::{Backend, Device, Placement};
+use bench_core::run::execute::run_alone;
+use bench_core::run::supervise::capture;
+use bench_core::{testkit, Backend, Device, Placement, RunContext};
+
+fn ctx(test: &str) -> RunContext {
+    let root = testkit::project_root(env!("CARGO_MANIFEST_DIR"));
+    testkit::ctx(&root, env!("CARGO_TARGET_TMPDIR"), test)
+}
 
 #[test]
 fn every_placement_runs_and_agrees_token_for_token() {
-    let ctx = common::ctx("hf-placements");
-    if !common::python_ready(&HfBackend, &ctx) {
+    let ctx = ctx("hf-placements");
+    if !testkit::python_ready(&HfBackend, &ctx) {
         return;
     }
     let mut tokens = Vec::new();
     for placement in [Placement::Gpu, Placement::Cpu, Placement::Disk] {
-        let case = common::case("opt-tiny-odd", "hf", placement.clone());
+        let case = testkit::small_case("opt-tiny-odd", "hf", placement.clone());
         HfBackend.check_case(&case, &ctx).unwrap();
-        let out = child::run_case(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
+        let out = run_alone(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
         assert!(
             out.status.unwrap().success(),
             "{placement:?}: {}",
@@ -59,16 +64,16 @@ fn every_placement_runs_and_agrees_token_for_token() {
 
 #[test]
 fn injected_oom_exits_with_the_oom_code() {
-    let ctx = common::ctx("hf-oom");
-    if !common::python_ready(&HfBackend, &ctx) {
+    let ctx = ctx("hf-oom");
+    if !testkit::python_ready(&HfBackend, &ctx) {
         return;
     }
-    let case = common::case("opt-tiny", "hf", Placement::Gpu);
+    let case = testkit::small_case("opt-tiny", "hf", Placement::Gpu);
     std::fs::write(&ctx.case_file, serde_json::to_vec(&case).unwrap()).unwrap();
     HfBackend.prepare(&case, &ctx).unwrap();
     let mut cmd = HfBackend.command(&case, &ctx).unwrap();
     cmd.env("FLEXBENCH_TEST_FAULT", "oom");
-    let out = child::run(cmd, Duration::from_secs(300)).unwrap();
+    let out = capture(cmd, Duration::from_secs(300)).unwrap();
     assert_eq!(out.status.unwrap().code(), Some(EXIT_OOM), "{}", out.stderr);
     assert!(out.stderr.contains("out of memory"), "{}", out.stderr);
     assert!(find_result(&out.stdout).unwrap().is_none());
@@ -76,20 +81,20 @@ fn injected_oom_exits_with_the_oom_code() {
 
 #[test]
 fn cuda_case_is_refused_without_a_gpu() {
-    let ctx = common::ctx("hf-cuda");
-    let mut case = common::case("opt-tiny", "hf", Placement::Gpu);
+    let ctx = ctx("hf-cuda");
+    let mut case = testkit::small_case("opt-tiny", "hf", Placement::Gpu);
     case.device = Device::Cuda;
-    if backend_hf::gpu::nvidia_gpu_present() {
+    if bench_core::env::nvidia_gpu_present() {
         assert!(HfBackend.check_case(&case, &ctx).is_ok());
         return;
     }
     let err = HfBackend.check_case(&case, &ctx).unwrap_err();
     assert!(err.contains("no CUDA GPU"), "{err}");
     // Run anyway (as if check_case were skipped): the runner itself answers "unavailable".
-    if !common::python_ready(&HfBackend, &ctx) {
+    if !testkit::python_ready(&HfBackend, &ctx) {
         return;
     }
-    let out = child::run_case(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
+    let out = run_alone(&HfBackend, &case, &ctx, Duration::from_secs(300)).unwrap();
     assert_eq!(
         out.status.unwrap().code(),
         Some(EXIT_UNAVAILABLE),
@@ -101,7 +106,7 @@ fn cuda_case_is_refused_without_a_gpu() {
 
 #[test]
 fn missing_interpreter_makes_the_backend_unavailable() {
-    let mut ctx = common::ctx("hf-nopython");
+    let mut ctx = ctx("hf-nopython");
     ctx.python = Some("/nonexistent/python3".into());
     let err = HfBackend.probe(&ctx).unwrap_err();
     assert!(err.contains("cargo xtask python-env"), "{err}");
@@ -109,8 +114,8 @@ fn missing_interpreter_makes_the_backend_unavailable() {
 
 #[test]
 fn checkpoint_without_config_is_a_clear_prepare_error() {
-    let ctx = common::ctx("hf-badckpt");
-    let mut case = common::case("opt-tiny", "hf", Placement::Gpu);
+    let ctx = ctx("hf-badckpt");
+    let mut case = testkit::small_case("opt-tiny", "hf", Placement::Gpu);
     case.weights = bench_core::Weights::Checkpoint(ctx.work_dir.join("no-such-checkpoint"));
     let err = format!("{:#}", HfBackend.prepare(&case, &ctx).unwrap_err());
     assert!(

@@ -12,11 +12,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use backend_native::device::cuda::CudaDevice;
 use backend_native::device::Device;
-use backend_native::dummy::DEFAULT_SEED;
 use backend_native::generate::{generate, GenOptions, SampleMode};
 use backend_native::model::checkpoint::DummySource;
 use backend_native::model::weights::ModelWeights;
 use backend_native::runner::bench_prompts;
+use bench_core::dummy::DEFAULT_SEED;
 
 const BATCH: usize = 4;
 const PROMPT: usize = 512;

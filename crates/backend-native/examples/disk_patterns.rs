@@ -30,7 +30,7 @@ fn main() {
     let cfg = bench_core::model::lookup(name).unwrap();
     let dev = CpuDevice::new(CpuOptions::default());
     let policy = Policy::new([0, 0, 100, 0, 100, 0]);
-    let src = DummySource::new(&cfg, backend_native::dummy::DEFAULT_SEED);
+    let src = DummySource::new(&cfg, bench_core::dummy::DEFAULT_SEED);
     let model = OffloadModel::load(&dev, &src, &cfg, &policy, Some(&dir), 0).unwrap();
     let files = weight_files(model.offload_dir().unwrap()).unwrap();
     let w = &model.weights;

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use bench_core::{Backend, Case, RunContext};
+use bench_core::{Backend, BuildStep, Case, RunContext};
 
 /// Name of the runner binary (built by `cargo build --release -p backend-native`).
 pub const RUNNER_BIN: &str = "flexbench-native";
@@ -15,6 +15,16 @@ impl Backend for NativeBackend {
     }
     fn frameworks(&self) -> &'static [&'static str] {
         &["native"]
+    }
+    /// The engine runs FlexLLMGen's full policies: six percents, cpu attention, compression.
+    fn takes_policy(&self) -> bool {
+        true
+    }
+    fn build_step(&self) -> Option<BuildStep> {
+        Some(BuildStep {
+            what: "the native runner",
+            cargo_args: &["build", "--release", "-p", "backend-native"],
+        })
     }
     fn probe(&self, ctx: &RunContext) -> Result<(), String> {
         let bin = ctx.bin_dir.join(RUNNER_BIN);

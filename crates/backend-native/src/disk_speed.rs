@@ -18,13 +18,13 @@ use serde::Serialize;
 
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::Device;
-use crate::dummy;
 use crate::generate::{GenOptions, SampleMode};
 use crate::model::DummySource;
 use crate::offload::direct::sequential_read;
 use crate::offload::stats::Link;
 use crate::runner::{bench_prompts, peak_rss_bytes};
 use crate::schedule::{generate_offloaded, OffloadModel, ScheduleOptions};
+use bench_core::dummy;
 
 #[derive(Debug, Clone)]
 pub struct DiskSpeedArgs {

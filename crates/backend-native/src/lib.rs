@@ -5,8 +5,8 @@
 //!   the CUDA device (NVRTC kernels, cuBLAS, pinned memory and copy streams);
 //! - [`offload`] and [`schedule`]: weights, KV cache and activations on GPU / CPU / disk tiers
 //!   and the zig-zag block schedule that overlaps their movement with compute;
-//! - [`model`]: OPT configs, weights (safetensors checkpoints or [`dummy`]), the layer math, and
-//!   the [`model::weights::WeightStore`] through which generation reaches weights;
+//! - [`model`]: OPT configs, weights (safetensors checkpoints or `bench_core::dummy`), the layer
+//!   math, and the [`model::weights::WeightStore`] through which generation reaches weights;
 //! - [`generate`]: left-padded batched generation with a KV cache;
 //! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate) on the
 //!   device a case names (cuda: unavailable, exit 4, where the probe finds no usable GPU);
@@ -15,10 +15,8 @@
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
-pub mod checkpoint_writer;
 pub mod device;
 pub mod disk_speed;
-pub mod dummy;
 pub mod floor;
 pub mod generate;
 pub mod huge_alloc;

@@ -10,10 +10,10 @@ use bench_core::{Case, Device as CaseDevice, ModelConfig, RawResult, Weights};
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
-use crate::dummy;
 use crate::generate::{generate, GenOptions, GenOutput, SampleMode};
 use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
 use crate::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
+use bench_core::dummy;
 
 /// Why a case cannot run in this build; the runner exits with `EXIT_UNAVAILABLE`.
 #[derive(Debug)]
@@ -397,7 +397,7 @@ pub fn offload_ram_bytes(
 /// Bytes of host memory the case needs with everything resident: fp16 weights, the KV cache,
 /// and the largest activations of the prefill (fc1's output and a few hidden-sized buffers).
 pub fn resident_bytes(cfg: &ModelConfig, case: &Case, kv_bytes_per_value: usize) -> u64 {
-    let weights: usize = dummy::opt_tensor_specs(cfg)
+    let weights: usize = bench_core::model::layout::checkpoint_tensors(cfg)
         .iter()
         .map(|s| s.numel() * 2)
         .sum();

@@ -1,9 +1,13 @@
-//! The `Backend` trait: how the orchestrator starts a framework's runner for one case.
+//! The `Backend` trait: the one place that knows a framework. The orchestrator, the suite loader
+//! and the setup commands learn everything framework-specific through it: which names a suite may
+//! use ([`Frameworks`]), whether a case may carry a full policy, what to build first, what the
+//! Python environment must hold, and how to start the runner for one case.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::case::Case;
+use crate::case::{Case, Placement};
+use crate::pyenv::PythonRequirements;
 
 /// Everything a backend may need to build the command for a case.
 #[derive(Debug, Clone)]
@@ -22,12 +26,35 @@ pub struct RunContext {
     pub python: Option<PathBuf>,
 }
 
-/// A framework wrapper. Adding a framework = one crate implementing this + one line in xtask.
+/// Something to build before a backend's cases run, so a run never measures a stale binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildStep {
+    /// What is built, in words (`the native runner`).
+    pub what: &'static str,
+    /// The arguments to `cargo` (`["build", "--release", "-p", "backend-native"]`).
+    pub cargo_args: &'static [&'static str],
+}
+
+/// A framework wrapper. Adding a framework = one crate implementing this + one line in xtask's
+/// registry.
 pub trait Backend {
-    /// Short name, e.g. `native`.
+    /// Short name, e.g. the crate's framework name.
     fn name(&self) -> &'static str;
     /// The `framework` values of cases this backend runs.
     fn frameworks(&self) -> &'static [&'static str];
+    /// Whether its cases may carry a full offloading policy (`placement: policy(...)`); backends
+    /// that only know the tier presets (gpu, cpu, disk) say no, and suites are checked for it.
+    fn takes_policy(&self) -> bool {
+        false
+    }
+    /// What `bench` builds before running this backend's cases (skipped with `--no-build`).
+    fn build_step(&self) -> Option<BuildStep> {
+        None
+    }
+    /// What its runner needs in the shared Python environment (`cargo xtask python-env`).
+    fn python_requirements(&self) -> Option<&'static PythonRequirements> {
+        None
+    }
     /// Whether the backend can run anything on this machine; `Err` says why not and what to do.
     fn probe(&self, ctx: &RunContext) -> Result<(), String>;
     /// Whether this particular case can run here (e.g. a cuda case without a GPU); `Err` says why.
@@ -47,4 +74,103 @@ pub trait Backend {
     /// The child process for one case. The orchestrator adds the case file to its environment,
     /// its own process group, pipes and the timeout.
     fn command(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<Command>;
+}
+
+/// The backend serving a framework, if one is registered.
+pub fn backend_for<'a>(
+    backends: &'a [Box<dyn Backend>],
+    framework: &str,
+) -> Option<&'a dyn Backend> {
+    backends
+        .iter()
+        .find(|b| b.frameworks().contains(&framework))
+        .map(|b| b.as_ref())
+}
+
+/// The frameworks suites may name: those of the registered backends, with what each accepts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Frameworks {
+    /// (framework, takes_policy), in registration order.
+    known: Vec<(&'static str, bool)>,
+}
+
+impl Frameworks {
+    /// The frameworks of `backends`.
+    pub fn of(backends: &[Box<dyn Backend>]) -> Frameworks {
+        let mut known = Vec::new();
+        for b in backends {
+            for f in b.frameworks() {
+                known.push((*f, b.takes_policy()));
+            }
+        }
+        Frameworks { known }
+    }
+
+    /// A catalog from (framework, takes_policy) pairs, for tools and tests without backends.
+    pub fn new(known: &[(&'static str, bool)]) -> Frameworks {
+        Frameworks {
+            known: known.to_vec(),
+        }
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.known.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// Whether `name` is a known framework; the error lists the known ones.
+    pub fn check_name(&self, name: &str) -> Result<(), String> {
+        if self.known.iter().any(|(n, _)| *n == name) {
+            Ok(())
+        } else {
+            Err(format!(
+                "unknown framework `{name}`; known: {}",
+                if self.known.is_empty() {
+                    "none (no backend is registered)".to_string()
+                } else {
+                    self.names().join(", ")
+                }
+            ))
+        }
+    }
+
+    /// Whether the case's framework exists and accepts its placement.
+    pub fn check(&self, case: &Case) -> Result<(), String> {
+        self.check_name(&case.framework)?;
+        let takes_policy = self.known.iter().any(|(n, p)| *n == case.framework && *p);
+        if matches!(case.placement, Placement::Policy(_)) && !takes_policy {
+            return Err(format!(
+                "framework `{}` takes a preset placement (gpu, cpu or disk), not a policy",
+                case.framework
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::Policy;
+
+    #[test]
+    fn frameworks_check_names_and_policies() {
+        let fw = Frameworks::new(&[("engine", true), ("wrapper", false)]);
+        let mut c = Case::example("engine");
+        c.placement = Placement::Policy(Policy::new([100, 0, 100, 0, 100, 0]));
+        assert!(fw.check(&c).is_ok());
+        c.framework = "wrapper".into();
+        assert!(fw.check(&c).unwrap_err().contains("preset placement"));
+        c.placement = Placement::Disk;
+        assert!(fw.check(&c).is_ok());
+        c.framework = "other".into();
+        let e = fw.check(&c).unwrap_err();
+        assert!(
+            e.contains("unknown framework `other`; known: engine, wrapper"),
+            "{e}"
+        );
+        assert!(Frameworks::default()
+            .check_name("x")
+            .unwrap_err()
+            .contains("no backend"));
+    }
 }

@@ -154,6 +154,35 @@ fn statvfs_free(dir: &Path) -> Option<u64> {
     (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// True when an NVIDIA GPU is visible, answered without importing torch (seconds) or loading
+/// CUDA: the driver's device node, else `nvidia-smi -L`. Cached for the process.
+pub fn nvidia_gpu_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        Path::new("/dev/nvidia0").exists()
+            || Command::new("nvidia-smi")
+                .arg("-L")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU"))
+                .unwrap_or(false)
+    })
+}
+
+/// `Backend::check_case`'s answer for a case's device, for runners that need nothing more than
+/// a visible GPU for `cuda` cases.
+pub fn check_device(device: crate::case::Device) -> Result<(), String> {
+    match device {
+        crate::case::Device::Cpu => Ok(()),
+        crate::case::Device::Cuda if nvidia_gpu_present() => Ok(()),
+        crate::case::Device::Cuda => Err(
+            "no CUDA GPU here (no /dev/nvidia0, nvidia-smi finds none); run device cpu cases"
+                .into(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ pub fn tokens(batch: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
                 .map(|c| {
                     let key = PROMPT_SEED
                         ^ ((r as u64) << 32 | c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    FIRST_ID + (crate::case::splitmix64(key) % span) as u32
+                    FIRST_ID + (crate::hash::splitmix64(key) % span) as u32
                 })
                 .collect()
         })

@@ -55,7 +55,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 
-use crate::case::{Case, Device, Placement, Weights, FRAMEWORKS};
+use crate::backend::Frameworks;
+use crate::case::{Case, Device, Placement, Weights};
 use crate::model;
 
 /// File extension of suite files.
@@ -79,16 +80,22 @@ pub struct SuiteCase {
 }
 
 impl Suite {
-    /// Reads, parses and validates a suite file.
-    pub fn load(path: &Path) -> Result<Suite> {
+    /// Reads, parses and validates a suite file; `frameworks` are the names it may use.
+    pub fn load(path: &Path, frameworks: &Frameworks) -> Result<Suite> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading suite file {}", path.display()))?;
-        Suite::parse(path, &text)
+        Suite::parse(path, &text, frameworks)
     }
 
     /// Parses and validates suite text; `path` names the file in errors and gives the suite name.
-    pub fn parse(path: &Path, text: &str) -> Result<Suite> {
-        let file: SuiteFile = ron_options().from_str(text).map_err(|e| {
+    pub fn parse(path: &Path, text: &str, frameworks: &Frameworks) -> Result<Suite> {
+        let parsed = KNOWN_FRAMEWORKS.with(|k| {
+            *k.borrow_mut() = frameworks.clone();
+            let parsed = ron_options().from_str::<SuiteFile>(text);
+            *k.borrow_mut() = Frameworks::default();
+            parsed
+        });
+        let file: SuiteFile = parsed.map_err(|e| {
             anyhow::anyhow!(
                 "{}:{}:{}: {}\n  fix: {}",
                 path.display(),
@@ -105,7 +112,7 @@ impl Suite {
             .with_context(|| format!("{}: a suite file needs a UTF-8 file name", path.display()))?
             .to_string();
         let cases = file
-            .expand()
+            .expand(frameworks)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Suite {
             name,
@@ -350,18 +357,21 @@ impl<'de> Deserialize<'de> for ModelName {
     }
 }
 
+thread_local! {
+    /// The frameworks the suite being parsed may name: serde gives a deserializer no context, and
+    /// checking names while parsing is what lets ron report a bad one's line and column.
+    static KNOWN_FRAMEWORKS: std::cell::RefCell<Frameworks> = Default::default();
+}
+
 #[derive(Debug, Clone)]
 struct FrameworkName(String);
 
 impl<'de> Deserialize<'de> for FrameworkName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if !FRAMEWORKS.contains(&s.as_str()) {
-            return Err(serde::de::Error::custom(format!(
-                "unknown framework `{s}`; known: {}",
-                FRAMEWORKS.join(", ")
-            )));
-        }
+        KNOWN_FRAMEWORKS
+            .with(|k| k.borrow().check_name(&s))
+            .map_err(serde::de::Error::custom)?;
         Ok(FrameworkName(s))
     }
 }
@@ -439,7 +449,7 @@ impl fmt::Display for Origin {
 }
 
 impl SuiteFile {
-    fn expand(&self) -> Result<Vec<SuiteCase>> {
+    fn expand(&self, frameworks: &Frameworks) -> Result<Vec<SuiteCase>> {
         let mut out = Vec::new();
         for (gi, grid) in self.grids.iter().enumerate() {
             let gname = match &grid.name {
@@ -490,9 +500,12 @@ impl SuiteFile {
 
         let mut seen: HashMap<String, String> = HashMap::new();
         for c in &out {
-            c.case.validate().map_err(|e| {
-                anyhow::anyhow!("{}: {e}\n  fix: change that case's values", c.origin)
-            })?;
+            c.case
+                .validate()
+                .and_then(|()| frameworks.check(&c.case))
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: {e}\n  fix: change that case's values", c.origin)
+                })?;
             if let Some(first) = seen.insert(c.case.id(), c.origin.clone()) {
                 bail!(
                     "{} is the same case as {first} (id {})\n  fix: remove one of them, or add an exclude",

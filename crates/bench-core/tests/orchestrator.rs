@@ -38,7 +38,7 @@ impl Drop for TempDir {
 /// One explicit case per behavior; `extra` adds RON fields.
 fn case(behavior: &str, prompt_len: usize, extra: &str) -> String {
     format!(
-        r#"(model: "opt-tiny", framework: "native", prompt_len: {prompt_len}, gen_len: 8, gpu_batch_size: 2,
+        r#"(model: "opt-tiny", framework: "fake", prompt_len: {prompt_len}, gen_len: 8, gpu_batch_size: 2,
             placement: gpu, weights: checkpoint("{behavior}"){extra})"#
     )
 }
@@ -116,7 +116,7 @@ fn every_outcome_from_real_processes() {
         "unavailable",
     ];
     let mut cases: Vec<String> = behaviors.iter().map(|b| case(b, 16, "")).collect();
-    cases.push(case("ok", 16, ", framework: \"deepspeed\"").replace("framework: \"native\", ", ""));
+    cases.push(case("ok", 16, ", framework: \"unserved\"").replace("framework: \"fake\", ", ""));
     cases.push(case("ok", 16, ", device: cuda"));
     cases.push(case("ok", 32, ", repetitions: 3"));
     let suite = write_suite(&tmp.0, "faults", &cases);
@@ -142,14 +142,12 @@ fn every_outcome_from_real_processes() {
                 r.case.case.weights == bench_core::Weights::Checkpoint(b.into())
                     && r.case.case.framework == fw
                     && r.case.case.repetitions == reps
-                    && (b != "ok"
-                        || fw != "native"
-                        || r.case.case.device == bench_core::Device::Cpu)
+                    && (b != "ok" || fw != "fake" || r.case.case.device == bench_core::Device::Cpu)
             })
             .unwrap_or_else(|| panic!("no record for {b}"))
     };
 
-    let ok = by_behavior("ok", "native", 1);
+    let ok = by_behavior("ok", "fake", 1);
     assert_eq!(ok.outcome, Outcome::Ok, "{}", ok.detail);
     let m = ok.metrics.as_ref().unwrap();
     // 8 steps: prefill 0.04, 7 x 0.01 decode; batch 2, prompt 16.
@@ -162,18 +160,18 @@ fn every_outcome_from_real_processes() {
     assert_eq!(ok.case.id, ok.case.case.id());
     assert!(ok.env_id.starts_with("env-") && dir.join(format!("{}.json", ok.env_id)).is_file());
 
-    let reps = by_behavior("ok", "native", 3);
+    let reps = by_behavior("ok", "fake", 3);
     assert_eq!(reps.outcome, Outcome::Ok);
     let m = reps.metrics.as_ref().unwrap();
     assert_eq!(m.repetitions.len(), 3);
     assert!(m.cv_total_throughput.unwrap() > 0.0);
 
-    let oom = by_behavior("oom", "native", 1);
+    let oom = by_behavior("oom", "fake", 1);
     assert_eq!(oom.outcome, Outcome::Oom);
     assert!(oom.detail.contains("CUDA out of memory"), "{}", oom.detail);
-    assert_eq!(by_behavior("oom3", "native", 1).outcome, Outcome::Oom);
+    assert_eq!(by_behavior("oom3", "fake", 1).outcome, Outcome::Oom);
 
-    let hang = by_behavior("hang", "native", 1);
+    let hang = by_behavior("hang", "fake", 1);
     assert_eq!(hang.outcome, Outcome::Timeout, "{}", hang.detail);
     assert!(hang.detail.contains("1s"), "{}", hang.detail);
     // The runner's own child was in its process group and died with it.
@@ -187,12 +185,12 @@ fn every_outcome_from_real_processes() {
         .unwrap();
     wait_until("the grandchild to die", || process_gone(pid));
 
-    let segv = by_behavior("segv", "native", 1);
+    let segv = by_behavior("segv", "fake", 1);
     assert_eq!(segv.outcome, Outcome::Crashed);
     assert_eq!(segv.signal.as_deref(), Some("SIGSEGV"));
     assert!(segv.detail.contains("SIGSEGV"), "{}", segv.detail);
 
-    let err = by_behavior("error", "native", 1);
+    let err = by_behavior("error", "fake", 1);
     assert_eq!(err.outcome, Outcome::Error);
     assert!(
         err.detail.contains("exit code 1") && err.detail.contains("bad tensor shape"),
@@ -200,30 +198,30 @@ fn every_outcome_from_real_processes() {
         err.detail
     );
 
-    let nores = by_behavior("noresult", "native", 1);
+    let nores = by_behavior("noresult", "fake", 1);
     assert_eq!(nores.outcome, Outcome::Error);
     assert!(
         nores.detail.contains("without a FLEXBENCH_RESULT"),
         "{}",
         nores.detail
     );
-    let bad = by_behavior("badresult", "native", 1);
+    let bad = by_behavior("badresult", "fake", 1);
     assert_eq!(bad.outcome, Outcome::Error);
     assert!(bad.detail.contains("unusable"), "{}", bad.detail);
 
-    let unav = by_behavior("unavailable", "native", 1);
+    let unav = by_behavior("unavailable", "fake", 1);
     assert_eq!(unav.outcome, Outcome::Unavailable);
     assert!(
         unav.detail.contains("disk tier is not built yet"),
         "{}",
         unav.detail
     );
-    let nobackend = by_behavior("ok", "deepspeed", 1);
+    let nobackend = by_behavior("ok", "unserved", 1);
     assert_eq!(nobackend.outcome, Outcome::Unavailable);
     assert!(
         nobackend
             .detail
-            .contains("no backend serves framework `deepspeed`"),
+            .contains("no backend serves framework `unserved`"),
         "{}",
         nobackend.detail
     );

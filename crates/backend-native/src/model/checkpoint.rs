@@ -14,7 +14,7 @@ use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 
 use crate::device::cpu::try_zeros;
-use crate::dummy;
+use bench_core::dummy;
 
 /// A source of fp16 weight tensors.
 pub trait TensorSource: Send + Sync {
@@ -134,7 +134,7 @@ impl Checkpoint {
 
     /// Checks that every tensor of `cfg` is present with its shape (lm_head may be absent).
     pub fn check_against(&self, cfg: &ModelConfig) -> Result<()> {
-        for spec in dummy::opt_tensor_specs(cfg) {
+        for spec in bench_core::model::layout::checkpoint_tensors(cfg) {
             let (si, info) = self.index.get(normalize(&spec.name)).with_context(|| {
                 format!(
                     "tensor {} is missing from the checkpoint in {}",
@@ -218,15 +218,15 @@ impl TensorSource for Checkpoint {
     }
 }
 
-/// Dummy weights ([`crate::dummy`]) of a registry model.
+/// Dummy weights ([`bench_core::dummy`]) of a registry model.
 pub struct DummySource {
-    specs: HashMap<String, dummy::TensorSpec>,
+    specs: HashMap<String, bench_core::model::layout::TensorSpec>,
     seed: u64,
 }
 
 impl DummySource {
     pub fn new(cfg: &ModelConfig, seed: u64) -> DummySource {
-        let specs = dummy::opt_tensor_specs(cfg)
+        let specs = bench_core::model::layout::checkpoint_tensors(cfg)
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
@@ -286,7 +286,12 @@ impl TensorSource for DummySource {
 }
 
 /// `out` = the tensor's dummy values from `start`, generated on all cores.
-fn fill_parallel(spec: &dummy::TensorSpec, seed: u64, start: usize, out: &mut [f16]) {
+fn fill_parallel(
+    spec: &bench_core::model::layout::TensorSpec,
+    seed: u64,
+    start: usize,
+    out: &mut [f16],
+) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)

@@ -3,15 +3,16 @@
 //!
 //! Usage: flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS]
 //!
-//! The fake backend serves frameworks `native` and `hf` (so `deepspeed` cases have no backend)
-//! and refuses cuda cases in `check_case`.
+//! The fake backend serves framework `fake` (policies included) and refuses cuda cases in
+//! `check_case`; suites may also name `unserved`, a framework no backend serves (as when a
+//! backend is not built), whose cases are `unavailable`.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use bench_core::run::{self, Rerun, RunOptions};
-use bench_core::{Backend, Case, Device, RunContext, Suite};
+use bench_core::{Backend, Case, Device, Frameworks, RunContext, Suite};
 
 struct FakeBackend {
     runner: PathBuf,
@@ -22,7 +23,10 @@ impl Backend for FakeBackend {
         "fake"
     }
     fn frameworks(&self) -> &'static [&'static str] {
-        &["native", "hf"]
+        &["fake"]
+    }
+    fn takes_policy(&self) -> bool {
+        true
     }
     fn probe(&self, _ctx: &RunContext) -> Result<(), String> {
         if self.runner.is_file() {
@@ -65,7 +69,8 @@ fn main() {
         eprintln!("usage: flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS]");
         std::process::exit(2);
     };
-    let result = Suite::load(suite_path.as_ref()).and_then(|suite| {
+    let frameworks = Frameworks::new(&[("fake", true), ("unserved", false)]);
+    let result = Suite::load(suite_path.as_ref(), &frameworks).and_then(|suite| {
         let exe = std::env::current_exe()?;
         let bin_dir = exe.parent().expect("an exe has a directory").to_path_buf();
         let backends: Vec<Box<dyn Backend>> = vec![Box::new(FakeBackend {

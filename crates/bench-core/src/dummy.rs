@@ -4,71 +4,13 @@
 //! parallel chunks and streamed straight to its tier without ever holding the whole model.
 //! Never all-ones: constant weights hide indexing bugs.
 
-use bench_core::ModelConfig;
 use half::f16;
+
+use crate::hash::{fnv1a64, splitmix64};
+use crate::model::layout::TensorSpec;
 
 /// The default seed of dummy checkpoints.
 pub const DEFAULT_SEED: u64 = 0x5eed_f1e8;
-
-/// One tensor of an OPT checkpoint: HuggingFace name (with the `model.` prefix) and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-impl TensorSpec {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// Every tensor of `OPTForCausalLM` for this config, in checkpoint order (lm_head is tied and absent).
-pub fn opt_tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
-    let h = cfg.hidden_size;
-    let spec = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
-    let p = "model.decoder";
-    let mut out = vec![
-        spec(
-            format!("{p}.embed_tokens.weight"),
-            vec![cfg.vocab_size, cfg.word_embed_proj_dim],
-        ),
-        spec(
-            format!("{p}.embed_positions.weight"),
-            vec![cfg.max_position_embeddings + 2, h],
-        ),
-    ];
-    if cfg.word_embed_proj_dim != h {
-        out.push(spec(
-            format!("{p}.project_in.weight"),
-            vec![h, cfg.word_embed_proj_dim],
-        ));
-        out.push(spec(
-            format!("{p}.project_out.weight"),
-            vec![cfg.word_embed_proj_dim, h],
-        ));
-    }
-    if cfg.do_layer_norm_before {
-        out.push(spec(format!("{p}.final_layer_norm.weight"), vec![h]));
-        out.push(spec(format!("{p}.final_layer_norm.bias"), vec![h]));
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let l = format!("{p}.layers.{i}");
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            out.push(spec(format!("{l}.self_attn.{proj}.weight"), vec![h, h]));
-            out.push(spec(format!("{l}.self_attn.{proj}.bias"), vec![h]));
-        }
-        out.push(spec(format!("{l}.self_attn_layer_norm.weight"), vec![h]));
-        out.push(spec(format!("{l}.self_attn_layer_norm.bias"), vec![h]));
-        out.push(spec(format!("{l}.fc1.weight"), vec![cfg.ffn_dim, h]));
-        out.push(spec(format!("{l}.fc1.bias"), vec![cfg.ffn_dim]));
-        out.push(spec(format!("{l}.fc2.weight"), vec![h, cfg.ffn_dim]));
-        out.push(spec(format!("{l}.fc2.bias"), vec![h]));
-        out.push(spec(format!("{l}.final_layer_norm.weight"), vec![h]));
-        out.push(spec(format!("{l}.final_layer_norm.bias"), vec![h]));
-    }
-    out
-}
 
 /// How a tensor's dummy values are distributed: `offset + scale * u`, u uniform in [-1, 1).
 fn distribution(spec: &TensorSpec) -> (f32, f32) {
@@ -92,12 +34,10 @@ fn distribution(spec: &TensorSpec) -> (f32, f32) {
 /// Fills `out` with the values at `start .. start + out.len()` of the tensor's dummy data.
 pub fn fill_chunk(spec: &TensorSpec, seed: u64, start: usize, out: &mut [f16]) {
     let (offset, scale) = distribution(spec);
-    let key =
-        bench_core::case::fnv1a64(spec.name.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let key = fnv1a64(spec.name.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for (i, v) in out.iter_mut().enumerate() {
-        let r = bench_core::case::splitmix64(
-            key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-        );
+        let r =
+            splitmix64(key.wrapping_add(((start + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         // top 24 bits -> uniform in [-1, 1)
         let u = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
         *v = f16::from_f32(offset + scale * u);
@@ -114,11 +54,12 @@ pub fn tensor(spec: &TensorSpec, seed: u64) -> Vec<f16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::layout::checkpoint_tensors;
 
     #[test]
     fn deterministic_chunked_and_not_constant() {
-        let cfg = bench_core::model::lookup("opt-tiny").unwrap();
-        let specs = opt_tensor_specs(&cfg);
+        let cfg = crate::model::lookup("opt-tiny").unwrap();
+        let specs = checkpoint_tensors(&cfg);
         let q = specs
             .iter()
             .find(|s| s.name.ends_with("layers.0.self_attn.q_proj.weight"))
@@ -145,8 +86,8 @@ mod tests {
     #[test]
     fn spec_count_matches_model_bytes() {
         for name in ["opt-125m", "opt-1.3b"] {
-            let cfg = bench_core::model::lookup(name).unwrap();
-            let n: usize = opt_tensor_specs(&cfg).iter().map(|s| s.numel()).sum();
+            let cfg = crate::model::lookup(name).unwrap();
+            let n: usize = checkpoint_tensors(&cfg).iter().map(|s| s.numel()).sum();
             // model_bytes assumes ffn = 4h, ignores the position table and counts V*(h+1)
             let approx = cfg.model_bytes() as f64 / 2.0;
             assert!(

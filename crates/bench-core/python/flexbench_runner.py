@@ -1,4 +1,4 @@
-"""What the HF Accelerate and DeepSpeed runners share: the child protocol, the measured generation
+"""What every Python runner shares: the child protocol, the measured generation
 loop, peak memory, versions and failure exit codes.
 
 The child protocol (bench-core's protocol.rs): the case JSON file is named by FLEXBENCH_CASE; the

@@ -1,17 +1,21 @@
 //! The repository's suite files expand to exactly the cases of the reference, and bad suite files
-//! fail with the file, position and a fix.
+//! fail with the file, position and a fix. The frameworks are the registry's.
 
 use std::path::{Path, PathBuf};
 
 use bench_core::suite::{self, Suite};
-use bench_core::{Device, Placement, Weights};
+use bench_core::{Device, Frameworks, Placement, Weights};
+
+fn frameworks() -> Frameworks {
+    Frameworks::of(&xtask::backends::registry())
+}
 
 fn suites_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../suites")
+    xtask::suites_dir()
 }
 
 fn load(name: &str) -> Suite {
-    Suite::load(&suite::resolve(&suites_dir(), name).unwrap()).unwrap()
+    Suite::load(&suite::resolve(&suites_dir(), name).unwrap(), &frameworks()).unwrap()
 }
 
 #[test]
@@ -125,7 +129,7 @@ fn smoke_runs_on_the_cpu() {
 
 /// Parses `text` as a suite at a fake path and returns the error message.
 fn error_of(text: &str) -> String {
-    match Suite::parse(Path::new("suites/bad.ron"), text) {
+    match Suite::parse(Path::new("suites/bad.ron"), text, &frameworks()) {
         Ok(_) => panic!("expected an error for:\n{text}"),
         Err(e) => format!("{e:#}"),
     }
@@ -270,7 +274,7 @@ fn excludes_and_defaults() {
                  placements: [gpu, disk], gpu_batch_sizes: [1, 2], defaults: (repetitions: 2))],
         excludes: [(model: "opt-tiny", placement: disk)],
     )"#;
-    let s = Suite::parse(Path::new("x.ron"), text).unwrap();
+    let s = Suite::parse(Path::new("x.ron"), text, &frameworks()).unwrap();
     let cases = s.expand();
     assert_eq!(cases.len(), 2 * 2 * 2 * 2 - 4);
     assert!(cases

@@ -15,11 +15,12 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bench_core::ModelConfig;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::dummy::{fill_chunk, opt_tensor_specs, TensorSpec};
+use crate::dummy::fill_chunk;
+use crate::model::layout::{checkpoint_tensors, TensorSpec};
+use crate::model::ModelConfig;
 
 /// File names inside a checkpoint directory (HuggingFace's).
 pub const CONFIG_FILE: &str = "config.json";
@@ -37,7 +38,7 @@ pub fn dummy_checkpoint_dir(cache_dir: &Path, model: &str, seed: u64) -> PathBuf
 /// directory. Reuses a complete one; writes it otherwise.
 pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<PathBuf> {
     let dir = dummy_checkpoint_dir(cache_dir, &cfg.name, seed);
-    let specs = opt_tensor_specs(cfg);
+    let specs = checkpoint_tensors(cfg);
     if is_complete(&dir, &specs) {
         return Ok(dir);
     }
@@ -218,7 +219,7 @@ mod tests {
     #[test]
     fn writes_exact_values_and_reuses_complete_checkpoints() {
         let cache = scratch("exact");
-        let cfg = bench_core::model::lookup("opt-tiny-odd").unwrap();
+        let cfg = crate::model::lookup("opt-tiny-odd").unwrap();
         let dir = ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
         assert_eq!(
             dir,
@@ -229,7 +230,7 @@ mod tests {
         assert_eq!(n % 8, 0);
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
         let data = &bytes[8 + n..];
-        let specs = opt_tensor_specs(&cfg);
+        let specs = checkpoint_tensors(&cfg);
         for spec in &specs {
             let entry = &header[&spec.name];
             assert_eq!(entry["dtype"], "F16");
@@ -269,7 +270,7 @@ mod tests {
     #[test]
     fn damaged_checkpoint_is_rewritten() {
         let cache = scratch("damaged");
-        let cfg = bench_core::model::lookup("opt-tiny").unwrap();
+        let cfg = crate::model::lookup("opt-tiny").unwrap();
         let dir = ensure_dummy_checkpoint(&cache, &cfg, 7).unwrap();
         let full = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
         fs::write(dir.join(WEIGHTS_FILE), &full[..full.len() / 2]).unwrap();

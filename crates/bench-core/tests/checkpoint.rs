@@ -1,8 +1,9 @@
 //! The shared dummy checkpoint read back by the `safetensors` crate (the format's reference
 //! implementation): every tensor, name, shape and value exactly as the generator defines them.
 
-use backend_native::checkpoint_writer::{ensure_dummy_checkpoint, WEIGHTS_FILE};
-use backend_native::dummy::{opt_tensor_specs, tensor, DEFAULT_SEED};
+use bench_core::checkpoint::{ensure_dummy_checkpoint, WEIGHTS_FILE};
+use bench_core::dummy::{tensor, DEFAULT_SEED};
+use bench_core::model::layout::checkpoint_tensors;
 use half::f16;
 use safetensors::{Dtype, SafeTensors};
 
@@ -15,7 +16,7 @@ fn safetensors_crate_reads_exact_values() {
         let dir = ensure_dummy_checkpoint(&cache, &cfg, DEFAULT_SEED).unwrap();
         let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let specs = opt_tensor_specs(&cfg);
+        let specs = checkpoint_tensors(&cfg);
         assert_eq!(st.len(), specs.len());
         for spec in &specs {
             let t = st.tensor(&spec.name).unwrap();

@@ -1,4 +1,6 @@
-//! The OPT model registry and FlexLLMGen's size formulas.
+//! The OPT model registry and FlexLLMGen's size formulas; [`layout`] names every tensor.
+
+pub mod layout;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,356 @@
+//! bench-report: what `cargo xtask report` writes from a suite's results.jsonl: report.md
+//! ([`markdown`]), report.csv ([`csv`]) and SVG plots ([`plots`], drawn by [`svg`]), all reading
+//! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`]).
+//!
+//! Every case appears (its latest record); failures show as OOM / TIMEOUT / ..., never dropped.
+
+pub mod agreement;
+pub mod csv;
+pub mod fields;
+pub mod markdown;
+pub mod plots;
+pub mod svg;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bench_core::{store, Record};
+
+/// The files [`write_report`] writes into the results directory.
+pub const OUTPUTS: [&str; 4] = [
+    "report.md",
+    "report.csv",
+    "throughput_vs_batch.svg",
+    "latency_vs_throughput.svg",
+];
+
+/// Writes every output for the results in `dir` (shown as `name`), with a speedup table over
+/// `compare` (a name and its results directory) when given. Returns the files written.
+pub fn write_report(
+    dir: &Path,
+    name: &str,
+    compare: Option<(&str, &Path)>,
+) -> Result<Vec<PathBuf>> {
+    let recs = load(dir)?;
+    let other = match compare {
+        Some((oname, odir)) => Some((oname.to_string(), load(odir)?)),
+        None => None,
+    };
+    let envs = environments(dir, &recs);
+    let md = markdown::markdown(
+        name,
+        &recs,
+        &envs,
+        other.as_ref().map(|(n, r)| (n.as_str(), r.as_slice())),
+    );
+    let (tp, lt) = plots::plots(&recs);
+    let texts = [md, csv::csv(&recs), tp, lt];
+    let mut written = Vec::new();
+    for (file, text) in OUTPUTS.iter().zip(texts) {
+        let path = dir.join(file);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The results directory for a target and the suite name to show.
+pub fn results_dir(root: &Path, target: &str) -> Result<(PathBuf, String)> {
+    let p = Path::new(target);
+    let dir = if p.is_dir() {
+        p.to_path_buf()
+    } else {
+        let stem = if target.ends_with(".ron") {
+            p.file_stem().and_then(|s| s.to_str()).unwrap_or(target)
+        } else {
+            target
+        };
+        root.join(stem)
+    };
+    if !dir.join(store::RESULTS_FILE).is_file() {
+        let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or(target);
+        bail!(
+            "no {} in {}; run `cargo xtask bench {name}` first, or give the results directory",
+            store::RESULTS_FILE,
+            dir.display()
+        );
+    }
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().and_then(|s| s.to_str()).map(String::from))
+        .unwrap_or_else(|| target.to_string());
+    Ok((dir, name))
+}
+
+/// The latest record of every case, in the order cases first appeared.
+pub fn load(dir: &Path) -> Result<Vec<Record>> {
+    let read = store::read(&dir.join(store::RESULTS_FILE))?;
+    for w in &read.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut latest: BTreeMap<String, Record> = BTreeMap::new();
+    for r in read.records {
+        if !latest.contains_key(&r.case.id) {
+            order.push(r.case.id.clone());
+        }
+        latest.insert(r.case.id.clone(), r);
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|id| latest.remove(&id))
+        .collect())
+}
+
+/// One line per environment the records reference.
+pub fn environments(dir: &Path, recs: &[Record]) -> Vec<String> {
+    let ids: BTreeSet<&str> = recs.iter().map(|r| r.env_id.as_str()).collect();
+    ids.into_iter()
+        .map(|id| {
+            let text = std::fs::read_to_string(dir.join(format!("{id}.json"))).unwrap_or_default();
+            match serde_json::from_str::<bench_core::env::Environment>(&text) {
+                Ok(e) => format!(
+                    "{id}: {} ({} cores), {} GiB RAM, GPUs: {}, offload dir on {}, git {}{}",
+                    e.cpu_model.unwrap_or_else(|| "unknown CPU".into()),
+                    e.cpu_cores.map_or("?".into(), |n| n.to_string()),
+                    e.ram_bytes.map_or("?".into(), |b| format!(
+                        "{:.0}",
+                        b as f64 / (1u64 << 30) as f64
+                    )),
+                    if e.gpus.is_empty() {
+                        "none".into()
+                    } else {
+                        e.gpus.join("; ")
+                    },
+                    e.offload_fs.unwrap_or_else(|| "?".into()),
+                    e.git_commit
+                        .as_deref()
+                        .map_or("?", |c| &c[..c.len().min(10)]),
+                    if e.git_dirty == Some(true) {
+                        " (dirty)"
+                    } else {
+                        ""
+                    },
+                ),
+                Err(_) => format!("{id}: (environment file missing)"),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csv::csv;
+    use crate::markdown::markdown;
+    use crate::plots::plots;
+    use bench_core::metrics;
+    use bench_core::record::{IdentifiedCase, Outcome, SCHEMA};
+    use bench_core::{Case, Device, Placement, RawResult, Weights};
+
+    fn rec(
+        model: &str,
+        fw: &str,
+        placement: Placement,
+        bs: usize,
+        outcome: Outcome,
+        step: f64,
+    ) -> Record {
+        let case = Case {
+            model: model.into(),
+            framework: fw.into(),
+            prompt_len: 512,
+            gen_len: 8,
+            cut_gen_len: None,
+            gpu_batch_size: bs,
+            num_gpu_batches: 1,
+            placement,
+            device: Device::Cuda,
+            weights: Weights::Dummy,
+            num_nodes: 1,
+            num_gpus_per_node: 1,
+            warmup: 1,
+            repetitions: 1,
+            timeout_s: None,
+        };
+        let raw = RawResult {
+            step_times_s: vec![vec![step; 8]],
+            ..Default::default()
+        };
+        let metrics = (outcome == Outcome::Ok).then(|| metrics::compute(&case, &raw).unwrap());
+        Record {
+            schema: SCHEMA,
+            case: IdentifiedCase::new(case),
+            outcome,
+            detail: if outcome == Outcome::Ok {
+                String::new()
+            } else {
+                "went wrong, badly".into()
+            },
+            metrics,
+            raw: None,
+            exit_code: None,
+            signal: None,
+            started_at: "t".into(),
+            finished_at: "t".into(),
+            duration_s: 1.0,
+            log: None,
+            env_id: "env-x".into(),
+        }
+    }
+
+    /// An ok (or failed) record whose runner reported `tokens`.
+    fn with_tokens(mut r: Record, tokens: Option<Vec<Vec<u32>>>) -> Record {
+        r.raw = Some(RawResult {
+            step_times_s: vec![vec![0.5; 8]],
+            tokens,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn agreement_compares_cases_that_differ_only_by_framework() {
+        let same: Vec<Vec<u32>> = vec![(10..18).collect(), (20..28).collect()];
+        // native parts from the others in sequence 1 at step 5 (3 tokens differ)
+        let mut other = same.clone();
+        other[1][5..].copy_from_slice(&[0, 0, 0]);
+        let ok = |fw: &str, p: Placement, t: &Vec<Vec<u32>>| {
+            with_tokens(rec("opt-125m", fw, p, 2, Outcome::Ok, 0.5), Some(t.clone()))
+        };
+        let mut hf_more_reps = ok("hf", Placement::Disk, &same);
+        hf_more_reps.case = IdentifiedCase::new(Case {
+            repetitions: 3,
+            ..hf_more_reps.case.case.clone()
+        });
+        let recs = vec![
+            ok("native", Placement::Gpu, &other),
+            ok("hf", Placement::Gpu, &same),
+            ok("deepspeed", Placement::Gpu, &same),
+            rec(
+                "opt-125m",
+                "native",
+                Placement::Disk,
+                2,
+                Outcome::Unavailable,
+                0.5,
+            ),
+            // repetitions do not change tokens: still the same case as deepspeed disk
+            hf_more_reps,
+            ok("deepspeed", Placement::Disk, &same),
+            // an ok run without tokens, and a case no other framework ran (batch 4)
+            with_tokens(
+                rec("opt-125m", "hf", Placement::Cpu, 2, Outcome::Ok, 0.5),
+                None,
+            ),
+            ok("deepspeed", Placement::Cpu, &same),
+            with_tokens(
+                rec("opt-125m", "hf", Placement::Gpu, 4, Outcome::Ok, 0.5),
+                Some(vec![vec![1; 8]; 4]),
+            ),
+        ];
+        let md = markdown("x", &recs, &[], None);
+        let sec = md
+            .split("## Token agreement")
+            .nth(1)
+            .and_then(|t| t.split("## All cases").next())
+            .unwrap_or_else(|| panic!("no agreement section: {md}"));
+        assert!(
+            sec.contains(
+                "- native vs hf: 13/16 tokens (81.2%), 1/2 sequences identical, over 1 case(s)"
+            ),
+            "{sec}"
+        );
+        assert!(
+            sec.contains(
+                "- hf vs deepspeed: 32/32 tokens (100.0%), 4/4 sequences identical, over 2 case(s)"
+            ),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, gpu | native vs deepspeed | 13/16 (81.2%) | 1/2 | seq 1, step 5 |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, disk | hf vs deepspeed | 16/16 (100.0%) | 2/2 | - |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| opt-125m, cuda, prompt 512, gen 8, batch 2x1, disk | no tokens: native (unavailable) |"),
+            "{sec}"
+        );
+        assert!(
+            sec.contains("| no tokens: hf (ok, no tokens recorded) |"),
+            "{sec}"
+        );
+        // batch 4 has no other framework: no group
+        // 3 pair totals; table rows: 3 pairs in memory, 1 on disk, none on cpu
+        assert_eq!(
+            sec.lines().filter(|l| l.contains(" vs ")).count(),
+            3 + 4,
+            "{sec}"
+        );
+        assert!(!sec.contains("batch 4x1"), "{sec}");
+
+        // no two cases differ only by framework: no section
+        let md = markdown("x", &recs[..1], &[], None);
+        assert!(!md.contains("Token agreement"), "{md}");
+    }
+
+    #[test]
+    fn report_keeps_failures_and_only_varying_columns() {
+        let recs = vec![
+            rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 1.0),
+            rec("opt-6.7b", "hf", Placement::Gpu, 4, Outcome::Ok, 0.5),
+            rec("opt-30b", "hf", Placement::Cpu, 8, Outcome::Oom, 1.0),
+            rec(
+                "opt-30b",
+                "deepspeed",
+                Placement::Cpu,
+                4,
+                Outcome::Timeout,
+                1.0,
+            ),
+        ];
+        let md = markdown("x", &recs, &[], None);
+        // bs 4 at 0.5 s/step: 4 x 8 / 4 s = 8 tok/s beats bs 2's 2 tok/s.
+        assert!(md.contains("| hf gpu | 8.000 (bs 4, gpu) |  |"), "{md}");
+        assert!(md.contains("| hf cpu |  | OOM (bs 8, cpu) |"), "{md}");
+        assert!(
+            md.contains("| deepspeed cpu |  | TIMEOUT (bs 4, cpu) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Common to all cases: device cuda, prompt 512, gen 8"),
+            "{md}"
+        );
+        let all = md.split("## All cases").nth(1).unwrap();
+        assert!(
+            all.contains("| id | model | framework | placement | batch | outcome"),
+            "{md}"
+        );
+        assert_eq!(all.lines().filter(|l| l.starts_with("| `")).count(), 4);
+        let csv = csv(&recs);
+        assert_eq!(csv.lines().count(), 5);
+        assert!(csv.contains("\"went wrong, badly\""));
+        let cmp = markdown(
+            "new",
+            &recs[..2],
+            &[],
+            Some((
+                "old",
+                &[rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 2.0)],
+            )),
+        );
+        assert!(cmp.contains("| 2.000 | 1.000 | 2.00x |"), "{cmp}");
+        assert!(
+            cmp.contains("1 cases matched; 1 only in new, 0 only in old"),
+            "{cmp}"
+        );
+        let (tp, lt) = plots(&recs);
+        assert_eq!(tp.matches("<polyline").count(), 1);
+        assert!(lt.contains("hf gpu"));
+    }
+}
