@@ -22,20 +22,11 @@ fn context() -> RunContext {
 fn case(model: &str) -> Case {
     Case {
         model: model.into(),
-        framework: "native".into(),
         prompt_len: 12,
         gen_len: 6,
-        cut_gen_len: None,
         gpu_batch_size: 3,
-        num_gpu_batches: 1,
-        placement: Placement::Gpu,
-        device: Device::Cpu,
-        weights: Weights::Dummy,
-        num_nodes: 1,
-        num_gpus_per_node: 1,
-        warmup: 1,
         repetitions: 2,
-        timeout_s: None,
+        ..Case::example("native")
     }
 }
 

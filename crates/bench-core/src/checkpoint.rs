@@ -215,7 +215,7 @@ mod tests {
     }
 
     /// Parses the file back with our own reader of the format; the cross-check against the
-    /// `safetensors` crate and transformers lives in backend-hf's tests.
+    /// `safetensors` crate is tests/checkpoint.rs.
     #[test]
     fn writes_exact_values_and_reuses_complete_checkpoints() {
         let cache = scratch("exact");

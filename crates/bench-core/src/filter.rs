@@ -72,24 +72,7 @@ pub fn matches_all(filters: &[Filter], case: &Case) -> bool {
 
 /// The keys `--filter` accepts at the top level.
 pub fn known_keys() -> Vec<String> {
-    let example = Case {
-        model: String::new(),
-        framework: String::new(),
-        prompt_len: 0,
-        gen_len: 0,
-        cut_gen_len: None,
-        gpu_batch_size: 0,
-        num_gpu_batches: 0,
-        placement: crate::case::Placement::Gpu,
-        device: crate::case::Device::Cpu,
-        weights: crate::case::Weights::Dummy,
-        num_nodes: 0,
-        num_gpus_per_node: 0,
-        warmup: 0,
-        repetitions: 0,
-        timeout_s: None,
-    };
-    let mut keys: Vec<String> = match IdentifiedCase::new(example).to_json() {
+    let mut keys: Vec<String> = match IdentifiedCase::new(Case::example("any")).to_json() {
         Value::Object(m) => m.keys().cloned().collect(),
         _ => Vec::new(),
     };
@@ -133,20 +116,11 @@ mod tests {
     fn case(model: &str, prompt: usize, placement: Placement) -> Case {
         Case {
             model: model.into(),
-            framework: "native".into(),
             prompt_len: prompt,
-            gen_len: 32,
-            cut_gen_len: None,
-            gpu_batch_size: 4,
             num_gpu_batches: 2,
             placement,
             device: Device::Cuda,
-            weights: Weights::Dummy,
-            num_nodes: 1,
-            num_gpus_per_node: 1,
-            warmup: 1,
-            repetitions: 1,
-            timeout_s: None,
+            ..Case::example("example")
         }
     }
 

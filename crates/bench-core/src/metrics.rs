@@ -179,25 +179,16 @@ pub fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::case::{Device, Placement, Weights};
 
     fn case(gen_len: usize, cut: Option<usize>, gbs: usize, ngb: usize) -> Case {
         Case {
             model: "opt-tiny".into(),
-            framework: "native".into(),
             prompt_len: 100,
             gen_len,
             cut_gen_len: cut,
             gpu_batch_size: gbs,
             num_gpu_batches: ngb,
-            placement: Placement::Gpu,
-            device: Device::Cpu,
-            weights: Weights::Dummy,
-            num_nodes: 1,
-            num_gpus_per_node: 1,
-            warmup: 1,
-            repetitions: 1,
-            timeout_s: None,
+            ..Case::example("example")
         }
     }
 

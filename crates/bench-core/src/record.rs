@@ -234,26 +234,17 @@ pub mod time {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::case::{Device, Placement, Weights};
+    use crate::case::Placement;
 
     #[test]
     fn record_round_trip_and_case_object() {
         let case = Case {
-            model: "opt-125m".into(),
-            framework: "native".into(),
             prompt_len: 8,
             gen_len: 4,
-            cut_gen_len: None,
             gpu_batch_size: 2,
-            num_gpu_batches: 1,
             placement: Placement::Disk,
-            device: Device::Cpu,
-            weights: Weights::Dummy,
-            num_nodes: 1,
-            num_gpus_per_node: 1,
-            warmup: 1,
-            repetitions: 1,
             timeout_s: Some(10),
+            ..Case::example("example")
         };
         let r = Record {
             schema: SCHEMA,

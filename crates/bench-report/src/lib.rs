@@ -148,7 +148,7 @@ mod tests {
     use crate::plots::plots;
     use bench_core::metrics;
     use bench_core::record::{IdentifiedCase, Outcome, SCHEMA};
-    use bench_core::{Case, Device, Placement, RawResult, Weights};
+    use bench_core::{Case, Device, Placement, RawResult};
 
     fn rec(
         model: &str,
@@ -160,20 +160,12 @@ mod tests {
     ) -> Record {
         let case = Case {
             model: model.into(),
-            framework: fw.into(),
             prompt_len: 512,
             gen_len: 8,
-            cut_gen_len: None,
             gpu_batch_size: bs,
-            num_gpu_batches: 1,
             placement,
             device: Device::Cuda,
-            weights: Weights::Dummy,
-            num_nodes: 1,
-            num_gpus_per_node: 1,
-            warmup: 1,
-            repetitions: 1,
-            timeout_s: None,
+            ..Case::example(fw)
         };
         let raw = RawResult {
             step_times_s: vec![vec![step; 8]],
