@@ -41,7 +41,8 @@ pub struct Args {
     pub rerun_failed: bool,
     /// Per-case timeout in seconds, replacing the suite's (default 3600 when the suite sets none).
     /// At the timeout the case's whole process group is killed.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=bench_core::case::MAX_TIMEOUT_S))]
     pub timeout: Option<u64>,
     /// Results root; the suite's results go to <OUT>/<suite>/ [default: results/ in the repository].
     #[arg(long, value_name = "DIR")]

@@ -43,6 +43,11 @@ impl Backend for NativeBackend {
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
         crate::runner::check_runnable(case).map_err(|u| u.0)
     }
+    /// A checkpoint named as a registry model must be that model, or its record would carry
+    /// the registry's sizes: refused here, before the runner starts (the runner checks too).
+    fn prepare(&self, case: &Case, _ctx: &RunContext) -> anyhow::Result<()> {
+        bench_core::inputs::check_checkpoint_matches(case)
+    }
     fn command(&self, _case: &Case, ctx: &RunContext) -> anyhow::Result<Command> {
         let mut cmd = Command::new(ctx.bin_dir.join(RUNNER_BIN));
         cmd.arg("run-case")

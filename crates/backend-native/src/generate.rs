@@ -93,8 +93,11 @@ pub fn check_prompts(cfg: &ModelConfig, prompts: &[Vec<u32>], max_new_tokens: us
             );
         }
         ensure!(
-            p.len() + max_new_tokens <= cfg.max_position_embeddings,
-            "prompt {i} has {} tokens; with {max_new_tokens} new tokens that exceeds {}'s {} positions",
+            p.len()
+                .checked_add(max_new_tokens)
+                .is_some_and(|n| n <= cfg.max_position_embeddings),
+            "prompt {i} has {} tokens; with {max_new_tokens} new tokens that exceeds {}'s {} positions \
+             (lower max_new_tokens)",
             p.len(),
             cfg.name,
             cfg.max_position_embeddings

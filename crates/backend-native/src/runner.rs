@@ -55,6 +55,7 @@ pub fn case_model(case: &Case) -> Result<(ModelConfig, Box<dyn TensorSource>)> {
             Ok((cfg, Box::new(src)))
         }
         Weights::Checkpoint(dir) => {
+            bench_core::inputs::check_checkpoint_matches(case)?;
             let (cfg, ckpt) = open_checkpoint(dir)?;
             Ok((cfg, Box::new(ckpt)))
         }

@@ -7,6 +7,24 @@ use serde::{Deserialize, Serialize};
 use crate::hash::fnv1a64;
 use crate::model;
 
+/// The x86-64 virtual address space (48 bits): no KV cache of a runnable case is larger.
+pub const MAX_ADDRESSABLE_BYTES: u64 = 1 << 48;
+/// The longest per-case timeout accepted, 30 days; longer is a typo, not a benchmark.
+pub const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
+
+/// Whether `secs` is a usable per-case timeout (1 s to [`MAX_TIMEOUT_S`]).
+pub fn check_timeout(secs: u64) -> Result<(), String> {
+    if secs == 0 {
+        Err("a timeout of 0 s would time every case out at once; give at least 1 second".into())
+    } else if secs > MAX_TIMEOUT_S {
+        Err(format!(
+            "a timeout of {secs} s is over {MAX_TIMEOUT_S} s (30 days); give the seconds a case may run"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Where the model lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -326,18 +344,55 @@ impl Case {
                 ));
             }
         }
-        if let Some(cfg) = cfg {
-            if self.prompt_len + self.gen_len > cfg.max_position_embeddings {
+        let seq_len = self.prompt_len.checked_add(self.gen_len).ok_or_else(|| {
+            format!(
+                "prompt_len {} + gen_len {} is past any model's positions",
+                self.prompt_len, self.gen_len
+            )
+        })?;
+        if let Some(cfg) = &cfg {
+            if seq_len > cfg.max_position_embeddings {
                 return Err(format!(
-                    "prompt_len + gen_len = {} exceeds {}'s {} positions",
-                    self.prompt_len + self.gen_len,
-                    cfg.name,
-                    cfg.max_position_embeddings
+                    "prompt_len + gen_len = {seq_len} exceeds {}'s {} positions",
+                    cfg.name, cfg.max_position_embeddings
                 ));
             }
         }
+        let batch = self
+            .gpu_batch_size
+            .checked_mul(self.num_gpu_batches)
+            .ok_or_else(|| {
+                format!(
+                    "gpu_batch_size {} x num_gpu_batches {} is more sequences than can be counted",
+                    self.gpu_batch_size, self.num_gpu_batches
+                )
+            })?;
+        // Memory bounds what a case can be, whatever the machine: its KV cache (or for a model
+        // the registry does not know, its token count) must fit an address space.
+        let cache = match &cfg {
+            Some(cfg) => {
+                (batch as u128)
+                    * (seq_len as u128)
+                    * cfg.num_hidden_layers as u128
+                    * cfg.hidden_size as u128
+                    * 4
+            }
+            None => (batch as u128) * (seq_len as u128) * 4096,
+        };
+        if cache > MAX_ADDRESSABLE_BYTES as u128 {
+            return Err(format!(
+                "batch {batch} x {seq_len} tokens needs a KV cache of {cache} bytes, more than any \
+                 machine can address ({MAX_ADDRESSABLE_BYTES} bytes); use a smaller batch"
+            ));
+        }
         if self.num_nodes == 0 || self.num_gpus_per_node == 0 {
             return Err("num_nodes and num_gpus_per_node must be at least 1".into());
+        }
+        if self.num_nodes.checked_mul(self.num_gpus_per_node).is_none() {
+            return Err("num_nodes x num_gpus_per_node is more ranks than can be counted".into());
+        }
+        if let Some(t) = self.timeout_s {
+            check_timeout(t)?;
         }
         if let Placement::Policy(p) = &self.placement {
             p.validate()?;

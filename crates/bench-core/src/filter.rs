@@ -50,6 +50,21 @@ impl Filter {
                 "filter `{text}`: empty part in the key (write e.g. placement.cpu_attention=true)"
             );
         }
+        if path.len() > 1 {
+            let parts = sub_keys(&path[0]);
+            let sub = &path[1..].join(".");
+            if !parts.contains(sub) {
+                bail!(
+                    "filter `{text}`: `{}` has {}",
+                    path[0],
+                    if parts.is_empty() {
+                        "no parts to reach into".to_string()
+                    } else {
+                        format!("no part `{sub}`; its parts: {}", parts.join(", "))
+                    }
+                );
+            }
+        }
         let values: Vec<String> = value.split(',').map(|v| v.trim().to_string()).collect();
         if values.iter().any(|v| v.is_empty()) {
             bail!("filter `{text}` has an empty value");
@@ -78,6 +93,20 @@ pub fn known_keys() -> Vec<String> {
     };
     keys.extend(DERIVED_KEYS.iter().map(|s| s.to_string()));
     keys
+}
+
+/// The dotted parts a top-level key has: the policy's fields for `placement` (presets count as
+/// their policy), `checkpoint` for `weights`; other keys are plain values.
+fn sub_keys(key: &str) -> Vec<String> {
+    let example = match key {
+        "placement" => serde_json::to_value(crate::case::Policy::new([100, 0, 100, 0, 100, 0])),
+        "weights" => serde_json::to_value(crate::case::Weights::Checkpoint("x".into())),
+        _ => return Vec::new(),
+    };
+    match example {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The text form of a case's field, as filters compare it.

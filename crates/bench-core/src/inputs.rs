@@ -45,13 +45,61 @@ pub fn prepare_checkpoint_and_prompts(case: &Case, ctx: &RunContext) -> Result<(
             checkpoint::ensure_dummy_checkpoint(&ctx.cache_dir, &cfg, dummy::DEFAULT_SEED)
                 .context("preparing the shared dummy checkpoint")?;
         }
-        Weights::Checkpoint(p) => check_checkpoint(p)?,
+        Weights::Checkpoint(p) => {
+            check_checkpoint(p)?;
+            check_checkpoint_matches(case)?;
+        }
     }
     std::fs::create_dir_all(&ctx.work_dir)
         .with_context(|| format!("creating work dir {}", ctx.work_dir.display()))?;
     let path = prompts_file(ctx);
     let json = serde_json::to_vec(&prompts::prompt_tokens(case))?;
     std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A case whose model is a registry name and whose weights are a checkpoint must load that
+/// model: its metrics use the registry's sizes. Compares config.json's shape with the
+/// registry's and names what differs (nothing to check for other names or dummy weights).
+pub fn check_checkpoint_matches(case: &Case) -> Result<()> {
+    let (Weights::Checkpoint(dir), Some(reg)) = (&case.weights, model::lookup(&case.model)) else {
+        return Ok(());
+    };
+    let path = dir.join(checkpoint::CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let expect = [
+        ("num_hidden_layers", reg.num_hidden_layers),
+        ("num_attention_heads", reg.num_attention_heads),
+        ("hidden_size", reg.hidden_size),
+        ("ffn_dim", reg.ffn_dim),
+        ("vocab_size", reg.vocab_size),
+        ("max_position_embeddings", reg.max_position_embeddings),
+    ];
+    let differs: Vec<String> = expect
+        .iter()
+        .filter_map(|(key, want)| {
+            let got = config.get(key).and_then(|v| v.as_u64());
+            (got != Some(*want as u64)).then(|| {
+                format!(
+                    "{key} {} (the model's is {want})",
+                    got.map_or("missing".to_string(), |g| g.to_string())
+                )
+            })
+        })
+        .collect();
+    if !differs.is_empty() {
+        bail!(
+            "the case names model `{}`, but the checkpoint in {} is another model: {}; \
+             name the case's model after the checkpoint (e.g. its directory name), or give {}'s checkpoint",
+            case.model,
+            dir.display(),
+            differs.join(", "),
+            reg.name
+        );
+    }
     Ok(())
 }
 

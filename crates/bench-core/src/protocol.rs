@@ -91,7 +91,11 @@ pub fn read_case_from_env() -> Result<Case> {
 pub fn read_case(path: &std::path::Path) -> Result<Case> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading case file {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing case file {}", path.display()))
+    let case: Case = serde_json::from_str(&text)
+        .with_context(|| format!("parsing case file {}", path.display()))?;
+    case.validate()
+        .map_err(|e| anyhow::anyhow!("case file {}: {e}", path.display()))?;
+    Ok(case)
 }
 
 #[cfg(test)]

@@ -150,6 +150,10 @@ pub struct Record {
     pub log: Option<String>,
     /// Names the environment file `<env_id>.json` beside results.jsonl.
     pub env_id: String,
+    /// Why the case's log is incomplete (e.g. the disk filled up while it was written); absent
+    /// when the log holds everything the runner printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_error: Option<String>,
 }
 
 impl Record {
@@ -260,6 +264,7 @@ mod tests {
             duration_s: 1.0,
             log: Some("logs/x.log".into()),
             env_id: "env-x".into(),
+            log_error: None,
         };
         let line = r.to_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -105,7 +105,8 @@ impl Store {
 }
 
 /// Cuts the file back to its last complete line: what follows the last '\n' is what a killed
-/// writer left half-written.
+/// writer left half-written. A tail that is a whole record (only its newline is missing, e.g.
+/// after a hand edit) is kept and given its newline instead.
 fn repair_tail(f: &mut File) -> Result<()> {
     let len = f.metadata()?.len();
     if len == 0 {
@@ -128,6 +129,15 @@ fn repair_tail(f: &mut File) -> Result<()> {
         end = start;
     };
     if keep < len {
+        let mut tail = vec![0u8; (len - keep) as usize];
+        f.seek(SeekFrom::Start(keep))?;
+        f.read_exact(&mut tail)?;
+        if Record::from_line(&String::from_utf8_lossy(&tail)).is_ok() {
+            // Appends go to the end whatever the cursor says (the file is opened in append mode).
+            f.write_all(b"\n")?;
+            f.sync_data()?;
+            return Ok(());
+        }
         eprintln!(
             "warning: results file ended in a torn line ({} bytes, from an interrupted run); removed it",
             len - keep

@@ -61,6 +61,8 @@ use crate::model;
 
 /// File extension of suite files.
 pub const SUITE_EXT: &str = "ron";
+/// Most cases a suite may expand to: more is a typo in an axis, and would only exhaust memory.
+pub const MAX_CASES: usize = 100_000;
 
 /// A loaded, validated suite and its expanded cases.
 #[derive(Debug, Clone)]
@@ -101,7 +103,8 @@ impl Suite {
                 path.display(),
                 e.position.line,
                 e.position.col,
-                e.code,
+                // ron 0.8 runs a name into the next word ("`cpuu`in enum").
+                e.code.to_string().replace("`in ", "` in "),
                 hint(&e.code)
             )
         })?;
@@ -111,6 +114,7 @@ impl Suite {
             .filter(|s| !s.is_empty())
             .with_context(|| format!("{}: a suite file needs a UTF-8 file name", path.display()))?
             .to_string();
+        check_suite_name(&name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let cases = file
             .expand(frameworks)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -133,12 +137,33 @@ impl Suite {
     }
 }
 
+/// A suite's name becomes a directory under the results root, so it must stay one plain path
+/// component: letters, digits, `_`, `-` and `.`, not starting with `.` (no `..`, no hidden dirs).
+pub fn check_suite_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "the suite name `{name}` (the file name without .ron) names the results directory; \
+             rename the file to letters, digits, `_`, `-` and `.`, not starting with `.`"
+        ))
+    }
+}
+
 /// Resolves `smoke` to `<suites_dir>/smoke.ron`, or takes an existing path as is. An unknown name
 /// lists the available suites.
 pub fn resolve(suites_dir: &Path, name_or_path: &str) -> Result<PathBuf> {
     let as_path = Path::new(name_or_path);
     if as_path.is_file() {
         return Ok(as_path.to_path_buf());
+    }
+    if as_path.is_dir() {
+        bail!("{name_or_path} is a directory, not a suite file: give a .ron file or a suite name");
     }
     let looks_like_path = name_or_path.contains('/') || name_or_path.ends_with(".ron");
     if !looks_like_path {
@@ -226,7 +251,7 @@ struct Defaults {
     weights: Option<Weights>,
     warmup: Option<usize>,
     repetitions: Option<usize>,
-    timeout_s: Option<u64>,
+    timeout_s: Option<TimeoutSecs>,
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
     num_gpu_batches: Option<usize>,
@@ -308,7 +333,7 @@ struct CaseSpec {
     weights: Option<Weights>,
     warmup: Option<usize>,
     repetitions: Option<usize>,
-    timeout_s: Option<u64>,
+    timeout_s: Option<TimeoutSecs>,
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
 }
@@ -376,6 +401,18 @@ impl<'de> Deserialize<'de> for FrameworkName {
     }
 }
 
+/// A per-case timeout in seconds, checked where it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TimeoutSecs(u64);
+
+impl<'de> Deserialize<'de> for TimeoutSecs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        crate::case::check_timeout(n).map_err(serde::de::Error::custom)?;
+        Ok(TimeoutSecs(n))
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct CutGenLen(usize);
 
@@ -437,7 +474,7 @@ fn resolve_case(d: &Defaults, s: Shape) -> Case {
         num_gpus_per_node: d.num_gpus_per_node.unwrap_or(1),
         warmup: d.warmup.unwrap_or(1),
         repetitions: d.repetitions.unwrap_or(1),
-        timeout_s: d.timeout_s,
+        timeout_s: d.timeout_s.map(|t| t.0),
     }
 }
 
@@ -569,6 +606,32 @@ impl SuiteFile {
                     m.0
                 );
             }
+        }
+        let axes = [
+            ("models", grid.models.len()),
+            ("prompt_lens", grid.prompt_lens.len()),
+            ("gen_lens", grid.gen_lens.len()),
+            ("frameworks", grid.frameworks.len()),
+            ("gpu_batch_sizes", grid.gpu_batch_sizes.len().max(1)),
+            ("placements", grid.placements.len().max(1)),
+        ];
+        // An upper bound (cells may fix batch and placement): counted before anything expands.
+        let size = axes
+            .iter()
+            .try_fold(1usize, |p, (_, len)| p.checked_mul(*len))
+            .and_then(|p| p.checked_add(out.len()));
+        if size.is_none_or(|n| n > MAX_CASES) {
+            let sizes: Vec<String> = axes
+                .iter()
+                .filter(|(_, len)| *len > 1)
+                .map(|(axis, len)| format!("{axis} {len}"))
+                .collect();
+            bail!(
+                "{gname} expands to {} cases ({}), over the limit of {MAX_CASES} for a suite\n  \
+                 fix: shorten an axis or split the grid into suites",
+                size.map_or("more than can be counted".to_string(), |n| n.to_string()),
+                sizes.join(" x ")
+            );
         }
         let d = grid.defaults.over(&self.defaults);
         for model in &grid.models {

@@ -437,3 +437,154 @@ fn ctrl_c_kills_the_case_and_records_nothing_partial() {
         .collect();
     assert_eq!(counts.len(), 1);
 }
+
+/// Pids of live processes whose environment names a case file under `dir`.
+fn runners_under(dir: &Path) -> Vec<i32> {
+    let prefix = format!("FLEXBENCH_CASE={}", dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            let live = !process_gone(pid);
+            (live
+                && env
+                    .split(|b| *b == 0)
+                    .any(|kv| kv.starts_with(prefix.as_bytes())))
+            .then_some(pid)
+        })
+        .collect()
+}
+
+/// Starts the driver on a suite whose only case hangs (with a grandchild) and returns it once
+/// the grandchild's pid is in the case's log.
+fn driver_in_a_hanging_case(tmp: &TempDir, name: &str) -> (std::process::Child, i32, PathBuf) {
+    let suite = write_suite(&tmp.0, name, &[case("hang", 8, "")]);
+    let out = tmp.0.join("results");
+    let dir = out.join(name);
+    let child = Command::new(DRIVER)
+        .arg(&suite)
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut grandchild = None;
+    wait_until("the hanging case to start", || {
+        grandchild = std::fs::read_dir(dir.join("logs"))
+            .ok()
+            .and_then(|d| d.flatten().next())
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("grandchild pid ")?.trim().parse().ok())
+            });
+        grandchild.is_some()
+    });
+    (child, grandchild.unwrap(), dir)
+}
+
+#[test]
+fn kill_9_of_the_orchestrator_takes_the_runner_and_its_group_with_it() {
+    let tmp = TempDir::new("orphans");
+    let (mut child, grandchild, dir) = driver_in_a_hanging_case(&tmp, "orphans");
+    assert!(!runners_under(&dir).is_empty());
+    child.kill().unwrap(); // SIGKILL: no handler, no cleanup of its own
+    child.wait().unwrap();
+    wait_until("the grandchild to die with its orchestrator", || {
+        process_gone(grandchild)
+    });
+    wait_until("no runner of the suite to be left", || {
+        runners_under(&dir).is_empty()
+    });
+}
+
+#[test]
+fn a_second_ctrl_c_right_after_the_first_still_kills_the_case() {
+    let tmp = TempDir::new("sigint2");
+    let (child, grandchild, dir) = driver_in_a_hanging_case(&tmp, "twice");
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(3));
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130));
+    wait_until("the case's group to die", || process_gone(grandchild));
+    wait_until("no runner left", || runners_under(&dir).is_empty());
+}
+
+#[test]
+fn a_last_record_without_its_newline_is_kept_not_cut() {
+    let tmp = TempDir::new("newline");
+    let suite = write_suite(&tmp.0, "nl", &[case("ok", 8, ""), case("ok", 16, "")]);
+    let out = tmp.0.join("results");
+    let results = out.join("nl").join("results.jsonl");
+    assert_eq!(drive(&suite, &out, &[]).status.code(), Some(0));
+    let text = std::fs::read_to_string(&results).unwrap();
+    std::fs::write(&results, text.trim_end_matches('\n')).unwrap();
+    let o = drive(&suite, &out, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("torn"), "{stderr}");
+    assert_eq!(stderr.matches("skipped (already ok").count(), 2, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&results).unwrap(), text);
+}
+
+#[test]
+fn a_log_that_cannot_be_written_is_said_in_the_record() {
+    let tmp = TempDir::new("logfull");
+    let suite = write_suite(&tmp.0, "full", &[case("ok", 8, "")]);
+    let out = tmp.0.join("results");
+    let dir = out.join("full");
+    assert_eq!(drive(&suite, &out, &[]).status.code(), Some(0));
+    let id = records(&dir.join("results.jsonl"))[0].case.id.clone();
+    // Every write to /dev/full fails with ENOSPC, as on a full disk.
+    let log = dir.join("logs").join(format!("{id}.log"));
+    std::fs::remove_file(&log).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    let o = drive(&suite, &out, &["--force"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let recs = records(&dir.join("results.jsonl"));
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1].outcome, Outcome::Ok, "the case itself is fine");
+    let why = recs[1].log_error.as_deref().unwrap_or("");
+    assert!(why.contains("No space left on device"), "{why:?}");
+    assert!(recs[0].log_error.is_none());
+}
+
+#[test]
+fn a_runner_printing_a_huge_line_does_not_fill_the_orchestrator_s_memory() {
+    let tmp = TempDir::new("flood");
+    let suite = write_suite(&tmp.0, "flood", &[case("flood", 8, "")]);
+    let out = tmp.0.join("results");
+    let child = Command::new(DRIVER)
+        .arg(&suite)
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // SAFETY: wait4 on our own child with properly sized out-parameters.
+    let (status, usage) = unsafe {
+        let mut status = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::wait4(child.id() as i32, &mut status, 0, &mut usage);
+        (status, usage)
+    };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    let recs = records(&out.join("flood").join("results.jsonl"));
+    assert_eq!(recs[0].outcome, Outcome::Ok, "{}", recs[0].detail);
+    // The line is 300 MB; the orchestrator holds a few pieces of it at a time.
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(peak_mib < 120, "orchestrator peak RSS {peak_mib} MiB");
+    let log = std::fs::metadata(out.join("flood").join(recs[0].log.as_ref().unwrap())).unwrap();
+    assert!(log.len() > 300 << 20, "the whole line is in the log");
+}

@@ -190,6 +190,7 @@ mod tests {
             duration_s: 1.0,
             log: None,
             env_id: "env-x".into(),
+            log_error: None,
         }
     }
 

@@ -51,6 +51,13 @@ pub fn markdown(
         *counts.entry(r.outcome).or_default() += 1;
     }
     let counts: Vec<String> = counts.iter().map(|(o, n)| format!("{n} {o}")).collect();
+    if recs.is_empty() {
+        let _ = writeln!(
+            s,
+            "No records yet: results.jsonl is empty. Run `cargo xtask bench {name}` first.\n"
+        );
+        return s;
+    }
     let _ = writeln!(
         s,
         "{} cases (latest record of each): {}.\n",

@@ -144,10 +144,12 @@ impl PolicyArgs {
         runner::ensure_positive("--num-gpu-batches", nb)?;
         if let Some(gbs) = self.gpu_batch_size {
             runner::ensure_positive("--gpu-batch-size", gbs)?;
+            let holds = gbs.checked_mul(nb).with_context(|| {
+                format!("--gpu-batch-size {gbs} x --num-gpu-batches {nb} is more sequences than can be counted")
+            })?;
             anyhow::ensure!(
-                gbs * nb >= n,
-                "--gpu-batch-size {gbs} x --num-gpu-batches {nb} holds {} sequences, the input has {n} prompts",
-                gbs * nb
+                holds >= n,
+                "--gpu-batch-size {gbs} x --num-gpu-batches {nb} holds {holds} sequences, the input has {n} prompts",
             );
         }
         Ok((
@@ -429,6 +431,8 @@ struct Generation<'a> {
 
 impl Generation<'_> {
     fn run<D: Device>(&self, dev: &D) -> Result<Vec<Vec<u32>>> {
+        // Before any size is computed from them.
+        backend_native::generate::check_prompts(self.cfg, self.prompts, self.opts.max_new_tokens)?;
         let Some((pol, sched)) = self.placed else {
             let w = ModelWeights::load(dev, self.ckpt, self.cfg)?;
             return Ok(generate(dev, self.cfg, &w, self.prompts, self.opts)?.new_tokens);

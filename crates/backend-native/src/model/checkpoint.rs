@@ -132,24 +132,95 @@ impl Checkpoint {
         })
     }
 
-    /// Checks that every tensor of `cfg` is present with its shape (lm_head may be absent).
+    /// Checks the checkpoint against `cfg` (its config.json) before anything is built from
+    /// either: every tensor it holds belongs to the model, and every tensor of the model is there
+    /// with its shape and a supported dtype (lm_head may be absent). Nothing is allocated per
+    /// layer, so a config claiming a billion layers fails on its first missing one.
     pub fn check_against(&self, cfg: &ModelConfig) -> Result<()> {
-        for spec in bench_core::model::layout::checkpoint_tensors(cfg) {
+        use bench_core::model::layout;
+        let config = self.dir.join("config.json");
+        let layers_here = self
+            .index
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("decoder.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |i| i + 1);
+        let layer_parts: Vec<String> = layout::layer_tensors(cfg, 0)
+            .into_iter()
+            .map(|s| s.name["model.decoder.layers.0.".len()..].to_string())
+            .collect();
+        let mut globals: Vec<String> = layout::input_tensors(cfg)
+            .into_iter()
+            .chain(layout::output_tensors(cfg, true))
+            .map(|s| normalize(&s.name).to_string())
+            .collect();
+        globals.sort();
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        for name in names {
+            let belongs = match name.strip_prefix("decoder.layers.") {
+                Some(rest) => rest.split_once('.').is_some_and(|(i, part)| {
+                    i.parse::<usize>().is_ok_and(|i| i < cfg.num_hidden_layers)
+                        && layer_parts.iter().any(|p| p == part)
+                }),
+                None => globals.binary_search(name).is_ok(),
+            };
+            ensure!(
+                belongs,
+                "tensor {name} in the checkpoint in {} is not part of the model {} describes \
+                 ({} layers, hidden {}, word_embed_proj_dim {}); the checkpoint has {layers_here} layers: \
+                 fix config.json or use the checkpoint it belongs to",
+                self.dir.display(),
+                config.display(),
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.word_embed_proj_dim
+            );
+        }
+        let check = |spec: &layout::TensorSpec| -> Result<()> {
             let (si, info) = self.index.get(normalize(&spec.name)).with_context(|| {
                 format!(
-                    "tensor {} is missing from the checkpoint in {}",
+                    "tensor {} is missing from the checkpoint in {} ({} says {} layers, the \
+                     checkpoint has {layers_here})",
                     spec.name,
-                    self.dir.display()
+                    self.dir.display(),
+                    config.display(),
+                    cfg.num_hidden_layers
                 )
             })?;
+            let file = self.shards[*si].path.display();
             ensure!(
                 info.shape == spec.shape,
-                "tensor {} in {} has shape {:?}, but config.json implies {:?}",
+                "tensor {} in {file} has shape {:?}, but {} implies {:?}",
                 spec.name,
-                self.shards[*si].path.display(),
                 info.shape,
+                config.display(),
                 spec.shape
             );
+            ensure!(
+                matches!(info.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32),
+                "tensor {} in {file} has dtype {:?}; supported: F32, F16, BF16",
+                spec.name,
+                info.dtype
+            );
+            Ok(())
+        };
+        for spec in layout::input_tensors(cfg)
+            .iter()
+            .chain(&layout::output_tensors(cfg, false))
+        {
+            check(spec)?;
+        }
+        for i in 0..cfg.num_hidden_layers {
+            for spec in layout::layer_tensors(cfg, i) {
+                check(&spec)?;
+            }
         }
         Ok(())
     }

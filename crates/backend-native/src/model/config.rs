@@ -95,6 +95,30 @@ pub fn parse_config(text: &str, dir: &Path) -> Result<ModelConfig> {
     if c.remove_final_layer_norm && c.do_layer_norm_before {
         bail!("_remove_final_layer_norm with a pre-LN model is not supported");
     }
+    for (key, v) in [
+        ("hidden_size", c.hidden_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("ffn_dim", c.ffn_dim),
+        ("vocab_size", c.vocab_size),
+        ("max_position_embeddings", c.max_position_embeddings),
+    ] {
+        if v == 0 {
+            bail!("{key} is 0: a model needs at least one");
+        }
+    }
+    for (key, id) in [
+        ("pad_token_id", c.pad_token_id.unwrap_or(1)),
+        ("bos_token_id", c.bos_token_id.unwrap_or(2)),
+        ("eos_token_id", c.eos_token_id.unwrap_or(2)),
+    ] {
+        if id as usize >= c.vocab_size {
+            bail!(
+                "{key} {id} is outside the vocabulary (vocab_size {v}): set it in config.json to an \
+                 id below {v} (OPT's defaults are pad 1, bos and eos 2)",
+                v = c.vocab_size
+            );
+        }
+    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -12,6 +12,7 @@
 //!   noresult    print log lines but no result line, exit 0
 //!   badresult   print a result line with the wrong number of steps, exit 0
 //!   unavailable print a reason to stderr, exit 4
+//!   flood       print one 300 MB line to stdout, then as ok
 //! and with dummy weights it behaves as `ok`.
 
 use std::time::Duration;
@@ -101,6 +102,17 @@ fn main() {
         }
         "noresult" => println!("fake runner: forgot the result"),
         "badresult" => ok(2),
+        "flood" => {
+            use std::io::Write;
+            let chunk = vec![b'x'; 1 << 20];
+            let mut out = std::io::stdout().lock();
+            for _ in 0..300 {
+                out.write_all(&chunk).expect("stdout");
+            }
+            out.write_all(b"\n").expect("stdout");
+            drop(out);
+            ok(case.measured_gen_len())
+        }
         "unavailable" => {
             eprintln!("fake runner: the disk tier is not built yet");
             std::process::exit(protocol::EXIT_UNAVAILABLE);

@@ -28,6 +28,8 @@ use crate::record::{time, IdentifiedCase, Outcome, Record, SCHEMA};
 const STDERR_TAIL_LINES: usize = 15;
 /// Characters of each kept stderr line.
 const STDERR_LINE_CHARS: usize = 400;
+/// Result-line bytes kept in memory; a runner prints one line of a few KiB.
+const MAX_RESULT_BYTES: usize = 64 << 20;
 
 /// What every case of one run shares.
 pub struct CaseRunner<'a> {
@@ -73,6 +75,7 @@ impl CaseRunner<'_> {
             duration_s: started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
             log: None,
             env_id: self.env_id.to_string(),
+            log_error: None,
         };
 
         let Some(backend) = backend_for(self.backends, &case.framework) else {
@@ -114,6 +117,18 @@ impl CaseRunner<'_> {
         let json = serde_json::to_string_pretty(&case).expect("a case always serializes");
         std::fs::write(&case_file, json)
             .with_context(|| format!("writing {}", case_file.display()))?;
+        // A runner of this case may outlive an orchestrator killed outright (kill -9 lands
+        // between the fork and the death signal's arming); it must not share the work dir.
+        let stale = super::supervise::end_processes_with_env(
+            protocol::CASE_ENV,
+            &case_file.to_string_lossy(),
+        );
+        if !stale.is_empty() {
+            eprintln!(
+                "warning: ended {} runner process(es) of case {id} left by an earlier run: {stale:?}",
+                stale.len()
+            );
+        }
         if work_dir.exists() {
             std::fs::remove_dir_all(&work_dir).with_context(|| {
                 format!("clearing a stale work directory {}", work_dir.display())
@@ -140,7 +155,7 @@ impl CaseRunner<'_> {
             };
             cmd.env(protocol::CASE_ENV, &case_file);
             let log_path = self.dir.join(&log_rel);
-            let Some(end) = run_logged(&mut cmd, &log_path, timeout)? else {
+            let Some((end, log_error)) = run_logged(&mut cmd, &log_path, timeout)? else {
                 return Ok(None);
             };
             let (outcome, detail, metrics, raw) = classify(&case, &end, timeout);
@@ -150,6 +165,7 @@ impl CaseRunner<'_> {
             r.exit_code = end.exit_code;
             r.signal = end.signal.map(signal_name);
             r.log = Some(log_rel.clone());
+            r.log_error = log_error;
             Ok(Some(r))
         })();
         if let Err(e) = std::fs::remove_dir_all(&work_dir) {
@@ -161,32 +177,73 @@ impl CaseRunner<'_> {
     }
 }
 
+/// The case's log file. A failed write (a full disk) is remembered instead of stopping the run:
+/// the case still gets its record, which says the log is incomplete.
+struct CaseLog {
+    file: Option<File>,
+    path: PathBuf,
+    error: Option<String>,
+}
+
+impl CaseLog {
+    fn create(path: &Path) -> CaseLog {
+        match File::create(path) {
+            Ok(f) => CaseLog {
+                file: Some(f),
+                path: path.to_path_buf(),
+                error: None,
+            },
+            Err(e) => CaseLog {
+                file: None,
+                path: path.to_path_buf(),
+                error: Some(format!("creating {} failed: {e}", path.display())),
+            },
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(f) = &mut self.file {
+            if let Err(e) = f.write_all(bytes) {
+                self.error = Some(format!(
+                    "writing {} failed: {e}; the log stops there",
+                    self.path.display()
+                ));
+                self.file = None;
+            }
+        }
+    }
+}
+
 /// Runs a runner with its output copied into `log_path`, keeping only what classification needs:
-/// the result lines, the stderr tail and whether stderr spoke of running out of memory.
-/// `Ok(None)` when interrupted (the group is already killed).
+/// the result lines (at most [`MAX_RESULT_BYTES`]), the stderr tail and whether stderr spoke of
+/// running out of memory. Also returns why the log is incomplete, if it is. `Ok(None)` when
+/// interrupted (the group is already killed).
 fn run_logged(
     cmd: &mut Command,
-    log_path: &PathBuf,
+    log_path: &Path,
     timeout: Duration,
-) -> Result<Option<ProcessEnd>> {
-    let mut log =
-        File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    writeln!(log, "== flexbench: {:?}", cmd)
-        .with_context(|| format!("writing {}", log_path.display()))?;
+) -> Result<Option<(ProcessEnd, Option<String>)>> {
+    let mut log = CaseLog::create(log_path);
+    log.write(format!("== flexbench: {cmd:?}\n").as_bytes());
     let mut result_lines = String::new();
+    let mut results_dropped = false;
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut stderr_oom = false;
     let ended = supervise(cmd, timeout, &interrupt::interrupted, |piece| {
-        let _ = log.write_all(&piece.bytes);
+        log.write(&piece.bytes);
         if !piece.bytes.ends_with(b"\n") {
-            let _ = log.write_all(b"\n");
+            log.write(b"\n");
         }
         let line = piece.text();
         match piece.stream {
             Stream::Stdout => {
                 if line.starts_with(protocol::RESULT_PREFIX) {
-                    result_lines.push_str(&line);
-                    result_lines.push('\n');
+                    if result_lines.len() + line.len() > MAX_RESULT_BYTES {
+                        results_dropped = true;
+                    } else {
+                        result_lines.push_str(&line);
+                        result_lines.push('\n');
+                    }
                 }
             }
             Stream::Stderr => {
@@ -203,12 +260,13 @@ fn run_logged(
         Err(e) if e.is::<CannotStart>() => {
             // Not a run-level error: the record says the runner could not be started.
             let msg = e.to_string();
-            let _ = writeln!(log, "== {msg}");
-            return Ok(Some(ProcessEnd {
+            log.write(format!("== {msg}\n").as_bytes());
+            let end = ProcessEnd {
                 exit_code: Some(127),
                 stderr_tail: msg,
                 ..Default::default()
-            }));
+            };
+            return Ok(Some((end, log.error)));
         }
         Err(e) => return Err(e),
     };
@@ -219,8 +277,15 @@ fn run_logged(
         // A process that left the group still holds the pipes; keep what we have and move on.
         tail.push_back("output pipes still held by a process that left the group".into());
     }
+    if results_dropped {
+        // Classified as a missing result: a runner that floods result lines is broken.
+        result_lines.clear();
+        tail.push_back(format!(
+            "result lines beyond {MAX_RESULT_BYTES} bytes were not kept (see the log)"
+        ));
+    }
     let stderr_tail = Vec::from(tail).join("\n");
-    Ok(Some(ProcessEnd {
+    let end = ProcessEnd {
         exit_code: ended.status.and_then(|s| s.code()),
         signal: ended
             .status
@@ -231,7 +296,8 @@ fn run_logged(
         stderr_oom,
         stderr_tail,
         result_lines,
-    }))
+    };
+    Ok(Some((end, log.error)))
 }
 
 /// Runs one case through `backend` the way the orchestrator does (case file, prepare, command,

@@ -2,9 +2,16 @@
 //! terminal's Ctrl-C reaches only the orchestrator, which kills the running child's group itself
 //! and stops. A second interrupt exits at once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The process group of the runner being supervised (0 = none), for the second interrupt.
+static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Tells the handler which group to kill if the user will not wait for the cleanup.
+pub fn set_running_group(pgid: i32) {
+    RUNNING_GROUP.store(pgid, Ordering::SeqCst);
+}
 
 /// Whether Ctrl-C (SIGINT), SIGTERM or SIGHUP arrived during the run.
 pub fn interrupted() -> bool {
@@ -14,8 +21,14 @@ pub fn interrupted() -> bool {
 extern "C" fn on_interrupt(_sig: libc::c_int) {
     // A second interrupt means the user does not want to wait for the cleanup.
     if INTERRUPTED.swap(true, Ordering::SeqCst) {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
+        let group = RUNNING_GROUP.load(Ordering::SeqCst);
+        // SAFETY: killpg and _exit are async-signal-safe.
+        unsafe {
+            if group > 0 {
+                libc::killpg(group, libc::SIGKILL);
+            }
+            libc::_exit(130)
+        };
     }
 }
 

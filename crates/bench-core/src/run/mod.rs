@@ -102,8 +102,9 @@ impl fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// The directory holding a suite's results.
-pub fn suite_dir(out_dir: &Path, suite: &str) -> PathBuf {
-    out_dir.join(suite)
+pub fn suite_dir(out_dir: &Path, suite: &str) -> Result<PathBuf> {
+    crate::suite::check_suite_name(suite).map_err(anyhow::Error::msg)?;
+    Ok(out_dir.join(suite))
 }
 
 /// Runs `cases` of suite `suite` with the given backends. Returns an error only for problems of
@@ -115,7 +116,7 @@ pub fn run_suite(
     backends: &[Box<dyn Backend>],
     opts: &RunOptions,
 ) -> Result<Summary> {
-    let dir = suite_dir(&opts.out_dir, suite);
+    let dir = suite_dir(&opts.out_dir, suite)?;
     let mut store = Store::open(&dir)?;
     for sub in ["logs", "cases", "work"] {
         std::fs::create_dir_all(dir.join(sub))

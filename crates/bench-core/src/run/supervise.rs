@@ -6,6 +6,12 @@
 //! order, to the caller on the calling thread, so a runner printing one huge line never makes the
 //! supervisor hold more than a few pieces. At the timeout, on an interrupt, and after a normal
 //! exit (to end whatever the runner left behind holding the pipes) the whole group is killed.
+//!
+//! The group also dies with the supervisor when that is killed outright (`kill -9`, the OOM
+//! killer): the runner asks the kernel for SIGKILL when its parent dies (`PR_SET_PDEATHSIG`,
+//! checked right after it is set, for a parent that died first), and a small forked guard,
+//! which has the same arrangement with a signal it can catch, kills the rest of the group
+//! (a launcher's workers do not inherit the runner's death signal).
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -83,14 +89,31 @@ pub fn supervise(
 ) -> Result<Ended> {
     let started = Instant::now();
     let oom_before = oom_kill_count();
+    // SAFETY: getpid has no preconditions.
+    let supervisor = unsafe { libc::getpid() };
     cmd.process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died before the death signal was armed.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| CannotStart(format!("cannot start {:?}: {e}", cmd.get_program())))?;
     let pgid = child.id() as i32;
+    let guard = GroupGuard::start(pgid, supervisor);
+    super::interrupt::set_running_group(pgid);
     // Bounded: a child printing faster than we write waits for us instead of filling memory.
     let (tx, rx) = mpsc::sync_channel::<Piece>(4);
     let pumps = [
@@ -129,7 +152,10 @@ pub fn supervise(
     // (launcher workers, ...), which would keep the pipes open. The runner is not reaped yet,
     // so its pid, and with it the group id, cannot have been reused.
     kill_group(pgid);
-    let status = child.wait().context("waiting for the runner")?;
+    let status = child.wait().context("waiting for the runner");
+    super::interrupt::set_running_group(0);
+    drop(guard);
+    let status = status?;
     let drain_until = Instant::now() + PIPE_DRAIN_TIMEOUT;
     let drained = loop {
         let left = drain_until.saturating_duration_since(Instant::now());
@@ -203,6 +229,99 @@ fn pump(
             }
         }
     })
+}
+
+/// Kills the process groups of live processes whose environment has `key=value`, and waits (a
+/// few seconds at most) for them to go; returns their pids. The orchestrator names each case's
+/// file in its runner's environment, so this finds a runner a killed orchestrator left behind
+/// before a rerun reuses its work directory.
+pub fn end_processes_with_env(key: &str, value: &str) -> Vec<i32> {
+    let needle = format!("{key}={value}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    for &pid in &found {
+        // SAFETY: plain syscalls; a process gone in between gives ESRCH, which is fine.
+        unsafe {
+            let group = libc::getpgid(pid);
+            if group > 0 {
+                libc::killpg(group, libc::SIGKILL);
+            }
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while found.iter().any(|&p| alive(p)) && Instant::now() < until {
+        std::thread::sleep(POLL);
+    }
+    found
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with(['Z', 'X'])
+        })
+        .unwrap_or(false)
+}
+
+/// A forked process that kills the runner's group if the supervisor dies first: the runner's
+/// own death signal reaches only the runner, not the workers it started.
+struct GroupGuard(Option<libc::pid_t>);
+
+/// The signal the kernel sends the guard when the supervisor dies.
+const GUARD_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+impl GroupGuard {
+    fn start(pgid: i32, supervisor: libc::pid_t) -> GroupGuard {
+        // SAFETY: after fork the child runs only async-signal-safe calls (signal masks, prctl,
+        // getppid, sigwaitinfo, killpg, _exit) and never returns into Rust code.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, GUARD_SIGNAL);
+            match libc::fork() {
+                0 => {
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    libc::prctl(libc::PR_SET_PDEATHSIG, GUARD_SIGNAL);
+                    if libc::getppid() == supervisor {
+                        // Returns on the death signal; the supervisor ends a guard with SIGKILL.
+                        while libc::sigwaitinfo(&set, std::ptr::null_mut()) < 0 {}
+                    }
+                    libc::killpg(pgid, libc::SIGKILL);
+                    libc::_exit(0);
+                }
+                -1 => GroupGuard(None), // no guard: the runner's own death signal still holds
+                pid => GroupGuard(Some(pid)),
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: ending and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
 }
 
 /// Whether the child has exited, leaving it a zombie (WNOWAIT) so its pid stays reserved.
@@ -314,5 +433,37 @@ mod tests {
         let e = capture(Command::new("/nonexistent/runner"), Duration::from_secs(1)).unwrap_err();
         assert!(e.is::<CannotStart>());
         assert!(format!("{e:#}").contains("/nonexistent/runner"), "{e:#}");
+    }
+
+    #[test]
+    fn a_runner_left_behind_is_found_by_its_case_file_and_ended() {
+        let marker = format!("/tmp/flexbench-stale-{}.json", std::process::id());
+        let mut stale = Command::new("sh")
+            .arg("-c")
+            .arg("sleep 60 & wait")
+            .env("FLEXBENCH_CASE", &marker)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let needle = format!("FLEXBENCH_CASE={marker}");
+        let with_marker = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read(e.path().join("environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+                })
+                .count()
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while with_marker() < 2 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ended = end_processes_with_env("FLEXBENCH_CASE", &marker);
+        assert!(ended.contains(&(stale.id() as i32)), "{ended:?}");
+        assert!(ended.len() >= 2, "the shell and its sleep: {ended:?}");
+        let _ = stale.wait();
+        assert!(end_processes_with_env("FLEXBENCH_CASE", &marker).is_empty());
     }
 }
