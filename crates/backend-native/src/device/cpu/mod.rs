@@ -21,7 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 use rayon::prelude::*;
 
-use super::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, OutOfMemory, Sampling};
+pub use super::alloc::try_zeros;
+use super::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, Sampling};
 
 /// Precision of the CPU device's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,19 +170,6 @@ impl CpuTensor {
             s => bail!("{what}: expected a 2-D tensor, got shape {s:?}"),
         }
     }
-}
-
-/// Allocates a zero-filled vector, reporting failure as [`OutOfMemory`] instead of aborting.
-pub fn try_zeros<T: Clone + Default>(n: usize) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        anyhow::Error::new(OutOfMemory {
-            device: "cpu".into(),
-            bytes: (n * std::mem::size_of::<T>()) as u64,
-        })
-    })?;
-    v.resize(n, T::default());
-    Ok(v)
 }
 
 /// The CPU device.
