@@ -12,6 +12,7 @@ pub mod convert;
 pub mod matmul;
 pub mod pool;
 pub mod profile;
+pub mod shared_out;
 pub mod simd;
 pub mod wide;
 
@@ -23,18 +24,7 @@ use rayon::prelude::*;
 
 pub use super::alloc::try_zeros;
 use super::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, Sampling};
-
-/// Precision of the CPU device's matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MatmulMode {
-    /// f32 math on fp16-stored weights: the default and the reference for correctness.
-    #[default]
-    F32,
-    /// Inputs rounded to bf16, products accumulated in f32 by AVX-512 BF16 dot products, for
-    /// products of many rows (prefill); few-row products stay on the f32 matrix-vector path.
-    /// Needs a CPU with avx512_bf16. Not bit-comparable with the f32 reference.
-    Bf16,
-}
+pub use matmul::MatmulMode;
 
 /// Options of the CPU device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
