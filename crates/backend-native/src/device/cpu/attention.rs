@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{CpuTensor, Storage};
+use super::tensor::{CpuTensor, Storage};
 use crate::device::{AttnShape, DeviceTensor};
 
 fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
