@@ -1,6 +1,6 @@
 //! The background threads' work queues: each thread (disk, transfer) runs jobs from a
 //! two-level queue, cache jobs before weight prefetches, and hands results back through a
-//! [`Pending`] whose wait counts as I/O wait. Without overlap the jobs run inline instead.
+//! `Pending` whose wait counts as I/O wait. Without overlap the jobs run inline instead.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::Receiver;

@@ -1,4 +1,4 @@
-//! The state of one offloaded generation ([`Run`]), shared by the step loop and the modules
+//! The state of one offloaded generation (`Run`), shared by the step loop and the modules
 //! that move data for it, and the options it runs under ([`ScheduleOptions`]).
 
 use std::collections::{HashMap, VecDeque};

@@ -1,5 +1,5 @@
 //! Launching the kernels of `kernels/` on the compute stream: the grid shapes the ops use, and
-//! [`launch!`], the one place that looks a kernel up, passes its arguments and turns a driver
+//! `launch!`, the one place that looks a kernel up, passes its arguments and turns a driver
 //! error into one that names the kernel.
 
 use cudarc::driver::LaunchConfig;
