@@ -1,8 +1,8 @@
 //! [`CudaTensor`]: device memory with a shape and an element type, and the shape check the ops
 //! share.
 //!
-//! A tensor is raw bytes (`CudaSlice<u8>`) so that one buffer type serves every dtype and the
-//! offloader's pools can refill a buffer in place; typed views are made where cuBLAS needs them.
+//! Its memory is raw bytes (`CudaSlice<u8>`) whatever the dtype: kernels take raw addresses, and
+//! typed views are made only where cuBLAS needs them.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
