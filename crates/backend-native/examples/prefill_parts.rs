@@ -2,7 +2,7 @@
 //! weights per layer: `cargo run --release -p backend-native --example prefill_parts [rows]`.
 use std::time::Instant;
 
-use backend_native::device::cpu::{matmul, MatmulMode};
+use backend_native::device::cpu::{convert, matmul, MatmulMode};
 use half::f16;
 
 // the runner's allocator, so that memory behaves as in `flexbench-native`
@@ -43,7 +43,7 @@ fn run() {
             times.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
             for w in &ws {
-                std::hint::black_box(matmul::to_f32(w));
+                std::hint::black_box(convert::to_f32(w));
             }
             conv.push(t.elapsed().as_secs_f64());
         }

@@ -27,6 +27,7 @@
 //! needs nothing new (the host-memory transfer methods: [`Device::alloc_host`],
 //! [`Device::upload_async`], [`Device::async_uploads`], [`Device::wait_fence`]).
 
+pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 
@@ -35,7 +36,7 @@ use std::fmt;
 use anyhow::Result;
 use half::f16;
 
-pub use crate::offload::direct::AlignedBuf;
+pub use self::alloc::{is_out_of_memory, AlignedBuf, OutOfMemory};
 
 /// Element type of a device tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,33 +81,6 @@ impl HostSlice<'_> {
             HostSlice::U32(_) => DType::U32,
         }
     }
-}
-
-/// Marker error: an allocation failed on the device (or in host memory for the CPU device).
-/// Put it in an error chain (`anyhow::Error::new(OutOfMemory{..})`) and test with
-/// [`is_out_of_memory`].
-#[derive(Debug, Clone)]
-pub struct OutOfMemory {
-    pub device: String,
-    pub bytes: u64,
-}
-
-impl fmt::Display for OutOfMemory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "out of memory on {}: could not allocate {} bytes",
-            self.device, self.bytes
-        )
-    }
-}
-
-impl std::error::Error for OutOfMemory {}
-
-/// Whether an error chain contains an [`OutOfMemory`].
-pub fn is_out_of_memory(err: &anyhow::Error) -> bool {
-    err.chain()
-        .any(|e| e.downcast_ref::<OutOfMemory>().is_some())
 }
 
 /// What a device tensor tells about itself.

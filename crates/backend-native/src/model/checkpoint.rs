@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 
-use crate::device::cpu::try_zeros;
+use crate::device::alloc::try_zeros;
 use bench_core::dummy;
 
 /// A source of fp16 weight tensors.

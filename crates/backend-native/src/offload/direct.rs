@@ -1,142 +1,23 @@
-//! The disk tier's I/O: 4096-byte aligned host buffers and files opened with `O_DIRECT`, so that
-//! the page cache neither helps nor hides the disk's speed; and the offload directory itself
-//! (checked before generation, one private subdirectory per run, removed on drop).
+//! The disk tier's I/O: files opened with `O_DIRECT` (read and written through the 4096-byte
+//! aligned buffers of [`crate::device::alloc`]), so that the page cache neither helps nor hides
+//! the disk's speed; and the offload directory itself (checked before generation, one private
+//! subdirectory per run, removed on drop).
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
-use half::f16;
 
 use super::stats::{Link, Stats};
-use crate::device::OutOfMemory;
-
-/// Alignment of O_DIRECT offsets, lengths and buffers (the page size; every Linux block device's
-/// logical block size divides it).
-pub const ALIGN: usize = 4096;
+pub use crate::device::alloc::{align_up, AlignedBuf, ALIGN};
 
 /// Bytes per read request of [`DirectFile::read_at`].
 pub const REQUEST: usize = 16 << 20;
 
 /// Read requests [`DirectFile::read_at`] keeps in flight.
 pub const QUEUE_DEPTH: usize = 4;
-
-/// `n` rounded up to a multiple of [`ALIGN`].
-pub fn align_up(n: usize) -> usize {
-    n.div_ceil(ALIGN) * ALIGN
-}
-
-/// A zero-initialized host buffer aligned to [`ALIGN`], its length a multiple of [`ALIGN`].
-/// Either heap memory of its own or memory a device allocated ([`AlignedBuf::from_owner`]: pinned
-/// host memory on CUDA), which the device recognises again through [`AlignedBuf::owner`].
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-    /// The allocation the bytes belong to; `None` = our own heap allocation.
-    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
-}
-
-// SAFETY: the buffer is uniquely owned memory, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    /// At least `len` bytes (rounded up to [`ALIGN`]); an allocation failure is [`OutOfMemory`].
-    pub fn new(len: usize) -> Result<AlignedBuf> {
-        let len = align_up(len.max(1));
-        let layout = Layout::from_size_align(len, ALIGN).context("aligned buffer layout")?;
-        // SAFETY: layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(anyhow::Error::new(OutOfMemory {
-                device: "host".into(),
-                bytes: len as u64,
-            }));
-        }
-        Ok(AlignedBuf {
-            ptr,
-            len,
-            owner: None,
-        })
-    }
-
-    /// A view of memory owned by `owner` (freed when the buffer drops), zero-filled here.
-    ///
-    /// # Safety
-    /// `ptr` must be valid for reads and writes of `len` bytes for as long as `owner` lives, and
-    /// nothing else may access that memory meanwhile.
-    pub unsafe fn from_owner(
-        ptr: *mut u8,
-        len: usize,
-        owner: Box<dyn std::any::Any + Send + Sync>,
-    ) -> Result<AlignedBuf> {
-        ensure!(
-            (ptr as usize).is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) && len > 0,
-            "device host memory at {ptr:p} of {len} bytes is not {ALIGN}-byte aligned"
-        );
-        // SAFETY: valid for len bytes (the caller's promise).
-        unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        Ok(AlignedBuf {
-            ptr,
-            len,
-            owner: Some(owner),
-        })
-    }
-
-    /// The allocation behind the bytes, if a device made it and it is a `T`.
-    pub fn owner<T: 'static>(&self) -> Option<&T> {
-        self.owner.as_ref()?.downcast_ref::<T>()
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialized bytes while self lives.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees uniqueness.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-    /// `n` f16 values starting at byte `offset` (which must be even; ours are 4096-aligned).
-    pub fn f16s(&self, offset: usize, n: usize) -> &[f16] {
-        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
-        // SAFETY: in bounds (checked), 2-byte aligned (ptr is 4096-aligned, offset even), and
-        // every bit pattern is a valid f16.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f16, n) }
-    }
-    pub fn f16s_mut(&mut self, offset: usize, n: usize) -> &mut [f16] {
-        assert!(offset.is_multiple_of(2) && offset + 2 * n <= self.len);
-        // SAFETY: as in f16s, with unique access through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f16, n) }
-    }
-    pub fn f32s(&self, offset: usize, n: usize) -> &[f32] {
-        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
-        // SAFETY: in bounds, 4-byte aligned, every bit pattern is a valid f32.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(offset) as *const f32, n) }
-    }
-    pub fn f32s_mut(&mut self, offset: usize, n: usize) -> &mut [f32] {
-        assert!(offset.is_multiple_of(4) && offset + 4 * n <= self.len);
-        // SAFETY: as in f32s, with unique access through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset) as *mut f32, n) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if self.owner.is_some() {
-            return; // the owner frees its memory when it drops
-        }
-        // SAFETY: allocated in `new` with this exact layout.
-        unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, ALIGN)) }
-    }
-}
 
 /// A file of the disk tier. Offsets and lengths of every read and write are multiples of
 /// [`ALIGN`] and buffers are [`AlignedBuf`]s, as O_DIRECT requires.
@@ -593,28 +474,6 @@ mod tests {
             |_, _, _| Ok(()),
         );
         assert!(r.is_err());
-    }
-
-    /// Device memory wrapped as a buffer (pinned memory on CUDA): zeroed, recognised again by
-    /// its owner's type, freed by the owner only; misaligned memory is refused.
-    #[test]
-    fn buffers_over_owned_memory() {
-        let mut inner = AlignedBuf::new(2 * ALIGN).unwrap();
-        inner.bytes_mut().fill(7);
-        let ptr = inner.bytes_mut().as_mut_ptr();
-        // SAFETY: inner's memory lives in the owner box and nothing else touches it.
-        let mut b = unsafe { AlignedBuf::from_owner(ptr, 2 * ALIGN, Box::new(inner)) }.unwrap();
-        assert!(b.bytes().iter().all(|&x| x == 0));
-        assert!(b.owner::<AlignedBuf>().is_some());
-        assert!(b.owner::<u32>().is_none());
-        b.f16s_mut(2, 3).fill(f16::ONE);
-        assert_eq!(b.f16s(2, 3), &[f16::ONE; 3]);
-        assert!(AlignedBuf::new(10).unwrap().owner::<AlignedBuf>().is_none());
-        let mut other = AlignedBuf::new(2 * ALIGN).unwrap();
-        let p = other.bytes_mut().as_mut_ptr();
-        // SAFETY: refused before any access.
-        let bad = unsafe { AlignedBuf::from_owner(p.wrapping_add(1), ALIGN, Box::new(())) };
-        assert!(bad.is_err());
     }
 
     #[test]

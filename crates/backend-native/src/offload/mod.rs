@@ -5,7 +5,8 @@
 //! - [`placement`]: the policy's percents -> a tier per weight tensor and per sequence's cache;
 //! - [`weights`]: weights on their tiers, fetched to the compute device one unit at a time;
 //! - [`cache`]: the KV cache split by whole sequences;
-//! - [`direct`]: O_DIRECT files, aligned buffers, the offload directory;
+//! - [`direct`]: O_DIRECT files and the offload directory (the aligned buffers they need are
+//!   [`crate::device::alloc`]'s, re-exported here);
 //! - [`stats`]: bytes per link, memory per tier, I/O wait against compute time.
 //!
 //! "Compute memory" is whatever the [`crate::device::Device`] allocates; "host memory" is RAM;

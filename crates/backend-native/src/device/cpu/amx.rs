@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-use super::matmul::SharedOut;
+use super::shared_out::SharedOut;
 use rayon::prelude::*;
 
 const TILE_K: usize = 32; // bf16 values per A-tile row (64 bytes)

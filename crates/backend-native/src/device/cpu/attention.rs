@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{CpuTensor, Storage};
+use super::tensor::{CpuTensor, Storage};
 use crate::device::{AttnShape, DeviceTensor};
 
 fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
@@ -75,7 +75,7 @@ pub fn append_kv(
     Ok(())
 }
 
-pub use super::simd::{axpy, dot};
+use super::simd::{axpy, dot};
 
 fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> Result<()> {
     buf.clear();

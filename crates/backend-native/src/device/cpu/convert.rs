@@ -4,6 +4,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// `dst[i] = src[i] as f32`.
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
@@ -31,6 +32,15 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
         }
     }
     dst.convert_from_f32_slice(src);
+}
+
+/// Converts fp16 weights to f32 in parallel chunks.
+pub fn to_f32(w: &[f16]) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(w.par_chunks(1 << 16))
+        .for_each(|(o, i)| f16_to_f32(i, o));
+    out
 }
 
 #[cfg(target_arch = "x86_64")]

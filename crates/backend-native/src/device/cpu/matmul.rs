@@ -16,7 +16,19 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::MatmulMode;
+use super::shared_out::SharedOut;
+
+/// Precision of the CPU device's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulMode {
+    /// f32 math on fp16-stored weights: the default and the reference for correctness.
+    #[default]
+    F32,
+    /// Inputs rounded to bf16, products accumulated in f32 by AVX-512 BF16 dot products, for
+    /// products of many rows (prefill); few-row products stay on the f32 matrix-vector path.
+    /// Needs a CPU with avx512_bf16. Not bit-comparable with the f32 reference.
+    Bf16,
+}
 
 /// Rows up to which the matrix-vector path beats the GEMM even on a kept f32 copy of `W`: the
 /// GEMM's packing does not pay for itself on thin products. Measured with `--example ops` (f32
@@ -201,15 +213,6 @@ pub fn linear_reference(
     out
 }
 
-/// Converts fp16 weights to f32 in parallel chunks.
-pub fn to_f32(w: &[f16]) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    out.par_chunks_mut(1 << 16)
-        .zip(w.par_chunks(1 << 16))
-        .for_each(|(o, i)| super::convert::f16_to_f32(i, o));
-    out
-}
-
 /// Output columns per GEMM task at least: below this a task's product is too thin to run well.
 const GEMM_MIN_COLS: usize = 64;
 
@@ -282,23 +285,6 @@ fn gemm_f32(
 /// a few tasks per thread still balance the load when a core is busy elsewhere.
 const MATVEC_TASKS_PER_THREAD: usize = 2;
 
-/// The output pointer shared by tasks that write disjoint parts of it (the matrix-vector and
-/// GEMM paths here, the AMX path in [`super::amx`]).
-#[derive(Clone, Copy)]
-pub(super) struct SharedOut(pub(super) *mut f32);
-
-// SAFETY: tasks write disjoint elements, and the output outlives the parallel loop (each user
-// borrows it mutably around the loop).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so closures capture the whole (Send, Sync) wrapper, not the raw field.
-    pub(super) fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The matrix-vector path of [`linear_group`]: the weights of all parts, one after another,
 /// split into contiguous blocks of rows, one per task; each task adds the bias and ReLU to the
 /// columns it wrote while they are in cache.
@@ -352,7 +338,7 @@ fn matvec_row(row: &[f16], x: &[f32], k: usize, dst: &mut [f32]) {
         let len = (k - p0).min(256);
         row[p0..p0 + len].convert_to_f32_slice(&mut buf[..len]);
         for (i, d) in dst.iter_mut().enumerate() {
-            *d += super::attention::dot(&buf[..len], &x[i * k + p0..i * k + p0 + len]);
+            *d += super::simd::dot(&buf[..len], &x[i * k + p0..i * k + p0 + len]);
         }
     }
 }

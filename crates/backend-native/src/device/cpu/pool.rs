@@ -27,7 +27,7 @@ pub fn take_f32(n: usize) -> Result<Vec<f32>> {
             return Ok(pool.swap_remove(i));
         }
     }
-    super::try_zeros(n)
+    crate::device::alloc::try_zeros(n)
 }
 
 /// Gives a dropped tensor's buffer back for reuse (or frees it when the pool is full).

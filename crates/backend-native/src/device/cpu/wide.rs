@@ -60,7 +60,7 @@ fn reserve(bytes: usize) -> bool {
 
 /// `w` as f32 from `cell`, converted on first use; None when the budget is spent.
 pub fn get<'a>(cell: &'a WideCell, w: &[f16]) -> Option<&'a [f32]> {
-    cell.get_or_init(|| reserve(w.len() * 4).then(|| Arc::new(WideCopy(super::matmul::to_f32(w)))))
+    cell.get_or_init(|| reserve(w.len() * 4).then(|| Arc::new(WideCopy(super::convert::to_f32(w)))))
         .as_deref()
         .map(|c| c.0.as_slice())
 }

@@ -208,7 +208,7 @@ impl crate::device::FenceImpl for CudaFence {
 /// O_DIRECT reads need too). Write-combined: the CPU only fills these buffers (weights, disk
 /// reads) and the GPU reads them.
 pub fn pinned_aligned(ctx: &Arc<CudaContext>, bytes: usize) -> Result<crate::device::AlignedBuf> {
-    let len = crate::offload::direct::align_up(bytes.max(1));
+    let len = crate::device::alloc::align_up(bytes.max(1));
     let mut pinned = PinnedBuffer::new(ctx, len, PinnedUse::Upload)?;
     let ptr = pinned
         .buf
