@@ -170,10 +170,6 @@ mod tests {
         assert!(f("batch_size=8").matches(&a));
         assert!(f("cut_gen_len=none").matches(&a));
         assert!(f("device=cuda").matches(&a));
-        assert!(
-            !f("prompt_len.x=1").matches(&a),
-            "a path that does not exist matches nothing"
-        );
         let mut c = b.clone();
         c.weights = Weights::Checkpoint("/m/opt".into());
         assert!(f("weights.checkpoint=/m/opt").matches(&c));
@@ -196,5 +192,15 @@ mod tests {
         );
         assert!(Filter::parse("model=").is_err());
         assert!(Filter::parse("placement..x=1").is_err());
+        // A path that does not exist is named, not left to match nothing.
+        let e = Filter::parse("placement.nosuch=true")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no part `nosuch`") && e.contains("cpu_attention"),
+            "{e}"
+        );
+        let e = Filter::parse("prompt_len.x=1").unwrap_err().to_string();
+        assert!(e.contains("`prompt_len` has no parts"), "{e}");
     }
 }

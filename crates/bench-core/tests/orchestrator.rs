@@ -565,6 +565,8 @@ fn a_runner_printing_a_huge_line_does_not_fill_the_orchestrator_s_memory() {
     let tmp = TempDir::new("flood");
     let suite = write_suite(&tmp.0, "flood", &[case("flood", 8, "")]);
     let out = tmp.0.join("results");
+    // Reaped by wait4 below, which also reports its peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(DRIVER)
         .arg(&suite)
         .arg(&out)

@@ -3,6 +3,8 @@
 use anyhow::{Context, Result};
 use bench_core::ModelConfig;
 
+use bench_core::model::layout;
+
 use super::checkpoint::TensorSource;
 use crate::device::{Device, DeviceTensor, HostSlice};
 
@@ -38,11 +40,10 @@ pub struct LayerWeights<T> {
     pub mlp: MlpWeights<T>,
 }
 
-/// Tensors of an attention half, in [`layer_tensor_names`] order.
-pub const ATTN_TENSORS: usize = 10;
+pub use bench_core::model::layout::ATTN_TENSORS;
 
 impl<T> AttnWeights<T> {
-    /// From its tensors in [`layer_tensor_names`] order (the first [`ATTN_TENSORS`]).
+    /// From its tensors in [`layout::layer_tensors`] order (the first [`ATTN_TENSORS`]).
     pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<AttnWeights<T>> {
         Some(AttnWeights {
             q_w: t.next()?,
@@ -66,7 +67,7 @@ impl<T> AttnWeights<T> {
 }
 
 impl<T> MlpWeights<T> {
-    /// From its tensors in [`layer_tensor_names`] order (the last six).
+    /// From its tensors in [`layout::layer_tensors`] order (the last six).
     pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<MlpWeights<T>> {
         Some(MlpWeights {
             fc1_w: t.next()?,
@@ -90,14 +91,14 @@ impl<T> MlpWeights<T> {
 }
 
 impl<T> LayerWeights<T> {
-    /// From its 16 tensors in [`layer_tensor_names`] order.
+    /// From its 16 tensors in [`layout::layer_tensors`] order.
     pub fn from_tensors(t: &mut impl Iterator<Item = T>) -> Option<LayerWeights<T>> {
         Some(LayerWeights {
             attn: AttnWeights::from_tensors(t)?,
             mlp: MlpWeights::from_tensors(t)?,
         })
     }
-    /// Every tensor, in [`layer_tensor_names`] order.
+    /// Every tensor, in [`layout::layer_tensors`] order.
     pub fn all(&self) -> impl Iterator<Item = &T> {
         self.attn.all().into_iter().chain(self.mlp.all())
     }
@@ -121,27 +122,6 @@ impl<T> GlobalWeights<T> {
     }
 }
 
-/// (name, shape) of every tensor of layer `i`: the attention half ([`ATTN_TENSORS`] of them),
-/// then the MLP half, in [`AttnWeights`] and [`MlpWeights`] field order.
-pub fn layer_tensor_names(cfg: &ModelConfig, i: usize) -> Vec<(String, Vec<usize>)> {
-    let (h, f) = (cfg.hidden_size, cfg.ffn_dim);
-    let l = format!("model.decoder.layers.{i}");
-    let mut v = Vec::new();
-    for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-        v.push((format!("{l}.self_attn.{p}.weight"), vec![h, h]));
-        v.push((format!("{l}.self_attn.{p}.bias"), vec![h]));
-    }
-    v.push((format!("{l}.self_attn_layer_norm.weight"), vec![h]));
-    v.push((format!("{l}.self_attn_layer_norm.bias"), vec![h]));
-    v.push((format!("{l}.fc1.weight"), vec![f, h]));
-    v.push((format!("{l}.fc1.bias"), vec![f]));
-    v.push((format!("{l}.fc2.weight"), vec![h, f]));
-    v.push((format!("{l}.fc2.bias"), vec![h]));
-    v.push((format!("{l}.final_layer_norm.weight"), vec![h]));
-    v.push((format!("{l}.final_layer_norm.bias"), vec![h]));
-    v
-}
-
 fn upload<D: Device>(
     dev: &D,
     src: &dyn TensorSource,
@@ -160,12 +140,12 @@ pub fn load_layer<D: Device>(
     cfg: &ModelConfig,
     i: usize,
 ) -> Result<LayerWeights<D::Tensor>> {
-    let mut t = layer_tensor_names(cfg, i)
+    let mut t = layout::layer_tensors(cfg, i)
         .into_iter()
-        .map(|(n, s)| upload(dev, src, &n, &s))
+        .map(|s| upload(dev, src, &s.name, &s.shape))
         .collect::<Result<Vec<_>>>()?
         .into_iter();
-    Ok(LayerWeights::from_tensors(&mut t).expect("layer_tensor_names lists 16 tensors"))
+    Ok(LayerWeights::from_tensors(&mut t).expect("a layer has 16 tensors"))
 }
 
 /// Loads the non-layer tensors from `src` onto `dev`.
@@ -174,47 +154,24 @@ pub fn load_globals<D: Device>(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
 ) -> Result<GlobalWeights<D::Tensor>> {
-    let (h, e, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
-    let p = "model.decoder";
-    let projected = e != h;
+    let load = |spec: layout::TensorSpec| upload(dev, src, &spec.name, &spec.shape);
+    let (project_in, project_out) = match layout::projections(cfg) {
+        Some((p_in, p_out)) => (Some(load(p_in)?), Some(load(p_out)?)),
+        None => (None, None),
+    };
+    let final_ln = match layout::final_layer_norm(cfg) {
+        Some((w, b)) => Some((load(w)?, load(b)?)),
+        None => None,
+    };
+    let lm_head = layout::lm_head(cfg);
     Ok(GlobalWeights {
-        embed_tokens: upload(dev, src, &format!("{p}.embed_tokens.weight"), &[v, e])?,
-        embed_positions: upload(
-            dev,
-            src,
-            &format!("{p}.embed_positions.weight"),
-            &[cfg.max_position_embeddings + 2, h],
-        )?,
-        project_in: if projected {
-            Some(upload(
-                dev,
-                src,
-                &format!("{p}.project_in.weight"),
-                &[h, e],
-            )?)
-        } else {
-            None
-        },
-        project_out: if projected {
-            Some(upload(
-                dev,
-                src,
-                &format!("{p}.project_out.weight"),
-                &[e, h],
-            )?)
-        } else {
-            None
-        },
-        final_ln: if cfg.do_layer_norm_before {
-            Some((
-                upload(dev, src, &format!("{p}.final_layer_norm.weight"), &[h])?,
-                upload(dev, src, &format!("{p}.final_layer_norm.bias"), &[h])?,
-            ))
-        } else {
-            None
-        },
-        lm_head: if src.contains("lm_head.weight") {
-            Some(upload(dev, src, "lm_head.weight", &[v, e])?)
+        embed_tokens: load(layout::embed_tokens(cfg))?,
+        embed_positions: load(layout::embed_positions(cfg))?,
+        project_in,
+        project_out,
+        final_ln,
+        lm_head: if src.contains(&lm_head.name) {
+            Some(load(lm_head)?)
         } else {
             None
         },

@@ -16,7 +16,7 @@ use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 
 use super::lt::LtGemm;
 use super::memory::{self, dptr, dptr_mut, CopyStreams};
-use super::module::{default_cache_root, KernelSet};
+use super::module::KernelSet;
 use super::presence;
 // re-exported where it was before the split, `device::cuda::device::CudaTensor`
 pub use super::tensor::CudaTensor;
@@ -67,7 +67,7 @@ impl CudaDevice {
             .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
         let root = cache_root
             .map(Path::to_path_buf)
-            .unwrap_or_else(default_cache_root);
+            .unwrap_or_else(bench_core::dirs::cache_dir);
         let kernels = KernelSet::load(&ctx, &root)?;
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)

@@ -186,18 +186,7 @@ pub fn find_cuda_include() -> Option<PathBuf> {
             return Some(inc);
         }
     }
-    wheel_toolkit(&default_cache_root().join("nvrtc")).map(|t| t.include)
-}
-
-/// `$FLEXBENCH_CACHE`, else `~/.cache/flexbench`.
-pub fn default_cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("FLEXBENCH_CACHE") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("flexbench")
+    wheel_toolkit(&bench_core::dirs::cache_dir().join("nvrtc")).map(|t| t.include)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -267,7 +256,7 @@ mod tests {
     /// neither is there, since a GPU-less machine need not have either.
     #[test]
     fn kernels_compile_with_nvrtc_when_available() {
-        let wheel = wheel_toolkit(&default_cache_root().join("nvrtc"));
+        let wheel = wheel_toolkit(&bench_core::dirs::cache_dir().join("nvrtc"));
         let nv = match find_nvrtc() {
             Ok(n) => n,
             Err(_) => match &wheel {

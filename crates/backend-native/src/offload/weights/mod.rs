@@ -15,7 +15,7 @@
 //! [`TieredWeights::fetch_staged`]: 8 MiB reads into a ring of three hot staging buffers, each
 //! copied into its tensors as it arrives, which reads faster than DMA into unit-sized buffers.
 //!
-//! - [`plan`]: where each tensor goes ([`WeightPlan`]), over the list of [`non_layer_tensors`];
+//! - [`plan`]: where each tensor goes ([`WeightPlan`]), over bench-core's tensor layout;
 //! - [`store`]: [`TieredWeights`], the tensors put on their tiers and the unit files' layout;
 //! - [`fetch`] (two stages) and [`staged`] (one job, CPU device): fetches into [`Fetched`]
 //!   ([`fetched`]);
@@ -23,7 +23,6 @@
 
 pub mod fetch;
 pub mod fetched;
-pub mod non_layer_tensors;
 pub mod plan;
 pub mod pool;
 pub mod staged;

@@ -3,8 +3,8 @@
 
 use bench_core::{ModelConfig, Policy};
 
-use super::non_layer_tensors::{input_tensors, output_tensors};
-use crate::model::weights::{layer_tensor_names, ATTN_TENSORS};
+use bench_core::model::layout::{self, TensorSpec, ATTN_TENSORS};
+
 use crate::offload::direct::align_up;
 use crate::offload::placement::{place_weights, Tier};
 
@@ -43,28 +43,24 @@ impl WeightPlan {
     pub fn new(cfg: &ModelConfig, policy: &Policy, has_lm_head: bool) -> WeightPlan {
         let mut tensors: Vec<TensorPlan> = Vec::new();
         let mut units = Vec::new();
-        let group =
-            |list: Vec<(String, Vec<usize>)>, unit: usize, tensors: &mut Vec<TensorPlan>| {
-                let sizes: Vec<usize> = list
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>() * 2)
-                    .collect();
-                let tiers = place_weights(&sizes, policy);
-                let mut idx = Vec::new();
-                for ((name, shape), tier) in list.into_iter().zip(tiers) {
-                    idx.push(tensors.len());
-                    tensors.push(TensorPlan {
-                        name,
-                        shape,
-                        tier,
-                        unit,
-                    });
-                }
-                idx
-            };
-        units.push(group(input_tensors(cfg), 0, &mut tensors));
+        let group = |list: Vec<TensorSpec>, unit: usize, tensors: &mut Vec<TensorPlan>| {
+            let sizes: Vec<usize> = list.iter().map(|s| s.numel() * 2).collect();
+            let tiers = place_weights(&sizes, policy);
+            let mut idx = Vec::new();
+            for (TensorSpec { name, shape }, tier) in list.into_iter().zip(tiers) {
+                idx.push(tensors.len());
+                tensors.push(TensorPlan {
+                    name,
+                    shape,
+                    tier,
+                    unit,
+                });
+            }
+            idx
+        };
+        units.push(group(layout::input_tensors(cfg), 0, &mut tensors));
         for i in 0..cfg.num_hidden_layers {
-            let names = layer_tensor_names(cfg, i);
+            let names = layout::layer_tensors(cfg, i);
             if policy.sep_layer {
                 // the attention and MLP halves are units of their own (FlexLLMGen's default)
                 let mlp = names[ATTN_TENSORS..].to_vec();
@@ -78,7 +74,11 @@ impl WeightPlan {
             }
         }
         let out_unit = units.len();
-        let mut u = group(output_tensors(cfg, has_lm_head), out_unit, &mut tensors);
+        let mut u = group(
+            layout::output_tensors(cfg, has_lm_head),
+            out_unit,
+            &mut tensors,
+        );
         if !has_lm_head {
             u.push(units[0][0]);
         }
