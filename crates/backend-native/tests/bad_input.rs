@@ -226,3 +226,115 @@ fn untied_head_must_be_present() {
         "{e}"
     );
 }
+
+/// Rewrites one key of a scratch checkpoint's config.json.
+fn set_config(s: &Scratch, key: &str, value: serde_json::Value) {
+    let p = s.path("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c[key] = value;
+    std::fs::write(&p, serde_json::to_string(&c).unwrap()).unwrap();
+}
+
+#[test]
+fn layer_counts_that_disagree_with_the_tensors_are_refused_before_anything_is_allocated() {
+    // A billion layers: the first missing one is named at once (it used to allocate 5 GB and
+    // abort building the list of every expected tensor).
+    let s = Scratch::copy_of("odd_f16", "billion");
+    set_config(&s, "num_hidden_layers", 1_000_000_000u64.into());
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("layers.3.") && e.contains("1000000000 layers") && e.contains("has 3"),
+        "{e}"
+    );
+    // Fewer layers than the checkpoint holds: the extra layer's tensors are named.
+    let s = Scratch::copy_of("odd_f16", "fewer");
+    set_config(&s, "num_hidden_layers", 2.into());
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("decoder.layers.2.") && e.contains("not part of the model"),
+        "{e}"
+    );
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_name_config_json() {
+    let s = Scratch::copy_of("odd_f16", "padid");
+    set_config(&s, "pad_token_id", 1_000_000.into());
+    let e = err_of(&s.0);
+    assert!(
+        e.contains("pad_token_id 1000000")
+            && e.contains("vocab_size 120")
+            && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_checkpoint_named_as_a_registry_model_must_be_that_model() {
+    let case = bench_core::Case {
+        weights: bench_core::Weights::Checkpoint(fixture("odd_f16")),
+        ..bench_core::Case::example("native")
+    };
+    let e = format!(
+        "{:#}",
+        bench_core::inputs::check_checkpoint_matches(&case).unwrap_err()
+    );
+    assert!(
+        e.contains("opt-125m") && e.contains("hidden_size 40 (the model's is 768)"),
+        "{e}"
+    );
+    // Named after itself, the same checkpoint is fine.
+    let own = bench_core::Case {
+        model: "odd_f16".into(),
+        ..case
+    };
+    bench_core::inputs::check_checkpoint_matches(&own).unwrap();
+}
+
+#[test]
+fn generate_flags_that_overflow_say_which_flag() {
+    let bin = env!("CARGO_BIN_EXE_flexbench-native");
+    let input =
+        std::env::temp_dir().join(format!("flexbench-bad-flags-{}.json", std::process::id()));
+    std::fs::write(&input, br#"{"prompts": [[5, 6, 7], [8, 9]]}"#).unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(["generate", "--model"])
+            .arg(fixture("odd_f16"))
+            .arg("--input")
+            .arg(&input)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let e = run(&["--max-new-tokens", "18446744073709551615"]);
+    assert!(
+        e.contains("18446744073709551615 new tokens") && e.contains("positions"),
+        "{e}"
+    );
+    let e = run(&[
+        "--percent",
+        "0",
+        "100",
+        "100",
+        "0",
+        "100",
+        "0",
+        "--max-new-tokens",
+        "18446744073709551615",
+    ]);
+    assert!(e.contains("new tokens") && !e.contains("append_kv"), "{e}");
+    let e = run(&[
+        "--gpu-batch-size",
+        "9223372036854775808",
+        "--num-gpu-batches",
+        "2",
+    ]);
+    assert!(e.contains("more sequences than can be counted"), "{e}");
+    std::fs::remove_file(&input).ok();
+}
