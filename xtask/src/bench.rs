@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use bench_core::backend::backend_for;
 use bench_core::filter::{self, Filter};
 use bench_core::run::{self, Rerun, RunOptions};
+use bench_core::suite::{RepetitionsSpec, SuiteCase};
 use bench_core::{suite, Backend, BuildStep, Case, Frameworks, IdentifiedCase, Suite};
 
 #[derive(clap::Args)]
@@ -54,6 +55,15 @@ pub struct Args {
     /// Where the runner binaries are [default: target/release].
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Repetitions of every selected case, replacing the suite's (and so the cases' ids): a
+    /// count, `auto` (3 to 10 until the 95% interval of the total throughput is within ±5% of
+    /// its median), or `auto(min: 3, max: 10, target_ci: 0.05)`.
+    #[arg(long, value_name = "N|auto", value_parser = RepetitionsSpec::parse)]
+    pub repetitions: Option<RepetitionsSpec>,
+    /// Also run, per framework and placement, its smallest projected case (cut_gen_len) once at
+    /// the full gen_len, so the report can show projected against measured decode latency.
+    #[arg(long)]
+    pub check_projection: bool,
     /// Python interpreter for the hf and deepspeed runners.
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
@@ -63,13 +73,25 @@ pub fn run(args: Args) -> Result<()> {
     let backends = crate::backends::registry();
     let path = suite::resolve(&crate::suites_dir(), &args.suite)?;
     let suite = Suite::load(&path, &Frameworks::of(&backends))?;
-    let cases = select(&suite, &args.filters)?;
+    let mut cases = select(&suite, &args.filters)?;
+    if let Some(spec) = args.repetitions {
+        for c in &mut cases {
+            spec.apply(&mut c.case);
+        }
+    }
+    if args.check_projection {
+        let checks = suite::projection_checks(&cases);
+        if checks.is_empty() {
+            eprintln!("--check-projection: no selected case projects (none has cut_gen_len)");
+        }
+        cases.extend(checks);
+    }
 
     if args.dry_run {
         if args.json {
             let list: Vec<serde_json::Value> = cases
                 .iter()
-                .map(|(c, _)| IdentifiedCase::new(c.clone()).to_json())
+                .map(|c| IdentifiedCase::new(c.case.clone()).to_json())
                 .collect();
             println!("{}", serde_json::to_string_pretty(&list)?);
         } else {
@@ -80,7 +102,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::release_bin_dir);
     if !args.no_build {
-        for step in build_steps(&backends, cases.iter().map(|(c, _)| c)) {
+        for step in build_steps(&backends, cases.iter().map(|c| &c.case)) {
             build(&step)?;
         }
     }
@@ -100,22 +122,22 @@ pub fn run(args: Args) -> Result<()> {
         },
         progress: true,
     };
-    let cases: Vec<Case> = cases.into_iter().map(|(c, _)| c).collect();
+    let cases: Vec<Case> = cases.into_iter().map(|c| c.case).collect();
     let code = run::finish(run::run_suite(&suite.name, &cases, &backends, &opts));
     std::process::exit(code);
 }
 
 /// The suite's cases that pass every filter, with their origins.
-fn select(suite: &Suite, filter_args: &[String]) -> Result<Vec<(Case, String)>> {
+fn select(suite: &Suite, filter_args: &[String]) -> Result<Vec<SuiteCase>> {
     let filters = filter_args
         .iter()
         .map(|f| Filter::parse(f))
         .collect::<Result<Vec<_>>>()?;
-    let cases: Vec<(Case, String)> = suite
+    let cases: Vec<SuiteCase> = suite
         .cases()
         .iter()
         .filter(|c| filter::matches_all(&filters, &c.case))
-        .map(|c| (c.case.clone(), c.origin.clone()))
+        .cloned()
         .collect();
     if cases.is_empty() {
         if filters.is_empty() {
@@ -131,7 +153,7 @@ fn select(suite: &Suite, filter_args: &[String]) -> Result<Vec<(Case, String)>> 
     Ok(cases)
 }
 
-fn print_table(suite: &Suite, cases: &[(Case, String)]) {
+fn print_table(suite: &Suite, cases: &[SuiteCase]) {
     let header = [
         "id",
         "model",
@@ -142,11 +164,12 @@ fn print_table(suite: &Suite, cases: &[(Case, String)]) {
         "cut",
         "batch",
         "placement",
+        "reps",
         "origin",
     ];
     let rows: Vec<Vec<String>> = cases
         .iter()
-        .map(|(c, origin)| {
+        .map(|SuiteCase { case: c, origin }| {
             vec![
                 c.id(),
                 c.model.clone(),
@@ -154,9 +177,17 @@ fn print_table(suite: &Suite, cases: &[(Case, String)]) {
                 c.device.as_str().to_string(),
                 c.prompt_len.to_string(),
                 c.gen_len.to_string(),
-                c.cut_gen_len.map_or("-".into(), |x| x.to_string()),
+                match (c.cut_gen_len, c.check_projection_at) {
+                    (Some(x), _) => x.to_string(),
+                    (None, Some(at)) => format!("check@{at}"),
+                    (None, None) => "-".into(),
+                },
                 format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches),
                 c.placement.label(),
+                match &c.adaptive_repetitions {
+                    Some(a) => format!("auto {}..{} ±{}%", a.min, a.max, a.target_ci * 100.0),
+                    None => c.repetitions.to_string(),
+                },
                 origin.clone(),
             ]
         })

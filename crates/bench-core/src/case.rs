@@ -261,11 +261,69 @@ pub struct Case {
     /// Warm-up generations (one token each, as FlexLLMGen) before the measured ones.
     #[serde(default = "one_usize")]
     pub warmup: usize,
+    /// Measured generations per runner process; with `adaptive_repetitions` the first
+    /// process's count (the spec's `min`).
     #[serde(default = "one_usize")]
     pub repetitions: usize,
     /// Per-case timeout in seconds; `None` = the run's default. Not part of the case id.
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Repeat until the confidence interval is narrow enough (the orchestrator runs more
+    /// repetitions in further processes); absent = exactly `repetitions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_repetitions: Option<AdaptiveRepetitions>,
+    /// A full-length run that also projects its decode latency from its first N steps, as a
+    /// case with `cut_gen_len: N` would, so the report can say how wrong the projection is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_projection_at: Option<usize>,
+}
+
+/// `repetitions: auto(min: 3, max: 10, target_ci: 0.05)`: at least `min` repetitions, more
+/// until the 95% confidence interval's half-width of the total throughput is at most
+/// `target_ci` of its median, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveRepetitions {
+    pub min: usize,
+    pub max: usize,
+    pub target_ci: f64,
+}
+
+impl Default for AdaptiveRepetitions {
+    fn default() -> Self {
+        AdaptiveRepetitions {
+            min: 3,
+            max: 10,
+            target_ci: 0.05,
+        }
+    }
+}
+
+impl AdaptiveRepetitions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min < 2 {
+            return Err(format!(
+                "auto repetitions need min >= 2 (a confidence interval needs two), got {}",
+                self.min
+            ));
+        }
+        if self.max < self.min {
+            return Err(format!(
+                "auto repetitions: max {} is below min {}",
+                self.max, self.min
+            ));
+        }
+        if self.max > 1000 {
+            return Err(format!("auto repetitions: max {} is over 1000", self.max));
+        }
+        if !(self.target_ci > 0.0 && self.target_ci < 1.0) {
+            return Err(format!(
+                "auto repetitions: target_ci {} is not a share in (0, 1), e.g. 0.05 for ±5%",
+                self.target_ci
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn one_usize() -> usize {
@@ -330,6 +388,28 @@ impl Case {
         }
         if self.repetitions == 0 {
             return Err("repetitions must be at least 1".into());
+        }
+        if let Some(a) = &self.adaptive_repetitions {
+            a.validate()?;
+            if a.min != self.repetitions {
+                return Err(format!(
+                    "repetitions {} differs from auto's min {}",
+                    self.repetitions, a.min
+                ));
+            }
+        }
+        if let Some(at) = self.check_projection_at {
+            if self.cut_gen_len.is_some() {
+                return Err(
+                    "a projection check runs the full gen_len: it has no cut_gen_len".into(),
+                );
+            }
+            if at < 4 || at >= self.gen_len {
+                return Err(format!(
+                    "check_projection_at {at} must be at least 4 and below gen_len {}",
+                    self.gen_len
+                ));
+            }
         }
         if let Some(cut) = self.cut_gen_len {
             if cut < 4 {
@@ -420,6 +500,8 @@ impl Case {
             warmup: 1,
             repetitions: 1,
             timeout_s: None,
+            adaptive_repetitions: None,
+            check_projection_at: None,
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod protocol;
 pub mod pyenv;
 pub mod record;
 pub mod run;
+pub mod stats;
 pub mod store;
 pub mod suite;
 pub mod testkit;

@@ -10,8 +10,12 @@
 //!   at least 4 measured steps.
 //!
 //! With several repetitions each gets its own metrics; the headline values are their medians, and
-//! the coefficient of variation (sample standard deviation / mean) of the total throughput says how
-//! much they agreed.
+//! the spread is told three ways: the coefficient of variation (sample standard deviation / mean)
+//! of the total throughput, the 95% confidence interval of each throughput's mean (Student's t
+//! with n - 1 degrees of freedom), and the repetitions whose total throughput is an outlier
+//! (modified z-score > 3.5). Per-token latency: time to first token is the prefill latency;
+//! the decode steps of every repetition, pooled, give p50/p90/p99 and the maximum (linear
+//! interpolation between ranks). The formulas are in [`crate::stats`].
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -19,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::case::Case;
 use crate::model;
 use crate::protocol::RawResult;
+use crate::stats;
 
 /// Decode steps FlexLLMGen always counts as measured before averaging the rest.
 const WARM_DECODE_STEPS: usize = 2;
@@ -59,6 +64,47 @@ pub struct Metrics {
     pub cv_total_throughput: Option<f64>,
     /// Each repetition's metrics, in the order run.
     pub repetitions: Vec<StepMetrics>,
+    /// Time to first token: the (median) prefill latency.
+    #[serde(default)]
+    pub ttft_s: Option<f64>,
+    /// 95% confidence interval [low, high] of the mean over repetitions (Student's t); absent
+    /// with one repetition.
+    #[serde(default)]
+    pub prefill_throughput_ci95: Option<[f64; 2]>,
+    #[serde(default)]
+    pub decode_throughput_ci95: Option<[f64; 2]>,
+    #[serde(default)]
+    pub total_throughput_ci95: Option<[f64; 2]>,
+    /// Percentiles of the measured decode steps, all repetitions pooled; absent without decode.
+    #[serde(default)]
+    pub decode_step_p50_s: Option<f64>,
+    #[serde(default)]
+    pub decode_step_p90_s: Option<f64>,
+    #[serde(default)]
+    pub decode_step_p99_s: Option<f64>,
+    #[serde(default)]
+    pub decode_step_max_s: Option<f64>,
+    /// Indexes of repetitions whose total throughput is an outlier (modified z-score > 3.5).
+    #[serde(default)]
+    pub outlier_repetitions: Vec<usize>,
+    /// For a projection check: the decode latency projected from the first steps beside the
+    /// measured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection: Option<ProjectionCheck>,
+    /// With adaptive repetitions: what ended them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetitions_stop: Option<String>,
+}
+
+/// How wrong FlexLLMGen's projection was on one full-length run (medians over repetitions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionCheck {
+    /// The measured steps the projection used (as `cut_gen_len`).
+    pub cut_gen_len: usize,
+    pub projected_decode_latency_s: f64,
+    pub measured_decode_latency_s: f64,
+    /// projected / measured - 1.
+    pub error: f64,
 }
 
 /// Metrics of one repetition's step times. Returns them and whether decode was projected.
@@ -129,12 +175,34 @@ pub fn compute(case: &Case, raw: &RawResult) -> Result<Metrics> {
         projected |= p;
         reps.push(m);
     }
-    let med = |f: fn(&StepMetrics) -> f64| median(&reps.iter().map(f).collect::<Vec<_>>());
-    let totals: Vec<f64> = reps.iter().map(|r| r.total_throughput).collect();
+    let of = |f: fn(&StepMetrics) -> f64| reps.iter().map(f).collect::<Vec<_>>();
+    let med = |f: fn(&StepMetrics) -> f64| median(&of(f));
+    let totals = of(|r| r.total_throughput);
     let cfg = model::lookup(&case.model);
     let seq = case.prompt_len + case.gen_len;
     let batch = case.batch_size();
+    let decode_steps: Vec<f64> = raw
+        .step_times_s
+        .iter()
+        .flat_map(|s| s.iter().skip(1).copied())
+        .collect();
+    let pct = |q: f64| stats::percentile(&decode_steps, q);
+    let projection = match case.check_projection_at {
+        Some(cut) => Some(projection_check(case, raw, cut)?),
+        None => None,
+    };
     Ok(Metrics {
+        ttft_s: Some(med(|r| r.prefill_latency_s)),
+        prefill_throughput_ci95: stats::ci95_of_mean(&of(|r| r.prefill_throughput)),
+        decode_throughput_ci95: stats::ci95_of_mean(&of(|r| r.decode_throughput)),
+        total_throughput_ci95: stats::ci95_of_mean(&totals),
+        decode_step_p50_s: pct(50.0),
+        decode_step_p90_s: pct(90.0),
+        decode_step_p99_s: pct(99.0),
+        decode_step_max_s: pct(100.0),
+        outlier_repetitions: stats::outliers(&totals),
+        projection,
+        repetitions_stop: None,
         prefill_latency_s: med(|r| r.prefill_latency_s),
         decode_latency_s: med(|r| r.decode_latency_s),
         total_latency_s: med(|r| r.total_latency_s),
@@ -150,30 +218,44 @@ pub fn compute(case: &Case, raw: &RawResult) -> Result<Metrics> {
     })
 }
 
+/// The projection check of a full-length run: each repetition's decode latency projected from
+/// its first `cut` steps, as a case with `cut_gen_len: cut` would, beside the one measured.
+fn projection_check(case: &Case, raw: &RawResult, cut: usize) -> Result<ProjectionCheck> {
+    let as_cut = Case {
+        cut_gen_len: Some(cut),
+        check_projection_at: None,
+        ..case.clone()
+    };
+    let (mut projected, mut measured) = (Vec::new(), Vec::new());
+    for steps in &raw.step_times_s {
+        if steps.len() != case.gen_len {
+            bail!(
+                "a projection check runs the full gen_len {}, got {} steps",
+                case.gen_len,
+                steps.len()
+            );
+        }
+        projected.push(from_steps(&as_cut, &steps[..cut])?.0.decode_latency_s);
+        measured.push(from_steps(case, steps)?.0.decode_latency_s);
+    }
+    let (p, m) = (median(&projected), median(&measured));
+    Ok(ProjectionCheck {
+        cut_gen_len: cut,
+        projected_decode_latency_s: p,
+        measured_decode_latency_s: m,
+        error: if m > 0.0 { p / m - 1.0 } else { 0.0 },
+    })
+}
+
 /// The median; the mean of the middle two for an even count. `values` must not be empty.
 pub fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    stats::median(values).expect("the median of no values")
 }
 
 /// Sample standard deviation over the mean; `None` for fewer than 2 values or a zero mean.
 pub fn coefficient_of_variation(values: &[f64]) -> Option<f64> {
-    let n = values.len();
-    if n < 2 {
-        return None;
-    }
-    let mean = values.iter().sum::<f64>() / n as f64;
-    if mean == 0.0 {
-        return None;
-    }
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    Some(var.sqrt() / mean)
+    let (mean, var) = (stats::mean(values)?, stats::variance(values)?);
+    (mean != 0.0).then(|| var.sqrt() / mean)
 }
 
 #[cfg(test)]
@@ -290,5 +372,73 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("repetition 0"));
+    }
+
+    #[test]
+    fn spread_percentiles_and_outliers_of_a_hand_computed_run() {
+        // batch 1, gen 4: decode steps 0.1 / 0.2 / 0.3 in every repetition; prefills 1.0, 1.1,
+        // 0.9 and 1.05 s, and 21 s in the last (an outlier).
+        let c = case(4, None, 1, 1);
+        let prefills = [1.0, 1.1, 0.9, 1.05, 21.0];
+        let raw = RawResult {
+            step_times_s: prefills.iter().map(|&p| vec![p, 0.1, 0.2, 0.3]).collect(),
+            ..Default::default()
+        };
+        let m = compute(&c, &raw).unwrap();
+        assert_eq!(m.ttft_s, Some(1.05));
+        assert_eq!(m.outlier_repetitions, vec![4]);
+        let totals: Vec<f64> = prefills.iter().map(|p| 4.0 / (p + 0.6)).collect();
+        let mean = totals.iter().sum::<f64>() / 5.0;
+        let sd = (totals.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / 4.0).sqrt();
+        let half = 2.776_445_105 * sd / 5f64.sqrt(); // t(0.975, 4)
+        let [lo, hi] = m.total_throughput_ci95.unwrap();
+        close(lo, mean - half);
+        close(hi, mean + half);
+        // 15 decode steps: five each of 0.1, 0.2, 0.3
+        close(m.decode_step_p50_s.unwrap(), 0.2);
+        close(m.decode_step_p90_s.unwrap(), 0.3);
+        close(m.decode_step_max_s.unwrap(), 0.3);
+        // type 7: h = 14 x 0.3 = 4.2 between the 5th and 6th sorted values (0.1, 0.2)
+        close(
+            stats::percentile(
+                &[
+                    0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3,
+                ],
+                30.0,
+            )
+            .unwrap(),
+            0.1 + 0.2 * 0.1,
+        );
+        // one repetition: no interval
+        let one = RawResult {
+            step_times_s: vec![vec![1.0, 0.1, 0.2, 0.3]],
+            ..Default::default()
+        };
+        let m1 = compute(&c, &one).unwrap();
+        assert_eq!(m1.total_throughput_ci95, None);
+        assert!(m1.outlier_repetitions.is_empty());
+    }
+
+    #[test]
+    fn a_projection_check_compares_projected_with_measured_decode() {
+        // gen 8, projected from the first 5 steps: decode steps 0.4, 0.3 (warm), 0.2, 0.2 then
+        // 0.5, 0.5, 0.5 that the projection does not see.
+        // projected = 0.7 + mean(0.2, 0.2) x (8 - 1 - 2) = 1.7; measured = 2.6.
+        let mut c = case(8, None, 1, 1);
+        c.check_projection_at = Some(5);
+        let raw = RawResult {
+            step_times_s: vec![vec![1.0, 0.4, 0.3, 0.2, 0.2, 0.5, 0.5, 0.5]],
+            ..Default::default()
+        };
+        let p = compute(&c, &raw).unwrap().projection.unwrap();
+        assert_eq!(p.cut_gen_len, 5);
+        close(p.projected_decode_latency_s, 1.7);
+        close(p.measured_decode_latency_s, 2.6);
+        close(p.error, 1.7 / 2.6 - 1.0);
+        let short = RawResult {
+            step_times_s: vec![vec![1.0, 0.4, 0.3, 0.2, 0.2]],
+            ..Default::default()
+        };
+        assert!(compute(&c, &short).is_err());
     }
 }

@@ -26,9 +26,13 @@
 //! Options may be written bare (`cut_gen_len: 5`, not `Some(5)`); a policy's `percent` is a tuple.
 //!
 //! Keys (every section refuses keys it does not know):
-//! - suite: `description`, `defaults`, `grids`, `cases`, `excludes`;
+//! - suite: `description`, `defaults`, `grids`, `cases`, `excludes`, `check_projection` (true:
+//!   add a full-length run per placement to measure the decode projection's error, see
+//!   [`projection_checks`]);
 //! - `defaults` (also per grid): `device` (cuda | cpu), `weights` (dummy | checkpoint("dir")),
-//!   `warmup`, `repetitions`, `timeout_s`, `num_nodes`, `num_gpus_per_node`, `num_gpu_batches`;
+//!   `warmup`, `repetitions` (a count, or `auto(min: 3, max: 10, target_ci: 0.05)`: repeat until
+//!   the 95% interval of the total throughput is within ±target_ci of its median), `timeout_s`
+//!   (1 s to 30 days), `num_nodes`, `num_gpus_per_node`, `num_gpu_batches`;
 //! - grid: `name`, `models`, `prompt_lens`, `gen_lens`, `frameworks`, `placements`,
 //!   `gpu_batch_sizes`, `cut_gen_len` ({model: steps}), `cells`, `defaults`;
 //! - cell: `framework`, `model`, `prompt_len` (the lookup keys; left out = any), `gpu_batch_size`,
@@ -56,7 +60,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 
 use crate::backend::Frameworks;
-use crate::case::{Case, Device, Placement, Weights};
+use crate::case::{AdaptiveRepetitions, Case, Device, Placement, Weights};
 use crate::model;
 
 /// File extension of suite files.
@@ -115,9 +119,13 @@ impl Suite {
             .with_context(|| format!("{}: a suite file needs a UTF-8 file name", path.display()))?
             .to_string();
         check_suite_name(&name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let cases = file
+        let mut cases = file
             .expand(frameworks)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if file.check_projection {
+            let checks = projection_checks(&cases);
+            cases.extend(checks);
+        }
         Ok(Suite {
             name,
             path: path.to_path_buf(),
@@ -135,6 +143,46 @@ impl Suite {
     pub fn cases(&self) -> &[SuiteCase] {
         &self.cases
     }
+}
+
+/// The projection checks of `cases`: for each (framework, device, placement) whose cases project
+/// their decode latency (`cut_gen_len`), its smallest case (model size, then batch, then prompt)
+/// once more at its full gen_len, once, projecting from its first `cut_gen_len` steps as well
+/// ([`Case::check_projection_at`]): projected and measured decode latency come from the same
+/// run, so their difference is the projection's error and not run-to-run noise. Cases already
+/// in `cases` are not added again.
+pub fn projection_checks(cases: &[SuiteCase]) -> Vec<SuiteCase> {
+    let mut smallest: BTreeMap<(String, &'static str, String), &SuiteCase> = BTreeMap::new();
+    let size = |c: &Case| {
+        (
+            model::lookup(&c.model).map_or(0, |m| m.model_bytes()),
+            c.batch_size(),
+            c.prompt_len,
+        )
+    };
+    for sc in cases.iter().filter(|sc| sc.case.cut_gen_len.is_some()) {
+        let c = &sc.case;
+        let key = (c.framework.clone(), c.device.as_str(), c.placement.label());
+        let best = smallest.entry(key).or_insert(sc);
+        if size(c) < size(&best.case) {
+            *best = sc;
+        }
+    }
+    let have: std::collections::HashSet<String> = cases.iter().map(|c| c.case.id()).collect();
+    smallest
+        .into_values()
+        .map(|sc| SuiteCase {
+            case: Case {
+                check_projection_at: sc.case.cut_gen_len,
+                cut_gen_len: None,
+                repetitions: 1,
+                adaptive_repetitions: None,
+                ..sc.case.clone()
+            },
+            origin: format!("projection check of {}", sc.origin),
+        })
+        .filter(|sc| !have.contains(&sc.case.id()))
+        .collect()
 }
 
 /// A suite's name becomes a directory under the results root, so it must stay one plain path
@@ -233,6 +281,9 @@ fn hint(code: &ron::Error) -> &'static str {
 struct SuiteFile {
     #[serde(default)]
     description: String,
+    /// Add a projection check per placement ([`projection_checks`]).
+    #[serde(default)]
+    check_projection: bool,
     #[serde(default)]
     defaults: Defaults,
     #[serde(default)]
@@ -250,7 +301,7 @@ struct Defaults {
     device: Option<Device>,
     weights: Option<Weights>,
     warmup: Option<usize>,
-    repetitions: Option<usize>,
+    repetitions: Option<RepetitionsSpec>,
     timeout_s: Option<TimeoutSecs>,
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
@@ -332,7 +383,7 @@ struct CaseSpec {
     device: Option<Device>,
     weights: Option<Weights>,
     warmup: Option<usize>,
-    repetitions: Option<usize>,
+    repetitions: Option<RepetitionsSpec>,
     timeout_s: Option<TimeoutSecs>,
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
@@ -401,6 +452,91 @@ impl<'de> Deserialize<'de> for FrameworkName {
     }
 }
 
+/// `repetitions:` as written: a count, or `auto(min: .., max: .., target_ci: ..)` (any key left
+/// out takes its default: 3, 10, 0.05).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RepetitionsSpec {
+    Fixed(usize),
+    Auto(AdaptiveRepetitions),
+}
+
+impl<'de> Deserialize<'de> for RepetitionsSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RepetitionsSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of repetitions, or auto(min: 3, max: 10, target_ci: 0.05)")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<RepetitionsSpec, E> {
+                Ok(RepetitionsSpec::Fixed(n as usize))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<RepetitionsSpec, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::custom(format!("repetitions {n} is negative")))
+                    .and_then(|n| self.visit_u64(n))
+            }
+            // ron hands `auto(...)` over as a map (its name is not seen here).
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<RepetitionsSpec, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(field_identifier, rename_all = "snake_case")]
+                enum Key {
+                    Min,
+                    Max,
+                    TargetCi,
+                }
+                let mut a = AdaptiveRepetitions::default();
+                while let Some(k) = m.next_key::<Key>()? {
+                    match k {
+                        Key::Min => a.min = m.next_value()?,
+                        Key::Max => a.max = m.next_value()?,
+                        Key::TargetCi => a.target_ci = m.next_value()?,
+                    }
+                }
+                a.validate().map_err(de::Error::custom)?;
+                Ok(RepetitionsSpec::Auto(a))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl RepetitionsSpec {
+    /// Parses a command line's value: `5`, `auto` (3..10 to ±5%), or the suite syntax
+    /// `auto(min: 3, max: 10, target_ci: 0.05)`.
+    pub fn parse(text: &str) -> Result<RepetitionsSpec, String> {
+        let text = text.trim();
+        if text == "auto" {
+            return Ok(RepetitionsSpec::Auto(AdaptiveRepetitions::default()));
+        }
+        let spec: RepetitionsSpec = ron_options().from_str(text).map_err(|e| {
+            format!(
+                "`{text}`: {} (write a count, `auto`, or auto(min: 3, max: 10, target_ci: 0.05))",
+                e.code
+            )
+        })?;
+        if spec == RepetitionsSpec::Fixed(0) {
+            return Err("repetitions must be at least 1".into());
+        }
+        Ok(spec)
+    }
+
+    /// Sets a case's repetitions to this spec.
+    pub fn apply(self, case: &mut Case) {
+        match self {
+            RepetitionsSpec::Fixed(n) => {
+                case.repetitions = n;
+                case.adaptive_repetitions = None;
+            }
+            RepetitionsSpec::Auto(a) => {
+                case.repetitions = a.min;
+                case.adaptive_repetitions = Some(a);
+            }
+        }
+    }
+}
+
 /// A per-case timeout in seconds, checked where it is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimeoutSecs(u64);
@@ -458,7 +594,7 @@ struct Shape<'a> {
 /// The case of a shape, with built-in values for what neither the case, its grid nor the suite's
 /// defaults set.
 fn resolve_case(d: &Defaults, s: Shape) -> Case {
-    Case {
+    let mut case = Case {
         model: s.model.to_string(),
         framework: s.framework.to_string(),
         prompt_len: s.prompt_len,
@@ -473,9 +609,15 @@ fn resolve_case(d: &Defaults, s: Shape) -> Case {
         num_nodes: d.num_nodes.unwrap_or(1),
         num_gpus_per_node: d.num_gpus_per_node.unwrap_or(1),
         warmup: d.warmup.unwrap_or(1),
-        repetitions: d.repetitions.unwrap_or(1),
+        repetitions: 1,
+        adaptive_repetitions: None,
+        check_projection_at: None,
         timeout_s: d.timeout_s.map(|t| t.0),
-    }
+    };
+    d.repetitions
+        .unwrap_or(RepetitionsSpec::Fixed(1))
+        .apply(&mut case);
+    case
 }
 
 struct Origin(String);

@@ -590,3 +590,54 @@ fn a_runner_printing_a_huge_line_does_not_fill_the_orchestrator_s_memory() {
     let log = std::fs::metadata(out.join("flood").join(recs[0].log.as_ref().unwrap())).unwrap();
     assert!(log.len() > 300 << 20, "the whole line is in the log");
 }
+
+#[test]
+fn adaptive_repetitions_stop_at_the_target_or_at_max() {
+    let tmp = TempDir::new("adaptive");
+    let auto = ", repetitions: auto(min: 3, max: 6, target_ci: 0.05)";
+    let suite = write_suite(
+        &tmp.0,
+        "adaptive",
+        &[case("steady", 8, auto), case("ok", 16, auto)],
+    );
+    let out = tmp.0.join("results");
+    let o = drive(&suite, &out, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let recs = records(&out.join("adaptive").join("results.jsonl"));
+    let steady = recs.iter().find(|r| r.case.case.prompt_len == 8).unwrap();
+    let m = steady.metrics.as_ref().unwrap();
+    assert_eq!(
+        m.repetitions.len(),
+        3,
+        "within 0.1%: the first three suffice"
+    );
+    assert!(m
+        .repetitions_stop
+        .as_deref()
+        .unwrap()
+        .starts_with("target met"));
+    // 10% apart: the interval stays wide, so it runs to max, in more than one process
+    let wide = recs.iter().find(|r| r.case.case.prompt_len == 16).unwrap();
+    let m = wide.metrics.as_ref().unwrap();
+    assert_eq!(m.repetitions.len(), 6);
+    assert!(
+        m.repetitions_stop.as_deref().unwrap().starts_with("max 6"),
+        "{:?}",
+        m.repetitions_stop
+    );
+    let log =
+        std::fs::read_to_string(out.join("adaptive").join(wide.log.as_ref().unwrap())).unwrap();
+    assert_eq!(
+        log.matches("fake runner: case").count(),
+        2,
+        "two processes share the log"
+    );
+    // The record keeps the suite's case (and so its id), not a process's.
+    assert_eq!(wide.case.case.repetitions, 3);
+    assert_eq!(wide.case.id, wide.case.case.id());
+}

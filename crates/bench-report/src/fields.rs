@@ -89,6 +89,11 @@ fn c(r: &Record) -> &Case {
     &r.case.case
 }
 
+/// One bound of a 95% interval.
+fn ci(r: &Record, which: fn(&bench_core::metrics::Metrics) -> Option<[f64; 2]>, i: usize) -> Cell {
+    opt(r.metrics.as_ref().and_then(which), |b| Cell::Num(b[i]))
+}
+
 /// How the weights are named in tables: `dummy` or the checkpoint directory.
 pub fn weights_label(c: &Case) -> String {
     match &c.weights {
@@ -179,6 +184,91 @@ pub const FIELDS: &[Field] = &[
         opt(
             r.metrics.as_ref().and_then(|m| m.cv_total_throughput),
             Cell::Share,
+        )
+    }),
+    measure(None, Some("total 95% CI"), |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.total_throughput_ci95),
+            |[lo, hi]| text(format!("{}..{}", num(lo), num(hi))),
+        )
+    }),
+    measure(Some("total_throughput_ci95_low"), None, |r| {
+        ci(r, |m| m.total_throughput_ci95, 0)
+    }),
+    measure(Some("total_throughput_ci95_high"), None, |r| {
+        ci(r, |m| m.total_throughput_ci95, 1)
+    }),
+    measure(Some("prefill_throughput_ci95_low"), None, |r| {
+        ci(r, |m| m.prefill_throughput_ci95, 0)
+    }),
+    measure(Some("prefill_throughput_ci95_high"), None, |r| {
+        ci(r, |m| m.prefill_throughput_ci95, 1)
+    }),
+    measure(Some("decode_throughput_ci95_low"), None, |r| {
+        ci(r, |m| m.decode_throughput_ci95, 0)
+    }),
+    measure(Some("decode_throughput_ci95_high"), None, |r| {
+        ci(r, |m| m.decode_throughput_ci95, 1)
+    }),
+    measure(Some("repetitions_run"), Some("runs"), |r| {
+        opt(
+            r.metrics.as_ref(),
+            |m| Cell::Num(m.repetitions.len() as f64),
+        )
+    }),
+    measure(Some("outlier_repetitions"), Some("outliers"), |r| {
+        opt(
+            r.metrics
+                .as_ref()
+                .filter(|m| !m.outlier_repetitions.is_empty()),
+            |m| {
+                text(
+                    m.outlier_repetitions
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )
+            },
+        )
+    }),
+    measure(Some("repetitions_stop"), None, |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.repetitions_stop.clone()),
+            text,
+        )
+    }),
+    measure(Some("ttft_s"), Some("ttft s"), |r| {
+        opt(r.metrics.as_ref().and_then(|m| m.ttft_s), Cell::Num)
+    }),
+    measure(Some("decode_step_p50_s"), Some("step p50 s"), |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.decode_step_p50_s),
+            Cell::Num,
+        )
+    }),
+    measure(Some("decode_step_p90_s"), None, |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.decode_step_p90_s),
+            Cell::Num,
+        )
+    }),
+    measure(Some("decode_step_p99_s"), Some("step p99 s"), |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.decode_step_p99_s),
+            Cell::Num,
+        )
+    }),
+    measure(Some("decode_step_max_s"), None, |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.decode_step_max_s),
+            Cell::Num,
+        )
+    }),
+    measure(Some("projection_error"), None, |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.projection.as_ref()),
+            |p| Cell::Num(p.error),
         )
     }),
     measure(Some("model_bytes"), None, |r| {

@@ -1,10 +1,13 @@
 //! bench-report: what `cargo xtask report` writes from a suite's results.jsonl: report.md
 //! ([`markdown`]), report.csv ([`csv`]) and SVG plots ([`plots`], drawn by [`svg`]), all reading
-//! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`]).
+//! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`])
+//! and the comparison with another run ([`compare`]: ratios, their intervals, verdicts, the
+//! regression gate, environment drift).
 //!
 //! Every case appears (its latest record); failures show as OOM / TIMEOUT / ..., never dropped.
 
 pub mod agreement;
+pub mod compare;
 pub mod csv;
 pub mod fields;
 pub mod markdown;
@@ -17,42 +20,96 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use bench_core::{store, Record};
 
-/// The files [`write_report`] writes into the results directory.
+/// The files [`write_report`] writes into the results directory, besides one step plot per
+/// ok case in [`STEPS_DIR`].
 pub const OUTPUTS: [&str; 4] = [
     "report.md",
     "report.csv",
     "throughput_vs_batch.svg",
     "latency_vs_throughput.svg",
 ];
+/// Where the per-case step plots go (`steps/<id>.svg`).
+pub const STEPS_DIR: &str = "steps";
 
-/// Writes every output for the results in `dir` (shown as `name`), with a speedup table over
-/// `compare` (a name and its results directory) when given. Returns the files written.
+/// What [`write_report`] did.
+#[derive(Debug)]
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    pub step_plots: usize,
+    /// With a comparison and a gate: the cases significantly slower than the gate allows, as
+    /// `id: speedup` lines.
+    pub regressions: Vec<String>,
+}
+
+/// Writes every output for the results in `dir` (shown as `name`), with a comparison with
+/// `compare` (a name and its results directory) when given; `gate_pct` lists the cases
+/// significantly slower than the other run by more than that many percent.
 pub fn write_report(
     dir: &Path,
     name: &str,
     compare: Option<(&str, &Path)>,
-) -> Result<Vec<PathBuf>> {
+    gate_pct: Option<f64>,
+) -> Result<Written> {
     let recs = load(dir)?;
-    let other = match compare {
-        Some((oname, odir)) => Some((oname.to_string(), load(odir)?)),
+    let other_recs = match compare {
+        Some((_, odir)) => Some(load(odir)?),
         None => None,
     };
+    let other = match (compare, &other_recs) {
+        (Some((oname, odir)), Some(orecs)) => Some(markdown::Other {
+            name: oname,
+            recs: orecs,
+            drift: compare::drift(
+                &compare::environments_of(dir, &recs),
+                &compare::environments_of(odir, orecs),
+            ),
+        }),
+        _ => None,
+    };
+    let regressions = match (&other, gate_pct) {
+        (Some(o), Some(pct)) => compare::regressions(&compare::matched(&recs, o.recs), pct)
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} ({} {} {}): {:.2}x, {:.1}% slower (p = {:.3})",
+                    m.ours.case.id,
+                    m.ours.case.case.model,
+                    m.ours.case.case.framework,
+                    m.ours.case.case.placement.label(),
+                    m.ratio.unwrap_or(f64::NAN),
+                    m.slower_by_pct().unwrap_or(f64::NAN),
+                    m.p.unwrap_or(f64::NAN)
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let envs = environments(dir, &recs);
-    let md = markdown::markdown(
-        name,
-        &recs,
-        &envs,
-        other.as_ref().map(|(n, r)| (n.as_str(), r.as_slice())),
-    );
+    let md = markdown::markdown(name, &recs, &envs, other.as_ref());
     let (tp, lt) = plots::plots(&recs);
     let texts = [md, csv::csv(&recs), tp, lt];
-    let mut written = Vec::new();
+    let mut files = Vec::new();
     for (file, text) in OUTPUTS.iter().zip(texts) {
         let path = dir.join(file);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        written.push(path);
+        files.push(path);
     }
-    Ok(written)
+    let steps = dir.join(STEPS_DIR);
+    let mut step_plots = 0;
+    for r in &recs {
+        if let Some(svg) = plots::step_plot(r) {
+            std::fs::create_dir_all(&steps)
+                .with_context(|| format!("creating {}", steps.display()))?;
+            let path = steps.join(format!("{}.svg", r.case.id));
+            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+            step_plots += 1;
+        }
+    }
+    Ok(Written {
+        files,
+        step_plots,
+        regressions,
+    })
 }
 
 /// The results directory for a target and the suite name to show.
@@ -328,18 +385,24 @@ mod tests {
         let csv = csv(&recs);
         assert_eq!(csv.lines().count(), 5);
         assert!(csv.contains("\"went wrong, badly\""));
+        let old = [rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 2.0)];
         let cmp = markdown(
             "new",
             &recs[..2],
             &[],
-            Some((
-                "old",
-                &[rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Ok, 2.0)],
-            )),
+            Some(&markdown::Other {
+                name: "old",
+                recs: &old,
+                drift: vec![],
+            }),
         );
         assert!(cmp.contains("| 2.000 | 1.000 | 2.00x |"), "{cmp}");
         assert!(
-            cmp.contains("1 cases matched; 1 only in new, 0 only in old"),
+            cmp.contains("1 cases matched (1 undecided); 1 only in new, 0 only in old"),
+            "{cmp}"
+        );
+        assert!(
+            cmp.contains("not enough repetitions (1 here, 1 there"),
             "{cmp}"
         );
         let (tp, lt) = plots(&recs);

@@ -9,6 +9,7 @@ use bench_core::record::Outcome;
 use bench_core::Record;
 
 use crate::agreement;
+use crate::compare::{self, Verdict};
 use crate::fields::{md_escape, num, split_case_fields, Field, Role, FIELDS};
 
 /// A cell of the pivot: the best ok case, else the failure of the first.
@@ -38,12 +39,15 @@ fn pivot_cell(cases: &[&Record]) -> String {
     }
 }
 
-pub fn markdown(
-    name: &str,
-    recs: &[Record],
-    envs: &[String],
-    compare: Option<(&str, &[Record])>,
-) -> String {
+/// The run a report is compared with.
+pub struct Other<'a> {
+    pub name: &'a str,
+    pub recs: &'a [Record],
+    /// What differs between the two runs' environments ([`compare::drift`]).
+    pub drift: Vec<String>,
+}
+
+pub fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<&Other>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# flexbench report: {name}\n");
     let mut counts: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -127,6 +131,14 @@ pub fn markdown(
     s.push_str(&agreement_section(recs));
 
     let _ = writeln!(s, "## All cases\n");
+    let _ = writeln!(
+        s,
+        "Throughputs and latencies are medians over repetitions (`runs`). cv: standard deviation / \
+         mean of the total throughput; total 95% CI: Student's t interval of its mean (none with one \
+         repetition); outliers: repetitions whose total throughput has a modified z-score (MAD) over \
+         3.5; ttft: time to first token (the prefill); step p50 / p99: decode step latencies of all \
+         repetitions pooled (linear interpolation). report.csv has every field, p90 and max too.\n"
+    );
     let measures: Vec<&Field> = FIELDS
         .iter()
         .filter(|f| f.role == Role::Measure && f.md.is_some())
@@ -141,48 +153,139 @@ pub fn markdown(
         let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
 
-    if let Some((other_name, other)) = compare {
-        let _ = writeln!(s, "\n## Speedup over {other_name}\n");
-        let _ = writeln!(s, "Total throughput here / there, matched by case id.\n");
-        let theirs: BTreeMap<&str, &Record> =
-            other.iter().map(|r| (r.case.id.as_str(), r)).collect();
-        let mut header: Vec<&str> = vec!["id"];
-        header.extend(varying.iter().filter_map(|f| f.md));
-        header.extend([name, other_name, "speedup"]);
-        let _ = writeln!(s, "| {} |", header.join(" | "));
-        let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
-        let show = |r: &Record| match &r.metrics {
-            Some(m) => num(m.total_throughput),
-            None => r.outcome.as_str().to_uppercase(),
-        };
-        let mut matched = 0;
-        for r in recs {
-            let Some(o) = theirs.get(r.case.id.as_str()) else {
-                continue;
-            };
-            matched += 1;
-            let speedup = match (&r.metrics, &o.metrics) {
-                (Some(a), Some(b)) if b.total_throughput > 0.0 => {
-                    format!("{:.2}x", a.total_throughput / b.total_throughput)
-                }
-                _ => "-".into(),
-            };
-            let mut cells = vec![format!("`{}`", r.case.id)];
-            cells.extend(varying.iter().map(|f| f.md_value(r)));
-            cells.extend([show(r), show(o), speedup]);
-            let _ = writeln!(s, "| {} |", cells.join(" | "));
-        }
-        let ours: BTreeSet<&str> = recs.iter().map(|r| r.case.id.as_str()).collect();
+    s.push_str(&projection_section(recs));
+    if let Some(other) = compare {
+        s.push_str(&comparison_section(name, recs, &varying, other));
+    }
+    s
+}
+
+/// Projection checks: the decode latency FlexLLMGen's projection gives from a run's first
+/// steps beside the one the same run measured over all of them, per placement.
+fn projection_section(recs: &[Record]) -> String {
+    let checks: Vec<(&Record, &bench_core::metrics::ProjectionCheck)> = recs
+        .iter()
+        .filter_map(|r| Some((r, r.metrics.as_ref()?.projection.as_ref()?)))
+        .collect();
+    if checks.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## Projection error
+"
+    );
+    let _ = writeln!(
+        s,
+        "Full-length runs that also project their decode latency from their first `cut` steps (the \
+         sum of 2 warm steps + their mean x the rest, as for `cut_gen_len`); error = projected / \
+         measured - 1, from the same run.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| framework | device | placement | model | batch | prompt | gen | cut | projected decode s | measured decode s | error |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for (r, p) in checks {
+        let c = &r.case.case;
         let _ = writeln!(
             s,
-            "\n{matched} cases matched; {} only in {name}, {} only in {other_name}.",
-            recs.len() - matched,
-            other
-                .iter()
-                .filter(|r| !ours.contains(r.case.id.as_str()))
-                .count()
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:+.1}% |",
+            c.framework,
+            c.device.as_str(),
+            md_escape(&c.placement.label()),
+            c.model,
+            c.batch_size(),
+            c.prompt_len,
+            c.gen_len,
+            p.cut_gen_len,
+            num(p.projected_decode_latency_s),
+            num(p.measured_decode_latency_s),
+            p.error * 100.0
         );
     }
+    s.push('\n');
+    s
+}
+
+fn comparison_section(name: &str, recs: &[Record], varying: &[&Field], other: &Other) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n## Compared with {}\n", other.name);
+    if other.drift.is_empty() {
+        let _ = writeln!(s, "Both ran on the same recorded machine and software.\n");
+    } else {
+        let _ = writeln!(
+            s,
+            "The two runs' environments differ, so part of any difference may be theirs:\n"
+        );
+        for d in &other.drift {
+            let _ = writeln!(s, "- {}", md_escape(d));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "Mean total throughput over repetitions, here / there, matched by case id; 95% CI of the \
+         ratio by the delta method on its log (Welch's degrees of freedom); verdict by Welch's \
+         t-test at {}%.\n",
+        compare::ALPHA * 100.0
+    );
+    let mut header: Vec<&str> = vec!["id"];
+    header.extend(varying.iter().filter_map(|f| f.md));
+    header.extend([name, other.name, "speedup", "95% CI", "p", "verdict"]);
+    let _ = writeln!(s, "| {} |", header.join(" | "));
+    let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
+    let show = |r: &Record| match &r.metrics {
+        Some(m) => num(bench_core::stats::mean(
+            &m.repetitions
+                .iter()
+                .map(|x| x.total_throughput)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or(m.total_throughput)),
+        None => r.outcome.as_str().to_uppercase(),
+    };
+    let matched = compare::matched(recs, other.recs);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &matched {
+        let mut cells = vec![format!("`{}`", m.ours.case.id)];
+        cells.extend(varying.iter().map(|f| f.md_value(m.ours)));
+        cells.extend([
+            show(m.ours),
+            show(m.theirs),
+            m.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            m.ci95
+                .map_or("-".into(), |[lo, hi]| format!("{lo:.2}x..{hi:.2}x")),
+            m.p.map_or("-".into(), |p| format!("{p:.3}")),
+            md_escape(&m.verdict.label()),
+        ]);
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
+        let key = match &m.verdict {
+            Verdict::Undecided(_) => "undecided".to_string(),
+            v => v.label(),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    let ours: BTreeSet<&str> = recs.iter().map(|r| r.case.id.as_str()).collect();
+    let counts: Vec<String> = counts.iter().map(|(v, n)| format!("{n} {v}")).collect();
+    let _ = writeln!(
+        s,
+        "\n{} cases matched ({}); {} only in {name}, {} only in {}.",
+        matched.len(),
+        if counts.is_empty() {
+            "none".to_string()
+        } else {
+            counts.join(", ")
+        },
+        recs.len() - matched.len(),
+        other
+            .recs
+            .iter()
+            .filter(|r| !ours.contains(r.case.id.as_str()))
+            .count(),
+        other.name
+    );
     s
 }
 

@@ -41,7 +41,11 @@ pub fn plots(recs: &[Record]) -> (String, String) {
     }
     let to_series = |m: BTreeMap<String, Vec<(f64, f64)>>| -> Vec<Series> {
         m.into_iter()
-            .map(|(name, points)| Series { name, points })
+            .map(|(name, points)| Series {
+                name,
+                points,
+                dashed: false,
+            })
             .collect()
     };
     (
@@ -64,4 +68,54 @@ pub fn plots(recs: &[Record]) -> (String, String) {
             &to_series(lt),
         ),
     )
+}
+
+/// The per-step latencies of one ok case: each step's median over repetitions (step 0 is the
+/// prefill), and where decode was projected the steps the projection assumes, dashed at the
+/// mean it uses. `None` without step times.
+pub fn step_plot(r: &Record) -> Option<String> {
+    let steps = &r.raw.as_ref()?.step_times_s;
+    r.metrics.as_ref()?;
+    let len = steps.iter().map(Vec::len).min()?;
+    if len == 0 {
+        return None;
+    }
+    let median_of = |i: usize| {
+        bench_core::stats::median(&steps.iter().map(|s| s[i]).collect::<Vec<_>>())
+            .unwrap_or(f64::NAN)
+    };
+    let measured: Vec<(f64, f64)> = (0..len).map(|i| (i as f64, median_of(i))).collect();
+    let c = &r.case.case;
+    let mut series = vec![Series {
+        name: format!("measured (median of {} repetitions)", steps.len()),
+        points: measured.clone(),
+        dashed: false,
+    }];
+    // The projection's mean: decode steps after the two warm ones (metrics::from_steps).
+    if len < c.gen_len && len > 3 {
+        let mean = measured[3..].iter().map(|p| p.1).sum::<f64>() / (len - 3) as f64;
+        series.push(Series {
+            name: format!("projected to step {}", c.gen_len - 1),
+            points: vec![((len - 1) as f64, mean), ((c.gen_len - 1) as f64, mean)],
+            dashed: true,
+        });
+    }
+    let title = format!(
+        "Per-step latency: {} {} {} p{} g{} bs{}",
+        c.model,
+        c.framework,
+        c.placement.label(),
+        c.prompt_len,
+        c.gen_len,
+        c.batch_size()
+    );
+    Some(svg::render(
+        &Chart {
+            title: &title,
+            x_label: "step (0 = prefill)",
+            y_label: "latency (s)",
+            lines: true,
+        },
+        &series,
+    ))
 }

@@ -17,6 +17,8 @@ const COLORS: &[&str] = &[
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Drawn dashed (estimated rather than measured values).
+    pub dashed: bool,
 }
 
 pub struct Chart<'a> {
@@ -216,8 +218,13 @@ pub fn render(chart: &Chart, series: &[Series]) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-                path.join(" ")
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{}/>"#,
+                path.join(" "),
+                if ser.dashed {
+                    r#" stroke-dasharray="6 4""#
+                } else {
+                    ""
+                }
             );
         }
         for &(x, y) in &pts {
@@ -254,10 +261,12 @@ mod tests {
     fn renders_points_lines_and_log_axes() {
         let series = vec![
             Series {
+                dashed: false,
                 name: "a<b".into(),
                 points: vec![(1.0, 0.01), (4.0, 10.0), (2.0, 5.0)],
             },
             Series {
+                dashed: false,
                 name: "c".into(),
                 points: vec![(8.0, f64::NAN)],
             },

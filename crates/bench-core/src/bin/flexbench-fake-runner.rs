@@ -13,6 +13,7 @@
 //!   badresult   print a result line with the wrong number of steps, exit 0
 //!   unavailable print a reason to stderr, exit 4
 //!   flood       print one 300 MB line to stdout, then as ok
+//!   steady      as ok, with repetitions within 0.1% of each other
 //! and with dummy weights it behaves as `ok`.
 
 use std::time::Duration;
@@ -38,11 +39,16 @@ fn main() {
     };
     println!("fake runner: case {} behavior {behavior}", case.id());
     eprintln!("fake runner: loading (not really)");
+    let steady = behavior == "steady";
     let ok = |steps: usize| {
         let reps = (0..case.repetitions)
             .map(|r| {
                 // Prefill 40 ms, decode 10 ms per step; later repetitions a bit faster.
-                let scale = 1.0 - 0.1 * r as f64;
+                let scale = if steady {
+                    1.0 + 0.001 * (r % 2) as f64
+                } else {
+                    1.0 - 0.1 * r as f64
+                };
                 (0..steps)
                     .map(|i| if i == 0 { 0.04 * scale } else { 0.01 * scale })
                     .collect()
@@ -62,7 +68,7 @@ fn main() {
         println!("fake runner: done");
     };
     match behavior.as_str() {
-        "ok" => ok(case.measured_gen_len()),
+        "ok" | "steady" => ok(case.measured_gen_len()),
         "slow" => {
             std::thread::sleep(Duration::from_millis(300));
             ok(case.measured_gen_len())

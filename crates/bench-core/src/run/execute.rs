@@ -20,8 +20,9 @@ use super::classify::{classify, mentions_oom, signal_name, ProcessEnd};
 use super::supervise::{supervise, CannotStart, Stream};
 use super::{interrupt, RunOptions, DEFAULT_TIMEOUT};
 use crate::backend::{backend_for, Backend, RunContext};
-use crate::case::Case;
-use crate::protocol;
+use crate::case::{AdaptiveRepetitions, Case};
+use crate::metrics::{self, Metrics};
+use crate::protocol::{self, RawResult};
 use crate::record::{time, IdentifiedCase, Outcome, Record, SCHEMA};
 
 /// Lines of stderr kept for a failure's detail.
@@ -113,10 +114,8 @@ impl CaseRunner<'_> {
         if let Err(why) = backend.check_case(&case, &ctx) {
             return Ok(Some(record(Outcome::Unavailable, why)));
         }
-        // The child reads a plain Case (no id), the protocol's format.
-        let json = serde_json::to_string_pretty(&case).expect("a case always serializes");
-        std::fs::write(&case_file, json)
-            .with_context(|| format!("writing {}", case_file.display()))?;
+        // The child reads a plain Case (no id), the protocol's format, written before each
+        // runner process (with that process's repetition count).
         // A runner of this case may outlive an orchestrator killed outright (kill -9 lands
         // between the fork and the death signal's arming); it must not share the work dir.
         let stale = super::supervise::end_processes_with_env(
@@ -144,29 +143,81 @@ impl CaseRunner<'_> {
                     format!("preparing the case failed: {e:#}"),
                 )));
             }
-            let mut cmd = match backend.command(&case, &ctx) {
-                Ok(c) => c,
-                Err(e) => {
-                    return Ok(Some(record(
-                        Outcome::Error,
-                        format!("building the command failed: {e:#}"),
-                    )))
-                }
-            };
-            cmd.env(protocol::CASE_ENV, &case_file);
             let log_path = self.dir.join(&log_rel);
-            let Some((end, log_error)) = run_logged(&mut cmd, &log_path, timeout)? else {
-                return Ok(None);
-            };
-            let (outcome, detail, metrics, raw) = classify(&case, &end, timeout);
-            let mut r = record(outcome, detail);
-            r.metrics = metrics;
-            r.raw = raw;
-            r.exit_code = end.exit_code;
-            r.signal = end.signal.map(signal_name);
-            r.log = Some(log_rel.clone());
-            r.log_error = log_error;
-            Ok(Some(r))
+            // One runner process, or with adaptive repetitions as many as the interval needs,
+            // each running `batch` repetitions; their raw results are merged.
+            let mut merged: Option<RawResult> = None;
+            let mut batch = case.repetitions;
+            loop {
+                let this = Case {
+                    repetitions: batch,
+                    ..case.clone()
+                };
+                let json = serde_json::to_string_pretty(&this).expect("a case always serializes");
+                std::fs::write(&case_file, json)
+                    .with_context(|| format!("writing {}", case_file.display()))?;
+                let mut cmd = match backend.command(&this, &ctx) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Ok(Some(record(
+                            Outcome::Error,
+                            format!("building the command failed: {e:#}"),
+                        )))
+                    }
+                };
+                cmd.env(protocol::CASE_ENV, &case_file);
+                let append = merged.is_some();
+                let Some((end, log_error)) = run_logged(&mut cmd, &log_path, timeout, append)?
+                else {
+                    return Ok(None);
+                };
+                let (outcome, detail, metrics, raw) = classify(&this, &end, timeout);
+                let mut r = record(outcome, detail);
+                r.exit_code = end.exit_code;
+                r.signal = end.signal.map(signal_name);
+                r.log = Some(log_rel.clone());
+                r.log_error = log_error;
+                let (Some(auto), Some(raw), Outcome::Ok) =
+                    (case.adaptive_repetitions, raw.clone(), outcome)
+                else {
+                    // A fixed count, or a process that failed: its record is the case's, with
+                    // what earlier processes measured kept in `raw`.
+                    r.metrics = metrics.filter(|_| merged.is_none());
+                    r.raw = match (merged, raw) {
+                        (Some(m), Some(raw)) => Some(merge_raw(m, raw)),
+                        (m, raw) => raw.or(m),
+                    };
+                    return Ok(Some(r));
+                };
+                let all = match merged.take() {
+                    Some(m) => merge_raw(m, raw),
+                    None => raw,
+                };
+                let done = all.step_times_s.len();
+                let mut m = metrics::compute(&case, &all)?;
+                let share = ci_share(&m);
+                let next = adaptive_next(&auto, done, share);
+                if next == 0 {
+                    m.repetitions_stop = Some(match share {
+                        Some(s) if s <= auto.target_ci => format!(
+                            "target met: ci95 half-width {:.1}% <= {:.1}% of the median after {done} repetitions",
+                            s * 100.0,
+                            auto.target_ci * 100.0
+                        ),
+                        s => format!(
+                            "max {} repetitions reached; ci95 half-width {} of the median (target {:.1}%)",
+                            auto.max,
+                            s.map_or("unknown".into(), |s| format!("{:.1}%", s * 100.0)),
+                            auto.target_ci * 100.0
+                        ),
+                    });
+                    r.metrics = Some(m);
+                    r.raw = Some(all);
+                    return Ok(Some(r));
+                }
+                merged = Some(all);
+                batch = next;
+            }
         })();
         if let Err(e) = std::fs::remove_dir_all(&work_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -175,6 +226,51 @@ impl CaseRunner<'_> {
         }
         result
     }
+}
+
+/// The 95% interval's half-width over the median of the total throughput.
+fn ci_share(m: &Metrics) -> Option<f64> {
+    let [lo, hi] = m.total_throughput_ci95?;
+    (m.total_throughput > 0.0).then(|| (hi - lo) / 2.0 / m.total_throughput)
+}
+
+/// How many more repetitions adaptive repetitions run after `done` with the interval at
+/// `share` of the median (0 = stop): enough, by the interval's 1/sqrt(n) shrinking, to reach
+/// the target in one more process, at least one, never past `max`.
+fn adaptive_next(auto: &AdaptiveRepetitions, done: usize, share: Option<f64>) -> usize {
+    let left = auto.max.saturating_sub(done);
+    match share {
+        Some(s) if s <= auto.target_ci => 0,
+        _ if left == 0 => 0,
+        Some(s) => {
+            let needed = (done as f64 * (s / auto.target_ci).powi(2)).ceil() as usize;
+            needed.saturating_sub(done).clamp(1, left)
+        }
+        None => left.min(done.max(1)),
+    }
+}
+
+/// Raw results of two processes of one case as one: repetitions appended, peaks the higher,
+/// tokens and notes of the later.
+fn merge_raw(mut a: RawResult, b: RawResult) -> RawResult {
+    a.step_times_s.extend(b.step_times_s);
+    for (k, v) in b.peak_memory_bytes {
+        let e = a.peak_memory_bytes.entry(k).or_default();
+        *e = (*e).max(v);
+    }
+    for (k, v) in b.bytes_moved {
+        let e = a.bytes_moved.entry(k).or_default();
+        *e = (*e).max(v);
+    }
+    a.generated_tokens = b.generated_tokens;
+    a.tokens = b.tokens.or(a.tokens);
+    a.versions.extend(b.versions);
+    for n in b.notes {
+        if !a.notes.contains(&n) {
+            a.notes.push(n);
+        }
+    }
+    a
 }
 
 /// The case's log file. A failed write (a full disk) is remembered instead of stopping the run:
@@ -186,8 +282,15 @@ struct CaseLog {
 }
 
 impl CaseLog {
-    fn create(path: &Path) -> CaseLog {
-        match File::create(path) {
+    /// A new log, or (for a case's further processes) the end of its existing one.
+    fn create(path: &Path, append: bool) -> CaseLog {
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path);
+        match opened {
             Ok(f) => CaseLog {
                 file: Some(f),
                 path: path.to_path_buf(),
@@ -222,8 +325,9 @@ fn run_logged(
     cmd: &mut Command,
     log_path: &Path,
     timeout: Duration,
+    append: bool,
 ) -> Result<Option<(ProcessEnd, Option<String>)>> {
-    let mut log = CaseLog::create(log_path);
+    let mut log = CaseLog::create(log_path, append);
     log.write(format!("== flexbench: {cmd:?}\n").as_bytes());
     let mut result_lines = String::new();
     let mut results_dropped = false;
@@ -317,4 +421,51 @@ pub fn run_alone(
     let mut cmd = backend.command(case, ctx)?;
     cmd.env(protocol::CASE_ENV, &ctx.case_file);
     super::supervise::capture(cmd, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_repetitions_aim_for_the_target_in_one_more_process() {
+        let auto = AdaptiveRepetitions {
+            min: 3,
+            max: 10,
+            target_ci: 0.05,
+        };
+        // twice the target: 4x the repetitions (the interval shrinks as 1/sqrt(n)), capped at max
+        assert_eq!(adaptive_next(&auto, 3, Some(0.10)), 7);
+        // 1.2x the target: ceil(3 x 1.44) = 5, two more
+        assert_eq!(adaptive_next(&auto, 3, Some(0.06)), 2);
+        assert_eq!(adaptive_next(&auto, 3, Some(0.05)), 0, "met");
+        assert_eq!(adaptive_next(&auto, 10, Some(0.5)), 0, "max reached");
+        assert_eq!(
+            adaptive_next(&auto, 3, None),
+            3,
+            "no interval: as many again"
+        );
+    }
+
+    #[test]
+    fn merged_raw_results_keep_every_repetition() {
+        let a = RawResult {
+            step_times_s: vec![vec![1.0]],
+            peak_memory_bytes: [("host_rss".to_string(), 5)].into(),
+            notes: vec!["n".into()],
+            ..Default::default()
+        };
+        let b = RawResult {
+            step_times_s: vec![vec![2.0], vec![3.0]],
+            peak_memory_bytes: [("host_rss".to_string(), 7)].into(),
+            notes: vec!["n".into()],
+            tokens: Some(vec![vec![4]]),
+            ..Default::default()
+        };
+        let m = merge_raw(a, b);
+        assert_eq!(m.step_times_s, vec![vec![1.0], vec![2.0], vec![3.0]]);
+        assert_eq!(m.peak_memory_bytes["host_rss"], 7);
+        assert_eq!(m.notes, vec!["n".to_string()]);
+        assert_eq!(m.tokens, Some(vec![vec![4]]));
+    }
 }
