@@ -1,5 +1,7 @@
-//! Writes a dummy checkpoint as a HuggingFace model directory (`config.json` + `model.safetensors`)
-//! so that every framework (native, HF Accelerate, DeepSpeed) runs on the very same weights.
+//! Writes a dummy checkpoint as a HuggingFace model directory (`config.json` + `model.safetensors`,
+//! or for models over [`SHARD_BYTES`] shards `model-00001-of-000NN.safetensors` with
+//! `model.safetensors.index.json`, as HuggingFace saves large models) so that every framework
+//! runs on the very same weights.
 //!
 //! The checkpoint is streamed tensor by tensor, chunk by chunk, so writing opt-175b never holds more
 //! than one chunk in memory. It is written into a temporary sibling directory and renamed into place
@@ -25,6 +27,11 @@ use crate::model::ModelConfig;
 /// File names inside a checkpoint directory (HuggingFace's).
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Largest shard of a dummy checkpoint. safetensors readers map a whole file at once, so a
+/// 26 GB single file cannot be opened on a machine with less free memory than that; real
+/// HuggingFace checkpoints of large models are sharded too.
+pub const SHARD_BYTES: u64 = 2_000_000_000;
 
 /// Values generated per chunk: 4 Mi f16 = 8 MiB, large enough for rayon to split usefully.
 const CHUNK: usize = 4 << 20;
@@ -49,6 +56,19 @@ pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -
     }
     let parent = dir.parent().expect("checkpoint dir has a parent");
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let need = checkpoint_bytes(cfg);
+    if let Some(free) = crate::env::free_bytes(parent) {
+        if free < need {
+            bail!(
+                "the dummy checkpoint of {} needs {:.1} GB in {}, which has {:.1} GB free; free space \
+                 there or move the cache with FLEXBENCH_CACHE",
+                cfg.name,
+                need as f64 / 1e9,
+                parent.display(),
+                free as f64 / 1e9
+            );
+        }
+    }
     let tmp = parent.join(format!(
         ".{}.tmp-{}-{}",
         dir.file_name().unwrap().to_string_lossy(),
@@ -74,17 +94,68 @@ pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -
     Ok(dir)
 }
 
-/// A checkpoint directory is complete when both files exist and the weights have the exact size
-/// the header promises (the rename already guarantees it was fully written; this guards against
-/// hand edits and a changed tensor layout).
-fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
-    let Ok(meta) = fs::metadata(dir.join(WEIGHTS_FILE)) else {
-        return false;
-    };
-    dir.join(CONFIG_FILE).is_file() && meta.len() == expected_file_len(specs)
+/// The files of a dummy checkpoint: one `model.safetensors` up to [`SHARD_BYTES`], else shards of
+/// at most that size (a tensor larger than that gets a shard of its own) named as HuggingFace
+/// names them, with their index. Each entry: file name and the indexes of its tensors.
+pub fn shard_layout(specs: &[TensorSpec]) -> Vec<(String, Vec<usize>)> {
+    let total: u64 = specs.iter().map(|s| s.numel() as u64 * 2).sum();
+    if total <= SHARD_BYTES {
+        return vec![(WEIGHTS_FILE.to_string(), (0..specs.len()).collect())];
+    }
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let bytes = s.numel() as u64 * 2;
+        if size > 0 && size + bytes > SHARD_BYTES {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(i);
+        size += bytes;
+    }
+    let n = shards.len();
+    shards
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("model-{:05}-of-{n:05}.safetensors", i + 1), t))
+        .collect()
 }
 
-fn expected_file_len(specs: &[TensorSpec]) -> u64 {
+/// Bytes the checkpoint of `cfg` takes on disk, every file included.
+pub fn checkpoint_bytes(cfg: &ModelConfig) -> u64 {
+    let specs = checkpoint_tensors(cfg);
+    shard_layout(&specs)
+        .iter()
+        .map(|(_, idx)| file_len(&pick(&specs, idx)))
+        .sum::<u64>()
+        + 64 * 1024
+}
+
+fn pick(specs: &[TensorSpec], idx: &[usize]) -> Vec<TensorSpec> {
+    idx.iter().map(|&i| specs[i].clone()).collect()
+}
+
+/// A checkpoint directory is complete when config.json and every weight file exist with the
+/// exact size their headers promise (the rename already guarantees they were fully written;
+/// this guards against hand edits and a changed tensor layout). A complete single
+/// `model.safetensors` written before checkpoints were sharded is complete too.
+fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
+    if !dir.join(CONFIG_FILE).is_file() {
+        return false;
+    }
+    let len_is = |file: &str, want: u64| fs::metadata(dir.join(file)).is_ok_and(|m| m.len() == want);
+    if len_is(WEIGHTS_FILE, file_len(specs)) {
+        return true;
+    }
+    let layout = shard_layout(specs);
+    layout.len() > 1
+        && dir.join(INDEX_FILE).is_file()
+        && layout
+            .iter()
+            .all(|(f, idx)| len_is(f, file_len(&pick(specs, idx))))
+}
+
+fn file_len(specs: &[TensorSpec]) -> u64 {
     let header = header_bytes(specs);
     let data: usize = specs.iter().map(|s| s.numel() * 2).sum();
     8 + header.len() as u64 + data as u64
@@ -118,15 +189,45 @@ fn write_checkpoint(dir: &Path, cfg: &ModelConfig, specs: &[TensorSpec], seed: u
     let config = serde_json::to_vec_pretty(&hf_config(cfg, seed))?;
     fs::write(dir.join(CONFIG_FILE), config)
         .with_context(|| format!("writing {}", dir.join(CONFIG_FILE).display()))?;
+    let layout = shard_layout(specs);
+    let mut values = vec![f16::ZERO; CHUNK];
+    let mut bytes = vec![0u8; CHUNK * 2];
+    for (file, idx) in &layout {
+        let shard = pick(specs, idx);
+        write_shard(&dir.join(file), &shard, seed, &mut values, &mut bytes)?;
+    }
+    if layout.len() > 1 {
+        let mut weight_map = serde_json::Map::new();
+        for (file, idx) in &layout {
+            for &i in idx {
+                weight_map.insert(specs[i].name.clone(), file.clone().into());
+            }
+        }
+        let total: u64 = specs.iter().map(|s| s.numel() as u64 * 2).sum();
+        let index = serde_json::json!({
+            "metadata": { "total_size": total },
+            "weight_map": weight_map,
+        });
+        // Written last: a directory with an index has every shard.
+        fs::write(dir.join(INDEX_FILE), serde_json::to_vec_pretty(&index)?)
+            .with_context(|| format!("writing {}", dir.join(INDEX_FILE).display()))?;
+    }
+    Ok(())
+}
 
-    let path = dir.join(WEIGHTS_FILE);
-    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+/// One safetensors file of `specs`, streamed in chunks and synced.
+fn write_shard(
+    path: &Path,
+    specs: &[TensorSpec],
+    seed: u64,
+    values: &mut [f16],
+    bytes: &mut [u8],
+) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let header = header_bytes(specs);
     out.write_all(&(header.len() as u64).to_le_bytes())?;
     out.write_all(&header)?;
-    let mut values = vec![f16::ZERO; CHUNK];
-    let mut bytes = vec![0u8; CHUNK * 2];
     for spec in specs {
         let n = spec.numel();
         let mut start = 0;
@@ -148,12 +249,12 @@ fn write_checkpoint(dir: &Path, cfg: &ModelConfig, specs: &[TensorSpec], seed: u
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
-    let len = fs::metadata(&path)?.len();
-    if len != expected_file_len(specs) {
+    let len = fs::metadata(path)?.len();
+    if len != file_len(specs) {
         bail!(
             "{} has {len} bytes, expected {}",
             path.display(),
-            expected_file_len(specs)
+            file_len(specs)
         );
     }
     Ok(())

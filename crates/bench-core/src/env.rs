@@ -54,12 +54,7 @@ pub fn capture(project_root: &Path, offload_dir: &Path, now: SystemTime) -> Envi
         .find(|l| l.starts_with("model name"))
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string());
-    let ram_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
+    let ram_bytes = ram_bytes();
     let (offload_fs, offload_free_bytes) = filesystem(offload_dir);
     let gpus = output(
         Command::new("nvidia-smi")
@@ -143,6 +138,23 @@ fn filesystem(dir: &Path) -> (Option<String>, Option<u64>) {
             .map(|(_, t)| t)
     });
     (fs, free)
+}
+
+/// Bytes free to an unprivileged writer on the filesystem holding `dir` (or its nearest
+/// existing ancestor); `None` if it cannot be read.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    statvfs_free(existing)
+}
+
+/// Total RAM of this machine (MemTotal).
+pub fn ram_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    })
 }
 
 fn statvfs_free(dir: &Path) -> Option<u64> {
