@@ -73,6 +73,7 @@ impl CaseRunner<'_> {
             duration_s: started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
             log: None,
             env_id: self.env_id.to_string(),
+            job: None,
         };
 
         let Some(backend) = backend_for(self.backends, &case.framework) else {
