@@ -12,6 +12,8 @@
 //!   noresult    print log lines but no result line, exit 0
 //!   badresult   print a result line with the wrong number of steps, exit 0
 //!   unavailable print a reason to stderr, exit 4
+//!   until-MS    sleep until the wall clock reads MS milliseconds since the epoch, then as ok
+//!               (cases that must end at the same moment)
 //! and with dummy weights it behaves as `ok`.
 
 use std::time::Duration;
@@ -101,6 +103,15 @@ fn main() {
         }
         "noresult" => println!("fake runner: forgot the result"),
         "badresult" => ok(2),
+        until if until.starts_with("until-") => {
+            let at: u64 = until["until-".len()..].parse().expect("until-<epoch ms>");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64;
+            std::thread::sleep(Duration::from_millis(at.saturating_sub(now)));
+            ok(case.measured_gen_len())
+        }
         "unavailable" => {
             eprintln!("fake runner: the disk tier is not built yet");
             std::process::exit(protocol::EXIT_UNAVAILABLE);
