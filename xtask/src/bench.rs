@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: load a suite, select cases, and either show them (`--dry-run`) or run them
-//! through bench-core's orchestrator.
+//! through bench-core's orchestrator, here or as Slurm job arrays (`--executor slurm`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bench_core::backend::backend_for;
 use bench_core::filter::{self, Filter};
-use bench_core::run::{self, Rerun, RunOptions};
+use bench_core::run::slurm::{Slurm, SlurmOptions};
+use bench_core::run::{self, Executor, Local, Rerun, RunOptions};
 use bench_core::suite::{RepetitionsSpec, SuiteCase};
 use bench_core::{suite, Backend, BuildStep, Case, Frameworks, IdentifiedCase, Suite};
 
@@ -16,7 +17,13 @@ use bench_core::{suite, Backend, BuildStep, Case, Frameworks, IdentifiedCase, Su
     cargo xtask bench smoke\n  \
     cargo xtask bench hf_ds --dry-run\n  \
     cargo xtask bench hf_ds --filter framework=hf --filter prompt_len=512\n  \
-    cargo xtask bench suites/smoke.ron --filter placement=gpu --timeout 60 --out /tmp/results")]
+    cargo xtask bench suites/smoke.ron --filter placement=gpu --timeout 60 --out /tmp/results\n  \
+    cargo xtask bench hf_ds --executor slurm --partition gpu --max-parallel 8 --wait\n  \
+    cargo xtask bench smoke --executor slurm --sbatch-arg=--exclusive --sbatch-arg=--qos=short\n\n\
+With --executor slurm, each case runs as one task of an `sbatch --array` job: the results directory,\n\
+the repository (target/release) and the cache must be on a file system every node shares; see\n\
+README.md, \"Running a suite on a Slurm cluster\". Without --wait the command returns after the\n\
+submission; `cargo xtask status <suite>` follows it.")]
 pub struct Args {
     /// Suite name (a file in suites/, e.g. `smoke`) or path to a .ron suite file.
     pub suite: String,
@@ -67,6 +74,46 @@ pub struct Args {
     /// Python interpreter for the hf and deepspeed runners.
     #[arg(long, value_name = "PATH")]
     pub python: Option<PathBuf>,
+    /// Where each case's scratch directory (offloaded tensors) goes, as <DIR>/<suite>/<id>
+    /// [default: <OUT>/<suite>/work]. On a cluster, a node-local disk.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Where the cases run: `local` (one after another on this machine) or `slurm` (one task
+    /// of an `sbatch --array` job per case, on the cluster's nodes).
+    #[arg(long, value_enum, default_value_t = ExecutorName::Local, value_name = "NAME")]
+    pub executor: ExecutorName,
+    /// Slurm: the partition to submit to [default: the cluster's default partition].
+    #[arg(long, value_name = "P", help_heading = "Slurm (--executor slurm)")]
+    pub partition: Option<String>,
+    /// Slurm: GPUs each cuda case's task asks for (`--gres=gpu:N`; 0 asks for none)
+    /// [default: the case's num_gpus_per_node]. Cpu cases ask for none.
+    #[arg(long, value_name = "N", help_heading = "Slurm (--executor slurm)")]
+    pub gpus_per_task: Option<u32>,
+    /// Slurm: at most K tasks of the job array at once (`--array=...%K`). Cases asking for
+    /// different resources go to separate arrays, each throttled to K.
+    #[arg(long, value_name = "K", help_heading = "Slurm (--executor slurm)")]
+    pub max_parallel: Option<u32>,
+    /// Slurm: one more argument for sbatch, after flexbench's own (so it wins over them: e.g.
+    /// `--sbatch-arg=--mem=64G`, `--sbatch-arg=--exclusive`, `--sbatch-arg=--account=A`).
+    /// Repeat for several.
+    #[arg(
+        long = "sbatch-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        help_heading = "Slurm (--executor slurm)"
+    )]
+    pub sbatch_args: Vec<String>,
+    /// Slurm: follow the job to its end with the same progress lines, summary and exit code as
+    /// a local run (Ctrl-C cancels the job). Without it the command returns after submitting.
+    #[arg(long, help_heading = "Slurm (--executor slurm)")]
+    pub wait: bool,
+}
+
+/// The executors `--executor` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorName {
+    Local,
+    Slurm,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -100,6 +147,8 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
+    // Before the build: a cluster that cannot take the submission says so at once.
+    let mut executor = executor(&args)?;
     let bin_dir = args.bin_dir.clone().unwrap_or_else(crate::release_bin_dir);
     if !args.no_build {
         for step in build_steps(&backends, cases.iter().map(|c| &c.case)) {
@@ -121,10 +170,59 @@ pub fn run(args: Args) -> Result<()> {
             Rerun::Pending
         },
         progress: true,
+        work_dir: args.work_dir.clone(),
     };
     let cases: Vec<Case> = cases.into_iter().map(|c| c.case).collect();
-    let code = run::finish(run::run_suite(&suite.name, &cases, &backends, &opts));
+    let code = run::finish(run::run_suite(
+        &suite.name,
+        &cases,
+        &backends,
+        &opts,
+        executor.as_mut(),
+    ));
     std::process::exit(code);
+}
+
+/// The executor `--executor` names, checked as far as it can be before anything runs.
+fn executor(args: &Args) -> Result<Box<dyn Executor>> {
+    let slurm_flags = [
+        ("--partition", args.partition.is_some()),
+        ("--gpus-per-task", args.gpus_per_task.is_some()),
+        ("--max-parallel", args.max_parallel.is_some()),
+        ("--sbatch-arg", !args.sbatch_args.is_empty()),
+        ("--wait", args.wait),
+    ];
+    match args.executor {
+        ExecutorName::Local => {
+            let given: Vec<&str> = slurm_flags
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(f, _)| *f)
+                .collect();
+            if !given.is_empty() {
+                bail!(
+                    "{} only mean something with --executor slurm",
+                    given.join(", ")
+                );
+            }
+            Ok(Box::new(Local::default()))
+        }
+        ExecutorName::Slurm => {
+            let program = bench_core::run::slurm::this_program()?;
+            let opts = SlurmOptions {
+                partition: args.partition.clone(),
+                gpus_per_task: args.gpus_per_task,
+                max_parallel: args.max_parallel,
+                sbatch_args: args.sbatch_args.clone(),
+                wait: args.wait,
+                task_command: vec![
+                    program.display().to_string(),
+                    crate::slurm_task::SUBCOMMAND.to_string(),
+                ],
+            };
+            Ok(Box::new(Slurm::new(opts, true)?))
+        }
+    }
 }
 
 /// The suite's cases that pass every filter, with their origins.

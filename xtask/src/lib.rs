@@ -11,6 +11,8 @@ pub mod kernels;
 pub mod list;
 pub mod python_env;
 pub mod report;
+pub mod slurm_task;
+pub mod status;
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! own module of the xtask library and the real work in the crates.
 
 use clap::{Parser, Subcommand};
-use xtask::{bench, gpu_check, kernels, list, python_env, report};
+use xtask::{bench, gpu_check, kernels, list, python_env, report, slurm_task, status};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,8 @@ struct Cli {
 enum Cmd {
     /// Run a suite: every case in its own process, results appended to <out>/<suite>/results.jsonl.
     Bench(bench::Args),
+    /// Where each case of a suite stands: pending or running on Slurm, or its latest outcome.
+    Status(status::Args),
     /// Make report.md, report.csv and SVG plots from a suite's results.
     Report(report::Args),
     /// List suites and backends, and whether each backend is available here.
@@ -29,6 +31,9 @@ enum Cmd {
     CheckKernels(kernels::Args),
     /// On a GPU machine: test every kernel and the golden checkpoints on CUDA, run a short benchmark.
     GpuCheck(gpu_check::Args),
+    /// Runs one array task of a Slurm submission (what `bench --executor slurm` submits).
+    #[command(hide = true, name = "slurm-task")]
+    SlurmTask(slurm_task::Args),
 }
 
 fn main() {
@@ -45,6 +50,8 @@ fn main() {
         Cmd::PythonEnv(a) => python_env::run(a),
         Cmd::CheckKernels(a) => kernels::run(a),
         Cmd::GpuCheck(a) => gpu_check::run(a),
+        Cmd::Status(a) => status::run(a),
+        Cmd::SlurmTask(a) => slurm_task::run(a),
     };
     if let Err(e) = result {
         // The message and its context chain; a backtrace would bury the fix.

@@ -66,6 +66,7 @@ fn run(scale: f64) -> Vec<Record> {
                 log: None,
                 env_id: "env-test".into(),
                 log_error: None,
+                job: None,
             }
         })
         .collect()

@@ -143,7 +143,8 @@ fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
     if !dir.join(CONFIG_FILE).is_file() {
         return false;
     }
-    let len_is = |file: &str, want: u64| fs::metadata(dir.join(file)).is_ok_and(|m| m.len() == want);
+    let len_is =
+        |file: &str, want: u64| fs::metadata(dir.join(file)).is_ok_and(|m| m.len() == want);
     if len_is(WEIGHTS_FILE, file_len(specs)) {
         return true;
     }

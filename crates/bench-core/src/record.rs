@@ -32,10 +32,20 @@ pub enum Outcome {
     Skipped,
     /// Cannot run here: no backend, backend not available, or the runner said so (exit 4).
     Unavailable,
+    /// A batch scheduler's task was cancelled (`scancel`, or Ctrl-C on `bench --wait`) before the
+    /// case ended; its process group was killed.
+    Cancelled,
+    /// The scheduler preempted the task for a job of higher priority.
+    Preempted,
+    /// The node running the task failed.
+    NodeFail,
+    /// The scheduler's task ended without leaving a record, for no reason the scheduler gave
+    /// (the task was killed with SIGKILL, its binary was missing on the node, ...).
+    Lost,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::Oom,
         Outcome::Timeout,
@@ -43,6 +53,10 @@ impl Outcome {
         Outcome::Error,
         Outcome::Skipped,
         Outcome::Unavailable,
+        Outcome::Cancelled,
+        Outcome::Preempted,
+        Outcome::NodeFail,
+        Outcome::Lost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,14 +68,27 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Skipped => "skipped",
             Outcome::Unavailable => "unavailable",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Preempted => "preempted",
+            Outcome::NodeFail => "node_fail",
+            Outcome::Lost => "lost",
         }
     }
 
-    /// Outcomes that make `bench` exit non-zero and that `--rerun-failed` reruns.
+    /// Outcomes that make `bench` exit non-zero and that `--rerun-failed` reruns: the case could
+    /// run here and has no result. A case the scheduler cancelled, preempted or lost counts: like
+    /// a crash, it is a case someone has to run again; `unavailable` and `skipped` do not.
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Outcome::Oom | Outcome::Timeout | Outcome::Crashed | Outcome::Error
+            Outcome::Oom
+                | Outcome::Timeout
+                | Outcome::Crashed
+                | Outcome::Error
+                | Outcome::Cancelled
+                | Outcome::Preempted
+                | Outcome::NodeFail
+                | Outcome::Lost
         )
     }
 }
@@ -154,6 +181,47 @@ pub struct Record {
     /// when the log holds everything the runner printed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_error: Option<String>,
+    /// Set when a batch scheduler ran the case as one task of a job (`--executor slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobTask>,
+}
+
+/// Which task of which scheduler job ran a case, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTask {
+    /// `slurm`.
+    pub scheduler: String,
+    /// The array job's id (Slurm's `SLURM_ARRAY_JOB_ID`).
+    pub job_id: String,
+    /// The task's index in the array.
+    pub array_index: u32,
+    /// How often the scheduler had restarted the task (requeued after preemption or a node
+    /// failure) when it ran the case.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The node the task ran on, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The scheduler's state of the task when it ended (`COMPLETED`, `CANCELLED`, `TIMEOUT`, ...),
+    /// when the scheduler still knew it at the time the record was merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Who wrote the record: the task itself (`task`), or the orchestrator from the scheduler's
+    /// account of a task that ended without one (`scheduler`).
+    pub written_by: WrittenBy,
+    /// The scheduler stopped the task (SIGTERM) while its case ran; the outcome is the
+    /// scheduler's ending (cancelled, timeout, preempted), not the runner's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_by_scheduler: bool,
+}
+
+/// The author of a scheduled case's record; with the job id, array index and restart count it
+/// identifies a record, so merging one twice is recognized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WrittenBy {
+    Task,
+    Scheduler,
 }
 
 impl Record {
@@ -265,6 +333,7 @@ mod tests {
             log: Some("logs/x.log".into()),
             env_id: "env-x".into(),
             log_error: None,
+            job: None,
         };
         let line = r.to_line();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -278,5 +347,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("newer"));
+    }
+
+    #[test]
+    fn records_written_before_job_fields_existed_still_read() {
+        // A line as flexbench wrote it before scheduler runs (no `job`), verbatim.
+        let old = r#"{"schema":1,"case":{"id":"76f119e6e4b93dc5","model":"opt-125m","framework":"engine","prompt_len":128,"gen_len":32,"cut_gen_len":null,"gpu_batch_size":4,"num_gpu_batches":1,"placement":"gpu","device":"cpu","weights":"dummy","num_nodes":1,"num_gpus_per_node":1,"warmup":1,"repetitions":1,"timeout_s":120},"outcome":"timeout","detail":"still running after 120s","started_at":"2026-12-01T21:24:50.700Z","finished_at":"2026-12-01T21:26:50.700Z","duration_s":120.0,"env_id":"env-20261201T212450.681Z"}"#;
+        let r = Record::from_line(old).unwrap();
+        assert_eq!(r.outcome, Outcome::Timeout);
+        assert_eq!(r.job, None);
+        // A scheduled record keeps its task through a round trip; every outcome has its name.
+        let mut r = r;
+        r.outcome = Outcome::NodeFail;
+        r.job = Some(JobTask {
+            scheduler: "slurm".into(),
+            job_id: "12".into(),
+            array_index: 3,
+            restarts: 1,
+            node: Some("n07".into()),
+            state: Some("NODE_FAIL".into()),
+            written_by: WrittenBy::Scheduler,
+            stopped_by_scheduler: false,
+        });
+        let line = r.to_line();
+        assert!(line.contains(r#""outcome":"node_fail""#), "{line}");
+        assert!(line.contains(r#""written_by":"scheduler""#), "{line}");
+        assert_eq!(Record::from_line(&line).unwrap(), r);
+        for o in Outcome::ALL {
+            let json = serde_json::to_string(&o).unwrap();
+            assert_eq!(json, format!("\"{}\"", o.as_str()));
+        }
     }
 }

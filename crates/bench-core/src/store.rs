@@ -28,6 +28,20 @@ impl Store {
     /// Creates `dir` if needed, takes its lock and repairs a torn tail. Fails with a clear message
     /// if the directory cannot be written or another bench holds the lock.
     pub fn open(dir: &Path) -> Result<Store> {
+        match Store::open_if_free(dir)? {
+            Some(store) => Ok(store),
+            None => bail!(
+                "another `cargo xtask bench` is running on {} (it holds {}); wait for it to finish, \
+                 or give this run another --out directory",
+                dir.display(),
+                dir.join(LOCK_FILE).display()
+            ),
+        }
+    }
+
+    /// As [`Store::open`], but `Ok(None)` while another process holds the lock: for readers that
+    /// write only when nobody else does (`status` merging finished tasks' records).
+    pub fn open_if_free(dir: &Path) -> Result<Option<Store>> {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
                 "cannot create results directory {}; choose another with --out or fix its permissions",
@@ -49,12 +63,7 @@ impl Store {
             })?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
-                "another `cargo xtask bench` is running on {} (it holds {}); wait for it to finish, \
-                 or give this run another --out directory",
-                dir.display(),
-                lock_path.display()
-            ),
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("locking {}", lock_path.display()))
             }
@@ -68,11 +77,11 @@ impl Store {
             .with_context(|| format!("opening {}", path.display()))?;
         repair_tail(&mut results)
             .with_context(|| format!("repairing the end of {}", path.display()))?;
-        Ok(Store {
+        Ok(Some(Store {
             dir: dir.to_path_buf(),
             results,
             _lock: lock,
-        })
+        }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -102,6 +111,43 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the whole new one, never a
+/// part, even when the machine dies: a temporary name in the same directory, fsynced, renamed over
+/// `path`, and the directory fsynced so the rename itself survives. Several processes (nodes of a
+/// cluster on a shared file system) may write different paths of one directory at once.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no directory", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    // Unique per writer: host (nodes share the directory), process, and time.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}-{nanos}",
+        name.to_string_lossy(),
+        host.trim(),
+        std::process::id()
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {} (through {})", path.display(), tmp.display()))
 }
 
 /// Cuts the file back to its last complete line: what follows the last '\n' is what a killed

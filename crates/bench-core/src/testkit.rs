@@ -1,8 +1,9 @@
-//! Helpers for backend crates' tests that run real runner processes: a fresh context per test,
-//! and the rule for tests that need the Python environment (skip saying why, unless CI asks for
-//! them with `FLEXBENCH_REQUIRE_PYTHON=1`).
+//! Helpers for tests that run real processes: a fresh context per test, and the rule for tests
+//! that need something a machine may lack, the Python environment or a Slurm cluster (skip saying
+//! why, unless CI asks for them with `FLEXBENCH_REQUIRE_PYTHON=1` / `FLEXBENCH_REQUIRE_SLURM=1`).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::backend::{Backend, RunContext};
 
@@ -65,4 +66,62 @@ pub fn small_case(model: &str, framework: &str, placement: crate::Placement) -> 
         repetitions: 2,
         ..crate::Case::example(framework)
     }
+}
+
+/// Set to `1` where a Slurm cluster must answer (CI, after `scripts/slurm-local.sh start`).
+pub const REQUIRE_SLURM_ENV: &str = "FLEXBENCH_REQUIRE_SLURM";
+
+/// The Slurm cluster tests submit to: the one `SLURM_CONF` names, else the local test cluster
+/// of `scripts/slurm-local.sh` (its config under `$FLEXBENCH_SLURM_DIR`, default the cache's
+/// `slurm/`), else the machine's own configuration.
+#[derive(Debug, Clone)]
+pub struct TestSlurm {
+    /// The `SLURM_CONF` to give Slurm's commands, when the environment does not set one.
+    pub conf: Option<PathBuf>,
+}
+
+impl TestSlurm {
+    /// `cmd` with this cluster's configuration in its environment.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some(conf) = &self.conf {
+            cmd.env("SLURM_CONF", conf);
+        }
+        cmd
+    }
+}
+
+/// The cluster when its controller answers `scontrol ping`; when not, the test says so and is
+/// skipped, unless [`REQUIRE_SLURM_ENV`] turns that into a failure.
+pub fn slurm_ready() -> Option<TestSlurm> {
+    let conf = match std::env::var_os("SLURM_CONF") {
+        Some(_) => None,
+        None => {
+            let dir = std::env::var_os("FLEXBENCH_SLURM_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| crate::dirs::cache_dir().join("slurm"));
+            Some(dir.join("slurm.conf")).filter(|c| c.is_file())
+        }
+    };
+    let slurm = TestSlurm { conf };
+    let answer = slurm.command("scontrol").arg("ping").output();
+    let why = match answer {
+        Ok(o) if o.status.success() => return Some(slurm),
+        Ok(o) => {
+            let said = format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let last = said.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+            format!("`scontrol ping` says: {}", last.trim())
+        }
+        Err(e) => format!("cannot run scontrol: {e}"),
+    };
+    let hint = "start the local test cluster with `scripts/slurm-local.sh start`";
+    if std::env::var(REQUIRE_SLURM_ENV).as_deref() == Ok("1") {
+        panic!("{REQUIRE_SLURM_ENV}=1 but no Slurm cluster answers ({why}); {hint}");
+    }
+    eprintln!("SKIPPED: no Slurm cluster answers ({why}); {hint}");
+    None
 }

@@ -3,122 +3,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use bench_core::store::{self, Store};
 use bench_core::{Outcome, Record};
 
-const DRIVER: &str = env!("CARGO_BIN_EXE_flexbench-test-driver");
+mod common;
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "flexbench-test-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One explicit case per behavior; `extra` adds RON fields.
-fn case(behavior: &str, prompt_len: usize, extra: &str) -> String {
-    format!(
-        r#"(model: "opt-tiny", framework: "fake", prompt_len: {prompt_len}, gen_len: 8, gpu_batch_size: 2,
-            placement: gpu, weights: checkpoint("{behavior}"){extra})"#
-    )
-}
-
-fn write_suite(dir: &Path, name: &str, cases: &[String]) -> PathBuf {
-    let path = dir.join(format!("{name}.ron"));
-    let text = format!(
-        "(defaults: (device: cpu, timeout_s: 60), cases: [\n{}\n])",
-        cases.join(",\n")
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn drive(suite: &Path, out: &Path, extra: &[&str]) -> Output {
-    Command::new(DRIVER)
-        .arg(suite)
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn records(path: &Path) -> Vec<Record> {
-    let r = store::read(path).unwrap();
-    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
-    r.records
-}
-
-/// Every line of the file is a complete record.
-fn assert_every_line_parses(path: &Path) {
-    let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.is_empty() || text.ends_with('\n'));
-    for (i, line) in text.lines().enumerate() {
-        Record::from_line(line).unwrap_or_else(|e| panic!("line {}: {e:#}: {line}", i + 1));
-    }
-}
-
-fn process_gone(pid: i32) -> bool {
-    // Gone, or a zombie waiting for its (new) parent to reap it.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-    }
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::*;
 
 #[test]
 fn every_outcome_from_real_processes() {
     let tmp = TempDir::new("outcomes");
-    let behaviors = [
-        "ok",
-        "oom",
-        "oom3",
-        "hang",
-        "segv",
-        "error",
-        "noresult",
-        "badresult",
-        "unavailable",
-    ];
-    let mut cases: Vec<String> = behaviors.iter().map(|b| case(b, 16, "")).collect();
-    cases.push(case("ok", 16, ", framework: \"unserved\"").replace("framework: \"fake\", ", ""));
-    cases.push(case("ok", 16, ", device: cuda"));
-    cases.push(case("ok", 32, ", repetitions: 3"));
+    let cases = every_fault();
     let suite = write_suite(&tmp.0, "faults", &cases);
     let out = tmp.0.join("results");
     let o = drive(&suite, &out, &["--timeout", "1"]);
@@ -400,23 +298,9 @@ fn ctrl_c_kills_the_case_and_records_nothing_partial() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log_of_hang = || {
-        std::fs::read_dir(dir.join("logs"))
-            .ok()?
-            .flatten()
-            .find_map(|e| {
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                text.lines().find_map(|l| {
-                    l.strip_prefix("grandchild pid ")?
-                        .trim()
-                        .parse::<i32>()
-                        .ok()
-                })
-            })
-    };
     let mut grandchild = None;
     wait_until("the hanging case to start", || {
-        grandchild = log_of_hang();
+        grandchild = grandchild_in_logs(&dir);
         grandchild.is_some()
     });
     // SAFETY: sending SIGINT to our own child.

@@ -291,6 +291,14 @@ pub const FIELDS: &[Field] = &[
     run("started_at", |r| text(r.started_at.clone())),
     run("duration_s", |r| Cell::Num(r.duration_s)),
     run("env_id", |r| text(r.env_id.clone())),
+    run("job", |r| {
+        opt(r.job.as_ref(), |j| {
+            text(format!("{} {}_{}", j.scheduler, j.job_id, j.array_index))
+        })
+    }),
+    run("node", |r| {
+        opt(r.job.as_ref().and_then(|j| j.node.clone()), text)
+    }),
     Field {
         md_empty: "",
         ..measure(Some("detail"), Some("detail"), |r| {

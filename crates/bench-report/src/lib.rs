@@ -163,7 +163,12 @@ pub fn load(dir: &Path) -> Result<Vec<Record>> {
 
 /// One line per environment the records reference.
 pub fn environments(dir: &Path, recs: &[Record]) -> Vec<String> {
-    let ids: BTreeSet<&str> = recs.iter().map(|r| r.env_id.as_str()).collect();
+    // A record Slurm's account wrote for a task that never ran anywhere names no environment.
+    let ids: BTreeSet<&str> = recs
+        .iter()
+        .map(|r| r.env_id.as_str())
+        .filter(|id| !id.is_empty())
+        .collect();
     ids.into_iter()
         .map(|id| {
             let text = std::fs::read_to_string(dir.join(format!("{id}.json"))).unwrap_or_default();
@@ -248,6 +253,7 @@ mod tests {
             log: None,
             env_id: "env-x".into(),
             log_error: None,
+            job: None,
         }
     }
 
@@ -347,6 +353,42 @@ mod tests {
         // no two cases differ only by framework: no section
         let md = markdown("x", &recs[..1], &[], None);
         assert!(!md.contains("Token agreement"), "{md}");
+    }
+
+    #[test]
+    fn scheduler_outcomes_and_tasks_reach_the_counts_and_the_csv() {
+        let mut lost = rec("opt-6.7b", "hf", Placement::Gpu, 2, Outcome::Lost, 1.0);
+        lost.job = Some(bench_core::record::JobTask {
+            scheduler: "slurm".into(),
+            job_id: "77".into(),
+            array_index: 3,
+            restarts: 0,
+            node: Some("gpu-n07".into()),
+            state: Some("FAILED".into()),
+            written_by: bench_core::record::WrittenBy::Scheduler,
+            stopped_by_scheduler: false,
+        });
+        lost.env_id = String::new();
+        let recs = vec![
+            rec("opt-6.7b", "hf", Placement::Gpu, 4, Outcome::Ok, 0.5),
+            rec("opt-30b", "hf", Placement::Cpu, 8, Outcome::NodeFail, 1.0),
+            lost,
+        ];
+        let md = markdown("x", &recs, &[], None);
+        assert!(
+            md.contains("3 cases (latest record of each): 1 ok, 1 node_fail, 1 lost."),
+            "{md}"
+        );
+        assert!(md.contains("| hf cpu |  | NODE_FAIL (bs 8, cpu) |"), "{md}");
+        assert!(md.contains("| lost | - |"), "{md}");
+        let csv = csv(&recs);
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let last: Vec<&str> = csv.lines().nth(3).unwrap().split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        assert_eq!(last[col("outcome")], "lost");
+        assert_eq!(last[col("job")], "slurm 77_3");
+        assert_eq!(last[col("node")], "gpu-n07");
+        assert_eq!(environments(Path::new("/nonexistent"), &recs).len(), 1);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   unavailable print a reason to stderr, exit 4
 //!   flood       print one 300 MB line to stdout, then as ok
 //!   steady      as ok, with repetitions within 0.1% of each other
+//!   until-MS    sleep until the wall clock reads MS milliseconds since the epoch, then as ok
+//!               (cases that must end at the same moment)
 //! and with dummy weights it behaves as `ok`.
 
 use std::time::Duration;
@@ -108,6 +110,15 @@ fn main() {
         }
         "noresult" => println!("fake runner: forgot the result"),
         "badresult" => ok(2),
+        until if until.starts_with("until-") => {
+            let at: u64 = until["until-".len()..].parse().expect("until-<epoch ms>");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64;
+            std::thread::sleep(Duration::from_millis(at.saturating_sub(now)));
+            ok(case.measured_gen_len())
+        }
         "flood" => {
             use std::io::Write;
             let chunk = vec![b'x'; 1 << 20];

@@ -1,7 +1,13 @@
 //! TEST ONLY: the orchestrator as a process, with a backend that starts `flexbench-fake-runner`,
-//! so tests can kill it, interrupt it and run two at once. `cargo xtask bench` is the real thing.
+//! so tests can kill it, interrupt it and run two at once, locally or through Slurm.
+//! `cargo xtask bench` is the real thing.
 //!
-//! Usage: flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS]
+//! Usage:
+//!   flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS]
+//!       [--executor local|slurm] [--wait] [--partition P] [--max-parallel K]
+//!       [--gpus-per-task N] [--sbatch-arg ARG]...
+//!   flexbench-test-driver status SUITE.ron OUT_DIR
+//!   flexbench-test-driver slurm-task SUBMISSION.json ARRAY   (what the Slurm tasks run)
 //!
 //! The fake backend serves framework `fake` (policies included) and refuses cuda cases in
 //! `check_case`; suites may also name `unserved`, a framework no backend serves (as when a
@@ -11,7 +17,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use bench_core::run::{self, Rerun, RunOptions};
+use bench_core::run::slurm::{Slurm, SlurmOptions};
+use bench_core::run::{self, Executor, Local, Rerun, RunOptions};
 use bench_core::{Backend, Case, Device, Frameworks, RunContext, Suite};
 
 struct FakeBackend {
@@ -46,36 +53,106 @@ impl Backend for FakeBackend {
     }
 }
 
+fn backends() -> Vec<Box<dyn Backend>> {
+    let exe = std::env::current_exe().expect("the driver knows its path");
+    let bin_dir = exe.parent().expect("an exe has a directory").to_path_buf();
+    vec![Box::new(FakeBackend {
+        runner: bin_dir.join("flexbench-fake-runner"),
+    })]
+}
+
+fn frameworks() -> Frameworks {
+    Frameworks::new(&[("fake", true), ("unserved", false)])
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS] \
+         [--executor local|slurm] [--wait] [--partition P] [--max-parallel K] [--gpus-per-task N] \
+         [--sbatch-arg ARG]...\n       flexbench-test-driver status SUITE.ron OUT_DIR\n       \
+         flexbench-test-driver slurm-task SUBMISSION.json ARRAY"
+    );
+    std::process::exit(2);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("slurm-task") => {
+            let [_, submission, array] = args.as_slice() else {
+                usage()
+            };
+            let array: usize = array.parse().unwrap_or_else(|_| usage());
+            let result = run::slurm::task::Identity::from_env()
+                .and_then(|me| run::slurm::task::run(&backends(), submission.as_ref(), array, &me));
+            if let Err(e) = result {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        }
+        Some("status") => {
+            let [_, suite_path, out] = args.as_slice() else {
+                usage()
+            };
+            let result = Suite::load(suite_path.as_ref(), &frameworks()).and_then(|suite| {
+                let cases = suite.expand();
+                let dir = run::suite_dir(out.as_ref(), &suite.name)?;
+                let (statuses, settled) = run::status::status(&dir, &cases)?;
+                run::status::print(&cases, &statuses, &settled);
+                Ok(())
+            });
+            if let Err(e) = result {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        }
+        _ => bench(&args),
+    }
+}
+
+fn bench(args: &[String]) {
     let (mut rerun, mut timeout) = (Rerun::Pending, None);
+    let mut executor = "local".to_string();
+    let mut slurm = SlurmOptions::default();
     let mut positional = Vec::new();
     let mut it = args.iter();
+    let value = |it: &mut std::slice::Iter<String>| it.next().cloned().unwrap_or_else(|| usage());
     while let Some(a) = it.next() {
         match a.as_str() {
             "--force" => rerun = Rerun::All,
             "--rerun-failed" => rerun = Rerun::Failed,
             "--timeout" => {
-                let secs: f64 = it
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("--timeout SECS");
+                let secs: f64 = value(&mut it).parse().unwrap_or_else(|_| usage());
                 timeout = Some(Duration::from_secs_f64(secs));
             }
+            "--executor" => executor = value(&mut it),
+            "--wait" => slurm.wait = true,
+            "--partition" => slurm.partition = Some(value(&mut it)),
+            "--max-parallel" => {
+                slurm.max_parallel = Some(value(&mut it).parse().unwrap_or_else(|_| usage()))
+            }
+            "--gpus-per-task" => {
+                slurm.gpus_per_task = Some(value(&mut it).parse().unwrap_or_else(|_| usage()))
+            }
+            "--sbatch-arg" => slurm.sbatch_args.push(value(&mut it)),
             _ => positional.push(a.clone()),
         }
     }
     let [suite_path, out] = positional.as_slice() else {
-        eprintln!("usage: flexbench-test-driver SUITE.ron OUT_DIR [--force | --rerun-failed] [--timeout SECS]");
-        std::process::exit(2);
+        usage()
     };
-    let frameworks = Frameworks::new(&[("fake", true), ("unserved", false)]);
-    let result = Suite::load(suite_path.as_ref(), &frameworks).and_then(|suite| {
+    let result = (|| {
+        let suite = Suite::load(suite_path.as_ref(), &frameworks())?;
         let exe = std::env::current_exe()?;
         let bin_dir = exe.parent().expect("an exe has a directory").to_path_buf();
-        let backends: Vec<Box<dyn Backend>> = vec![Box::new(FakeBackend {
-            runner: bin_dir.join("flexbench-fake-runner"),
-        })];
+        let mut exec: Box<dyn Executor> = match executor.as_str() {
+            "local" => Box::new(Local::default()),
+            "slurm" => {
+                slurm.task_command = vec![exe.display().to_string(), "slurm-task".into()];
+                Box::new(Slurm::new(slurm, true)?)
+            }
+            other => anyhow::bail!("unknown executor `{other}`; known: local, slurm"),
+        };
         let opts = RunOptions {
             out_dir: out.into(),
             project_root: std::env::current_dir()?,
@@ -85,8 +162,15 @@ fn main() {
             timeout_override: timeout,
             rerun,
             progress: true,
+            work_dir: None,
         };
-        run::run_suite(&suite.name, &suite.expand(), &backends, &opts)
-    });
+        run::run_suite(
+            &suite.name,
+            &suite.expand(),
+            &backends(),
+            &opts,
+            exec.as_mut(),
+        )
+    })();
     std::process::exit(run::finish(result));
 }

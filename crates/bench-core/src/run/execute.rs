@@ -6,7 +6,7 @@
 //! start) becomes its record; an `Err` means the run itself cannot go on (an unwritable results
 //! directory).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use super::classify::{classify, mentions_oom, signal_name, ProcessEnd};
+use super::environment::Probes;
 use super::supervise::{supervise, CannotStart, Stream};
 use super::{interrupt, RunOptions, DEFAULT_TIMEOUT};
 use crate::backend::{backend_for, Backend, RunContext};
@@ -35,48 +36,65 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 /// What every case of one run shares.
 pub struct CaseRunner<'a> {
     pub backends: &'a [Box<dyn Backend>],
-    /// Each needed backend's probe, run once per run.
-    pub probes: &'a BTreeMap<&'static str, Result<(), String>>,
+    /// Each needed backend's probe, run once per run (per node under a scheduler).
+    pub probes: &'a Probes,
     /// The suite's results directory (`cases/`, `logs/`, `work/` below it).
     pub dir: &'a Path,
     pub opts: &'a RunOptions,
     pub env_id: &'a str,
 }
 
-impl CaseRunner<'_> {
-    /// The timeout a case runs under: `--timeout`, else its own, else the default.
-    pub fn timeout(&self, case: &Case) -> Duration {
-        self.opts
-            .timeout_override
-            .or(case.timeout_s.map(Duration::from_secs))
-            .unwrap_or(DEFAULT_TIMEOUT)
-    }
+/// The timeout a case runs under: `--timeout`, else its own, else the default.
+pub fn timeout(opts: &RunOptions, case: &Case) -> Duration {
+    opts.timeout_override
+        .or(case.timeout_s.map(Duration::from_secs))
+        .unwrap_or(DEFAULT_TIMEOUT)
+}
 
+/// The case as its record carries it: with the timeout it runs under.
+pub fn as_run(opts: &RunOptions, case: &Case) -> Case {
+    let mut case = case.clone();
+    case.timeout_s = Some(timeout(opts, &case).as_secs().max(1));
+    case
+}
+
+/// A record without measurements, for a case that ended before or outside its runner (no
+/// backend, unavailable, stopped by a scheduler): `case` as [`as_run`] gives it.
+pub fn bare_record(
+    case: &Case,
+    outcome: Outcome,
+    detail: String,
+    started_at: SystemTime,
+    env_id: &str,
+) -> Record {
+    Record {
+        schema: SCHEMA,
+        case: IdentifiedCase::new(case.clone()),
+        outcome,
+        detail,
+        metrics: None,
+        raw: None,
+        exit_code: None,
+        signal: None,
+        started_at: time::rfc3339(started_at),
+        finished_at: time::rfc3339(SystemTime::now()),
+        duration_s: started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        log: None,
+        env_id: env_id.to_string(),
+        job: None,
+        log_error: None,
+    }
+}
+
+impl CaseRunner<'_> {
     /// Runs one case; `Ok(None)` when interrupted (nothing is recorded for it).
     pub fn run(&self, case: &Case) -> Result<Option<Record>> {
-        let mut case = case.clone();
-        let timeout = self.timeout(&case);
-        case.timeout_s = Some(timeout.as_secs().max(1));
+        let case = as_run(self.opts, case);
+        let timeout = timeout(self.opts, &case);
         let id = case.id();
         let started_at = SystemTime::now();
-        let record = |outcome: Outcome, detail: String| Record {
-            schema: SCHEMA,
-            case: IdentifiedCase {
-                id: id.clone(),
-                case: case.clone(),
-            },
-            outcome,
-            detail,
-            metrics: None,
-            raw: None,
-            exit_code: None,
-            signal: None,
-            started_at: time::rfc3339(started_at),
-            finished_at: time::rfc3339(SystemTime::now()),
-            duration_s: started_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
-            log: None,
-            env_id: self.env_id.to_string(),
-            log_error: None,
+        let record = |outcome: Outcome, detail: String| {
+            bare_record(&case, outcome, detail, started_at, self.env_id)
         };
 
         let Some(backend) = backend_for(self.backends, &case.framework) else {
@@ -101,7 +119,7 @@ impl CaseRunner<'_> {
             )));
         }
         let case_file = self.dir.join("cases").join(format!("{id}.json"));
-        let work_dir = self.dir.join("work").join(&id);
+        let work_dir = self.opts.work_root(self.dir).join(&id);
         let log_rel = format!("logs/{id}.log");
         let ctx = RunContext {
             project_root: self.opts.project_root.clone(),

@@ -1,33 +1,38 @@
-//! The orchestrator's suite loop: which cases run (given what results.jsonl holds), the
-//! environment captured once, each case through [`execute::CaseRunner`], its record appended to
-//! results.jsonl through the [`Store`] before the next case starts, and the progress line.
+//! The orchestrator's suite loop: which cases run (given what results.jsonl holds), each run
+//! through an [`Executor`] (here: [`Local`]; on a cluster: [`slurm::Slurm`]), each record
+//! appended to results.jsonl through the [`Store`] as it arrives, the progress line with its ETA,
+//! and the summary. The loop is the same whoever executes the cases.
 //!
 //! Per case: the case JSON goes to `<suite dir>/cases/<id>.json` (named by `FLEXBENCH_CASE`), the
 //! child runs in its own process group ([`supervise`]) with its output copied into
 //! `logs/<id>.log`, scratch space is `work/<id>` (removed afterwards), and at the timeout the whole
 //! group is killed. The outcome is classified ([`classify`]). Ctrl-C ([`interrupt`]) kills the
-//! running child's group and stops the run without recording the interrupted case.
+//! running child's group (or cancels the Slurm job) and stops the run.
 
 pub mod classify;
+pub mod environment;
 pub mod execute;
+pub mod executor;
 pub mod interrupt;
 pub mod progress;
+pub mod slurm;
+pub mod status;
 pub mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 pub use classify::{classify, mentions_oom, signal_name, ProcessEnd};
+pub use executor::{Batch, Event, Executor, Local, Started};
 pub use interrupt::interrupted;
 pub use progress::{finish, human};
 
-use crate::backend::{backend_for, Backend, RunContext};
+use crate::backend::Backend;
 use crate::case::Case;
-use crate::env;
 use crate::record::Outcome;
 use crate::store::{self, Store};
 
@@ -41,7 +46,8 @@ pub enum Rerun {
     Pending,
     /// Every case (`--force`).
     All,
-    /// Only cases whose latest record is a failure: oom, timeout, crashed, error (`--rerun-failed`).
+    /// Only cases whose latest record is a failure ([`Outcome::is_failure`]: oom, timeout,
+    /// crashed, error, and the scheduler's cancelled, preempted, node_fail, lost) (`--rerun-failed`).
     Failed,
 }
 
@@ -59,6 +65,19 @@ pub struct RunOptions {
     pub rerun: Rerun,
     /// Print one progress line per case to stderr.
     pub progress: bool,
+    /// `--work-dir`: where each case's scratch directory (offload files) goes, as
+    /// `<work_dir>/<suite>/<id>` [default: `<suite dir>/work/<id>`].
+    pub work_dir: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// The parent of the cases' scratch directories for the suite in `dir`.
+    pub fn work_root(&self, dir: &Path) -> PathBuf {
+        match &self.work_dir {
+            Some(w) => w.join(dir.file_name().unwrap_or_default()),
+            None => dir.join("work"),
+        }
+    }
 }
 
 /// What a run did.
@@ -70,11 +89,15 @@ pub struct Summary {
     /// Cases not run because of earlier records.
     pub skipped: usize,
     pub results_path: PathBuf,
+    /// The run's environment file, or how they are named when there is one per node.
     pub env_id: String,
+    /// Set when the cases go on without this process (a Slurm submission without `--wait`):
+    /// where they run and how to follow them.
+    pub detached: Option<String>,
 }
 
 impl Summary {
-    /// Cases of this run that ended in oom, timeout, crashed or error.
+    /// Cases of this run whose outcome is a failure ([`Outcome::is_failure`]).
     pub fn failed(&self) -> usize {
         self.counts
             .iter()
@@ -84,18 +107,20 @@ impl Summary {
     }
 }
 
-/// The run was stopped by Ctrl-C (or SIGTERM / SIGHUP); the interrupted case was not recorded.
+/// The run was stopped by Ctrl-C (or SIGTERM / SIGHUP).
 #[derive(Debug)]
 pub struct Interrupted {
     pub recorded: usize,
+    /// What became of the cases still running, from the executor.
+    pub what: String,
 }
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "interrupted: the running case was killed and not recorded; {} case(s) of this run are in results.jsonl",
-            self.recorded
+            "interrupted: {}; {} case(s) of this run are in results.jsonl",
+            self.what, self.recorded
         )
     }
 }
@@ -107,21 +132,25 @@ pub fn suite_dir(out_dir: &Path, suite: &str) -> Result<PathBuf> {
     Ok(out_dir.join(suite))
 }
 
-/// Runs `cases` of suite `suite` with the given backends. Returns an error only for problems of
-/// the run itself (unwritable results directory, lock held, interrupted); a failing case is a
-/// record, and the run goes on.
+/// Runs `cases` of suite `suite` with the given backends through `executor`. Returns an error only
+/// for problems of the run itself (unwritable results directory, lock held, a Slurm submission
+/// still running there, interrupted); a failing case is a record, and the run goes on.
 pub fn run_suite(
     suite: &str,
     cases: &[Case],
     backends: &[Box<dyn Backend>],
     opts: &RunOptions,
+    executor: &mut dyn Executor,
 ) -> Result<Summary> {
     let dir = suite_dir(&opts.out_dir, suite)?;
     let mut store = Store::open(&dir)?;
-    for sub in ["logs", "cases", "work"] {
+    for sub in ["logs", "cases"] {
         std::fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
+    // Whatever executes this run, the records earlier Slurm submissions left here count before
+    // anything is decided, and one still queued or running refuses the run, as the lock does.
+    slurm::settle_earlier(&dir, &mut store, opts.progress)?;
 
     let earlier = store::read(&store.results_path())?;
     for w in &earlier.warnings {
@@ -148,110 +177,99 @@ pub fn run_suite(
         }
     };
 
-    // Probe each backend the cases need once, before anything runs, so the environment file can
-    // say what was available.
-    let probe_ctx = RunContext {
-        project_root: opts.project_root.clone(),
-        case_file: dir.join("cases"),
-        work_dir: dir.join("work"),
-        cache_dir: opts.cache_dir.clone(),
-        bin_dir: opts.bin_dir.clone(),
-        python: opts.python.clone(),
-    };
-    let mut probes: BTreeMap<&'static str, Result<(), String>> = BTreeMap::new();
-    for c in cases {
-        if let Some(b) = backend_for(backends, &c.framework) {
-            probes
-                .entry(b.name())
-                .or_insert_with(|| b.probe(&probe_ctx));
-        }
-    }
-    let mut environment = env::capture(&opts.project_root, &dir.join("work"), SystemTime::now());
-    environment
-        .versions
-        .insert("flexbench".into(), env!("CARGO_PKG_VERSION").into());
-    for (name, p) in &probes {
-        let status = match p {
-            Ok(()) => "available".to_string(),
-            Err(why) => format!("unavailable: {why}"),
-        };
-        environment.backends.insert(name.to_string(), status);
-        if p.is_ok() {
-            if let Some(b) = backends.iter().find(|b| b.name() == *name) {
-                environment.versions.extend(b.versions(&probe_ctx));
-            }
-        }
-    }
-    environment.write(&dir)?;
-
     interrupt::install_interrupt_handler();
     let mut summary = Summary {
         total: cases.len(),
         results_path: store.results_path(),
-        env_id: environment.id.clone(),
         ..Default::default()
     };
-    let to_run = cases
-        .iter()
-        .filter(|c| skip_reason(&c.id()).is_none())
-        .count();
+    let mut to_run = Vec::new();
+    let mut skipped = Vec::new();
+    for case in cases {
+        match skip_reason(&case.id()) {
+            Some(why) => skipped.push((case, why)),
+            None => to_run.push(case.clone()),
+        }
+    }
     if opts.progress {
         eprintln!(
-            "suite {suite}: {} case(s), {to_run} to run, results in {}",
+            "suite {suite}: {} case(s), {} to run, results in {}",
             cases.len(),
+            to_run.len(),
             dir.display()
         );
     }
-    let runner = execute::CaseRunner {
-        backends,
-        probes: &probes,
+    // `done` counts cases this run has finished with, skipped ones first: an executor may end
+    // cases in any order, so the counter, not a case's position, is what the line shows.
+    let mut done = 0usize;
+    for (case, why) in skipped {
+        summary.skipped += 1;
+        done += 1;
+        if opts.progress {
+            eprintln!(
+                "[{done}/{}] {} {}  skipped ({why})",
+                cases.len(),
+                case.id(),
+                progress::describe(case)
+            );
+        }
+    }
+    let batch = Batch {
+        suite,
         dir: &dir,
+        cases: &to_run,
+        backends,
         opts,
-        env_id: &environment.id,
     };
-    let (mut ran, mut spent) = (0usize, Duration::ZERO);
-    for (i, case) in cases.iter().enumerate() {
-        if interrupted() {
-            return Err(Interrupted { recorded: ran }.into());
-        }
-        let id = case.id();
-        if let Some(why) = skip_reason(&id) {
-            summary.skipped += 1;
-            if opts.progress {
-                eprintln!(
-                    "[{}/{}] {} {}  skipped ({why})",
-                    i + 1,
-                    cases.len(),
-                    id,
-                    progress::describe(case)
-                );
+    let started = executor.start(&batch)?;
+    summary.env_id = started.environment;
+    let since = Instant::now();
+    let mut ran = 0usize;
+    // Set once interrupted: the executor has stopped what ran, and the loop only takes the
+    // records that stopping produced (a cancelled Slurm task records itself) until it is done.
+    let mut stopped: Option<String> = None;
+    loop {
+        let event = if interrupted() && stopped.is_none() {
+            Event::Interrupted
+        } else {
+            executor.next(&batch)?
+        };
+        let record = match event {
+            Event::Ended(r) => r,
+            Event::Done => break,
+            Event::Detached(note) => {
+                summary.detached = Some(note);
+                break;
             }
-            continue;
-        }
-        let started = Instant::now();
-        let record = match runner.run(case)? {
-            Some(r) => r,
-            None => return Err(Interrupted { recorded: ran }.into()),
+            Event::Interrupted if stopped.is_some() => break,
+            Event::Interrupted => {
+                stopped = Some(executor.interrupt()?);
+                continue;
+            }
         };
         store.append(&record)?;
+        executor.recorded(&record)?;
         ran += 1;
-        spent += started.elapsed();
+        done += 1;
         *summary.counts.entry(record.outcome).or_default() += 1;
         if opts.progress {
-            let left = to_run - ran;
-            let eta = spent.as_secs_f64() / ran as f64 * left as f64;
+            // Wall time over cases ended, not the sum of their durations: an executor running
+            // several at once finishes the rest that much sooner.
+            let left = to_run.len().saturating_sub(ran);
+            let eta = since.elapsed().as_secs_f64() / ran as f64 * left as f64;
             eprintln!(
-                "[{}/{}] {} {}  {}{}  {}  ETA {}",
-                i + 1,
-                cases.len(),
-                id,
-                progress::describe(case),
-                record.outcome,
-                progress::short_detail(&record),
-                human(started.elapsed().as_secs_f64()),
+                "{}  ETA {}",
+                progress::line(done, cases.len(), &record),
                 human(eta)
             );
         }
+    }
+    if let Some(what) = stopped {
+        return Err(Interrupted {
+            recorded: ran,
+            what,
+        }
+        .into());
     }
     Ok(summary)
 }

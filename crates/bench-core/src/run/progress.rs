@@ -22,6 +22,34 @@ pub fn describe(c: &Case) -> String {
     )
 }
 
+/// A progress line without the ETA: `[3/8] <id> <case>  ok 213.51 tok/s  1.9s`, and where a
+/// scheduler ran it, `  (job 12_3 on n07)`.
+pub fn line(done: usize, total: usize, r: &Record) -> String {
+    let job = r
+        .job
+        .as_ref()
+        .map(|j| {
+            format!(
+                "  (job {}_{}{})",
+                j.job_id,
+                j.array_index,
+                j.node
+                    .as_deref()
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "[{done}/{total}] {} {}  {}{}  {}{job}",
+        r.case.id,
+        describe(&r.case.case),
+        r.outcome,
+        short_detail(r),
+        human(r.duration_s)
+    )
+}
+
 pub fn short_detail(r: &Record) -> String {
     match (&r.metrics, r.outcome) {
         (Some(m), _) => format!(
@@ -54,14 +82,16 @@ pub fn human(secs: f64) -> String {
     }
 }
 
-/// Prints the end of a run to stderr and gives the process exit code: 0 when nothing failed,
-/// 1 when a case failed (oom, timeout, crashed, error), 130 when interrupted, 2 when the run
-/// itself could not proceed.
+/// Prints the end of a run to stderr and gives the process exit code: 0 when nothing failed (or
+/// the cases were submitted to run without us), 1 when a case failed ([`Outcome::is_failure`]),
+/// 130 when interrupted, 2 when the run itself could not proceed.
 pub fn finish(result: Result<Summary>) -> i32 {
     match result {
         Ok(s) => {
             let counts: Vec<String> = s.counts.iter().map(|(o, n)| format!("{n} {o}")).collect();
-            let ran = if counts.is_empty() {
+            let ran = if counts.is_empty() && s.detached.is_some() {
+                "submitted, none ended yet".to_string()
+            } else if counts.is_empty() {
                 "nothing run".to_string()
             } else {
                 counts.join(", ")
@@ -73,6 +103,9 @@ pub fn finish(result: Result<Summary>) -> i32 {
                 s.results_path.display(),
                 s.env_id
             );
+            if let Some(note) = &s.detached {
+                eprintln!("{note}");
+            }
             if s.failed() > 0 {
                 eprintln!(
                     "{} case(s) failed; see `detail` in results.jsonl and the logs beside it",
