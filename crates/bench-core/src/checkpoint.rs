@@ -44,9 +44,19 @@ pub fn dummy_checkpoint_dir(cache_dir: &Path, model: &str, seed: u64) -> PathBuf
 /// Makes sure the dummy checkpoint of `cfg` with `seed` exists under `cache_dir` and returns its
 /// directory. Reuses a complete one; writes it otherwise.
 pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<PathBuf> {
+    ensure_dummy_checkpoint_in_shards(cache_dir, cfg, seed, SHARD_BYTES)
+}
+
+/// [`ensure_dummy_checkpoint`] with shards of at most `shard_bytes` (tests shard small models).
+pub fn ensure_dummy_checkpoint_in_shards(
+    cache_dir: &Path,
+    cfg: &ModelConfig,
+    seed: u64,
+    shard_bytes: u64,
+) -> Result<PathBuf> {
     let dir = dummy_checkpoint_dir(cache_dir, &cfg.name, seed);
     let specs = checkpoint_tensors(cfg);
-    if is_complete(&dir, &specs) {
+    if is_complete(&dir, &specs, shard_bytes) {
         return Ok(dir);
     }
     if dir.exists() {
@@ -78,7 +88,7 @@ pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     ));
-    let written = write_checkpoint(&tmp, cfg, &specs, seed);
+    let written = write_checkpoint(&tmp, cfg, &specs, seed, shard_bytes);
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e.context(format!("writing dummy checkpoint into {}", tmp.display())));
@@ -86,7 +96,7 @@ pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -
     if let Err(e) = fs::rename(&tmp, &dir) {
         let _ = fs::remove_dir_all(&tmp);
         // Another process may have published the same checkpoint meanwhile; theirs is as good.
-        if is_complete(&dir, &specs) {
+        if is_complete(&dir, &specs, shard_bytes) {
             return Ok(dir);
         }
         return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()));
@@ -97,16 +107,16 @@ pub fn ensure_dummy_checkpoint(cache_dir: &Path, cfg: &ModelConfig, seed: u64) -
 /// The files of a dummy checkpoint: one `model.safetensors` up to [`SHARD_BYTES`], else shards of
 /// at most that size (a tensor larger than that gets a shard of its own) named as HuggingFace
 /// names them, with their index. Each entry: file name and the indexes of its tensors.
-pub fn shard_layout(specs: &[TensorSpec]) -> Vec<(String, Vec<usize>)> {
+pub fn shard_layout(specs: &[TensorSpec], shard_bytes: u64) -> Vec<(String, Vec<usize>)> {
     let total: u64 = specs.iter().map(|s| s.numel() as u64 * 2).sum();
-    if total <= SHARD_BYTES {
+    if total <= shard_bytes {
         return vec![(WEIGHTS_FILE.to_string(), (0..specs.len()).collect())];
     }
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut size = 0u64;
     for (i, s) in specs.iter().enumerate() {
         let bytes = s.numel() as u64 * 2;
-        if size > 0 && size + bytes > SHARD_BYTES {
+        if size > 0 && size + bytes > shard_bytes {
             shards.push(Vec::new());
             size = 0;
         }
@@ -124,7 +134,7 @@ pub fn shard_layout(specs: &[TensorSpec]) -> Vec<(String, Vec<usize>)> {
 /// Bytes the checkpoint of `cfg` takes on disk, every file included.
 pub fn checkpoint_bytes(cfg: &ModelConfig) -> u64 {
     let specs = checkpoint_tensors(cfg);
-    shard_layout(&specs)
+    shard_layout(&specs, SHARD_BYTES)
         .iter()
         .map(|(_, idx)| file_len(&pick(&specs, idx)))
         .sum::<u64>()
@@ -139,7 +149,7 @@ fn pick(specs: &[TensorSpec], idx: &[usize]) -> Vec<TensorSpec> {
 /// exact size their headers promise (the rename already guarantees they were fully written;
 /// this guards against hand edits and a changed tensor layout). A complete single
 /// `model.safetensors` written before checkpoints were sharded is complete too.
-fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
+fn is_complete(dir: &Path, specs: &[TensorSpec], shard_bytes: u64) -> bool {
     if !dir.join(CONFIG_FILE).is_file() {
         return false;
     }
@@ -148,7 +158,7 @@ fn is_complete(dir: &Path, specs: &[TensorSpec]) -> bool {
     if len_is(WEIGHTS_FILE, file_len(specs)) {
         return true;
     }
-    let layout = shard_layout(specs);
+    let layout = shard_layout(specs, shard_bytes);
     layout.len() > 1
         && dir.join(INDEX_FILE).is_file()
         && layout
@@ -185,12 +195,18 @@ fn header_bytes(specs: &[TensorSpec]) -> Vec<u8> {
     bytes
 }
 
-fn write_checkpoint(dir: &Path, cfg: &ModelConfig, specs: &[TensorSpec], seed: u64) -> Result<()> {
+fn write_checkpoint(
+    dir: &Path,
+    cfg: &ModelConfig,
+    specs: &[TensorSpec],
+    seed: u64,
+    shard_bytes: u64,
+) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = serde_json::to_vec_pretty(&hf_config(cfg, seed))?;
     fs::write(dir.join(CONFIG_FILE), config)
         .with_context(|| format!("writing {}", dir.join(CONFIG_FILE).display()))?;
-    let layout = shard_layout(specs);
+    let layout = shard_layout(specs, shard_bytes);
     let mut values = vec![f16::ZERO; CHUNK];
     let mut bytes = vec![0u8; CHUNK * 2];
     for (file, idx) in &layout {
