@@ -41,6 +41,21 @@ def unlink_shm_buffer(dist, rank):
         pass
 
 
+def check_swap_space(config, dtype, offload):
+    """NVMe offload swaps every parameter to files in `offload`: refuse up front, saying how
+    much it needs and how much is free, instead of failing part way with a full disk."""
+    import shutil
+    h, f, v, L = config.hidden_size, config.ffn_dim, config.vocab_size, config.num_hidden_layers
+    e = getattr(config, "word_embed_proj_dim", h) or h
+    params = L * (4 * h * h + 2 * h * f + 9 * h + f) + v * e + (config.max_position_embeddings + 2) * h
+    need = params * dtype.itemsize
+    free = shutil.disk_usage(offload).free
+    if need > free:
+        raise fr.Unavailable(
+            f"NVMe offload needs {need / 1e9:.1f} GB of swap files in {offload} "
+            f"({params} parameters x {dtype.itemsize} bytes), which has {free / 1e9:.1f} GB free")
+
+
 def ds_config(placement, dtype_name, hidden, batch, offload_dir, on_cuda, largest_param):
     zero = {
         "stage": 3,
@@ -125,6 +140,8 @@ def run():
     largest = max(config.vocab_size * config.word_embed_proj_dim, config.ffn_dim * config.hidden_size)
     offload = os.path.join(args.offload_dir, "ds_offload")
     os.makedirs(offload, exist_ok=True)
+    if placement == "disk":
+        check_swap_space(config, dtype, offload)
     ds_cfg, notes = ds_config(placement, dtype_name, config.hidden_size, batch, offload, on_cuda, largest)
     notes.insert(0, f"dtype {dtype_name}, ZeRO-3 offload_param "
                     f"{ds_cfg['zero_optimization'].get('offload_param', {}).get('device', 'none')}, "

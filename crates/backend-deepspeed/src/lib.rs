@@ -130,6 +130,32 @@ impl Backend for DeepSpeedBackend {
         }
         env::check_device(case.device)
     }
+    /// The shared checkpoint, and for NVMe offload the swap files: every parameter in the
+    /// dtype the runner uses (fp16 on CUDA, fp32 on the CPU unless FLEXBENCH_CPU_DTYPE=bf16).
+    fn disk_needs(&self, case: &Case, ctx: &RunContext) -> Vec<bench_core::DiskNeed> {
+        let mut needs: Vec<bench_core::DiskNeed> = inputs::checkpoint_disk_need(case, ctx)
+            .into_iter()
+            .collect();
+        if case.placement == Placement::Disk {
+            if let Some(cfg) = bench_core::model::lookup(&case.model) {
+                let bytes_per_param = match case.device {
+                    bench_core::Device::Cuda => 2,
+                    bench_core::Device::Cpu
+                        if std::env::var("FLEXBENCH_CPU_DTYPE").as_deref() == Ok("bf16") =>
+                    {
+                        2
+                    }
+                    bench_core::Device::Cpu => 4,
+                };
+                needs.push(bench_core::DiskNeed {
+                    dir: ctx.work_dir.clone(),
+                    bytes: cfg.model_bytes() / 2 * bytes_per_param,
+                    what: "DeepSpeed's NVMe swap files".into(),
+                });
+            }
+        }
+        needs
+    }
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
         inputs::prepare_checkpoint_and_prompts(case, ctx)
     }

@@ -59,6 +59,13 @@ impl Backend for HfBackend {
         }
         env::check_device(case.device)
     }
+    /// The shared checkpoint only: transformers reads disk-offloaded safetensors weights from the
+    /// checkpoint itself, with no copy in accelerate's offload folder.
+    fn disk_needs(&self, case: &Case, ctx: &RunContext) -> Vec<bench_core::DiskNeed> {
+        inputs::checkpoint_disk_need(case, ctx)
+            .into_iter()
+            .collect()
+    }
     fn prepare(&self, case: &Case, ctx: &RunContext) -> anyhow::Result<()> {
         inputs::prepare_checkpoint_and_prompts(case, ctx)
     }

@@ -43,6 +43,17 @@ impl Backend for NativeBackend {
     fn check_case(&self, case: &Case, _ctx: &RunContext) -> Result<(), String> {
         crate::runner::check_runnable(case).map_err(|u| u.0)
     }
+    /// The offload files: weights placed on disk and the disk share of the KV cache.
+    fn disk_needs(&self, case: &Case, ctx: &RunContext) -> Vec<bench_core::DiskNeed> {
+        crate::runner::offload_disk_bytes(case)
+            .map(|bytes| bench_core::DiskNeed {
+                dir: ctx.work_dir.clone(),
+                bytes,
+                what: "the native engine's offload files".into(),
+            })
+            .into_iter()
+            .collect()
+    }
     /// A checkpoint named as a registry model must be that model, or its record would carry
     /// the registry's sizes: refused here, before the runner starts (the runner checks too).
     fn prepare(&self, case: &Case, _ctx: &RunContext) -> anyhow::Result<()> {

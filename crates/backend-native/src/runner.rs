@@ -339,7 +339,14 @@ fn run_offloaded<D: RunnerDevice>(
     result
         .peak_memory_bytes
         .insert("host_rss".into(), peak_rss_bytes());
-    result.bytes_moved = model.stats.bytes_moved();
+    // Per repetition, as the protocol says (the counters ran over all of them).
+    let reps = case.repetitions.max(1) as u64;
+    result.bytes_moved = model
+        .stats
+        .bytes_moved()
+        .into_iter()
+        .map(|(k, v)| (k, v / reps))
+        .collect();
     result.io_wait_s = Some(model.stats.io_wait_s());
     result.compute_s = Some(model.stats.compute_s());
     if let Some(peak) = dev.measured_peak_bytes() {
@@ -492,4 +499,26 @@ pub fn ensure_positive(name: &str, v: usize) -> Result<()> {
         bail!("{name} must be at least 1");
     }
     Ok(())
+}
+
+/// Bytes the case's offload files take: the weights its policy puts on disk and the disk
+/// share of the KV cache (fp16, both devices' cache dtype). `None` when the model's shape
+/// cannot be read (the runner reports that itself).
+pub fn offload_disk_bytes(case: &Case) -> Option<u64> {
+    let cfg = match &case.weights {
+        Weights::Dummy => bench_core::model::lookup(&case.model)?,
+        Weights::Checkpoint(dir) => load_config(dir).ok()?,
+    };
+    let policy = case.placement.policy();
+    let weights = crate::offload::weights::WeightPlan::new(&cfg, &policy, false)
+        .bytes_on(crate::offload::Tier::Disk);
+    let cache = crate::schedule::cache_disk_bytes(
+        &cfg,
+        &policy,
+        crate::device::DType::F16,
+        case.batch_size(),
+        case.num_gpu_batches,
+        case.prompt_len + case.gen_len,
+    );
+    Some(weights + cache)
 }

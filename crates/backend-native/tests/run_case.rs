@@ -190,6 +190,18 @@ fn offloaded_placements_run_and_report_their_traffic() {
                 assert!(peak("disk") > 0);
                 // every weight byte is on disk: none on the other tiers
                 assert!(peak("weights_disk") > 0);
+                // bytes_moved is per repetition: each of its steps reads every weight once, plus
+                // the 4 KiB alignment of O_DIRECT spans (much of a model this small); summed over
+                // the two repetitions it would be twice that
+                let steps = c.measured_gen_len() as u64;
+                let read = moved("disk_read");
+                let want = steps * peak("weights_disk");
+                assert!(
+                    read >= want && read < 2 * want,
+                    "{tag}: read {read} for {steps} steps of {} weight bytes ({} repetitions)",
+                    peak("weights_disk"),
+                    c.repetitions
+                );
                 assert_eq!(peak("weights_host") + peak("weights_compute"), 0);
             }
             "cdisk" => {

@@ -35,6 +35,64 @@ pub struct BuildStep {
     pub cargo_args: &'static [&'static str],
 }
 
+/// Bytes a case will write into a directory, and what they are, for the free-space check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskNeed {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub what: String,
+}
+
+/// Whether the needs fit the free space of their filesystems; `Err` names each filesystem short
+/// of space with the sum of what goes there, its parts, and what is free.
+pub fn check_disk_needs(needs: &[DiskNeed]) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // Needs on one filesystem add up; the device number tells which filesystem holds a path.
+    let mut by_fs: Vec<(u64, Vec<&DiskNeed>)> = Vec::new();
+    for n in needs.iter().filter(|n| n.bytes > 0) {
+        let Some(dev) = n
+            .dir
+            .ancestors()
+            .find_map(|a| std::fs::metadata(a).ok())
+            .map(|m| m.dev())
+        else {
+            continue;
+        };
+        match by_fs.iter_mut().find(|(d, _)| *d == dev) {
+            Some((_, v)) => v.push(n),
+            None => by_fs.push((dev, vec![n])),
+        }
+    }
+    let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
+    let mut short = Vec::new();
+    for (_, group) in by_fs {
+        let sum: u64 = group.iter().map(|n| n.bytes).sum();
+        let Some(free) = crate::env::free_bytes(&group[0].dir) else {
+            continue;
+        };
+        if free < sum {
+            let parts: Vec<String> = group
+                .iter()
+                .map(|n| format!("{} {} in {}", n.what, gb(n.bytes), n.dir.display()))
+                .collect();
+            short.push(format!(
+                "needs {} on one disk ({}), which has {} free",
+                gb(sum),
+                parts.join(" + "),
+                gb(free)
+            ));
+        }
+    }
+    if short.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not enough disk space: {}; free space, or give --out / --work-dir / FLEXBENCH_CACHE on a larger disk",
+            short.join("; ")
+        ))
+    }
+}
+
 /// A framework wrapper. Adding a framework = one crate implementing this + one line in xtask's
 /// registry.
 pub trait Backend {
@@ -60,6 +118,12 @@ pub trait Backend {
     /// Whether this particular case can run here (e.g. a cuda case without a GPU); `Err` says why.
     fn check_case(&self, _case: &Case, _ctx: &RunContext) -> Result<(), String> {
         Ok(())
+    }
+    /// What the case will write to disk before and while it runs (the shared checkpoint if it
+    /// is not there yet, offload and swap files), checked against the free space before anything
+    /// is written. Files in `ctx.work_dir` are removed when the case ends, whatever its outcome.
+    fn disk_needs(&self, _case: &Case, _ctx: &RunContext) -> Vec<DiskNeed> {
+        Vec::new()
     }
     /// Work done once before a case's process starts, in the orchestrator (e.g. writing the shared
     /// dummy checkpoint into `ctx.cache_dir`). Its error becomes the case's `error` outcome.
@@ -172,5 +236,23 @@ mod tests {
             .check_name("x")
             .unwrap_err()
             .contains("no backend"));
+    }
+
+    #[test]
+    fn disk_needs_on_one_filesystem_add_up() {
+        let dir = std::env::temp_dir();
+        let free = crate::env::free_bytes(&dir).unwrap();
+        let half = |what: &str| DiskNeed {
+            dir: dir.join("a").join(what),
+            bytes: free / 2 + 1,
+            what: what.into(),
+        };
+        assert!(check_disk_needs(&[half("x")]).is_ok());
+        let e = check_disk_needs(&[half("x"), half("y")]).unwrap_err();
+        assert!(
+            e.contains("x ") && e.contains(" + y ") && e.contains("free"),
+            "{e}"
+        );
+        assert!(check_disk_needs(&[]).is_ok());
     }
 }

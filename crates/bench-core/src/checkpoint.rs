@@ -145,6 +145,12 @@ fn pick(specs: &[TensorSpec], idx: &[usize]) -> Vec<TensorSpec> {
     idx.iter().map(|&i| specs[i].clone()).collect()
 }
 
+/// Whether `dir` holds a complete dummy checkpoint of `cfg` as [`ensure_dummy_checkpoint`]
+/// writes it (or its older single-file form).
+pub fn is_complete_checkpoint(dir: &Path, cfg: &ModelConfig) -> bool {
+    is_complete(dir, &checkpoint_tensors(cfg), SHARD_BYTES)
+}
+
 /// A checkpoint directory is complete when config.json and every weight file exist with the
 /// exact size their headers promise (the rename already guarantees they were fully written;
 /// this guards against hand edits and a changed tensor layout). A complete single

@@ -36,6 +36,21 @@ pub fn prompts_file(ctx: &RunContext) -> PathBuf {
     ctx.work_dir.join(PROMPTS_FILE)
 }
 
+/// The shared dummy checkpoint a case still needs written (none when it is complete, or for a
+/// case with its own checkpoint), for `Backend::disk_needs`.
+pub fn checkpoint_disk_need(case: &Case, ctx: &RunContext) -> Option<crate::backend::DiskNeed> {
+    let cfg = match &case.weights {
+        Weights::Dummy => model::lookup(&case.model)?,
+        Weights::Checkpoint(_) => return None,
+    };
+    let dir = checkpoint::dummy_checkpoint_dir(&ctx.cache_dir, &cfg.name, dummy::DEFAULT_SEED);
+    (!checkpoint::is_complete_checkpoint(&dir, &cfg)).then(|| crate::backend::DiskNeed {
+        dir: ctx.cache_dir.clone(),
+        bytes: checkpoint::checkpoint_bytes(&cfg),
+        what: format!("the shared dummy checkpoint of {}", cfg.name),
+    })
+}
+
 /// `Backend::prepare` for runners that read a checkpoint directory and a prompts file: writes (or
 /// reuses) the dummy checkpoint, checks a given one, and writes the prompts.
 pub fn prepare_checkpoint_and_prompts(case: &Case, ctx: &RunContext) -> Result<()> {

@@ -39,7 +39,7 @@ pub mod store;
 pub mod suite;
 pub mod testkit;
 
-pub use backend::{Backend, BuildStep, Frameworks, RunContext};
+pub use backend::{Backend, BuildStep, DiskNeed, Frameworks, RunContext};
 pub use case::{Case, Device, Placement, Policy, Tier, Weights};
 pub use model::ModelConfig;
 pub use protocol::RawResult;

@@ -91,6 +91,9 @@ pub struct Metrics {
     /// measured one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection: Option<ProjectionCheck>,
+    /// fp16 model size over this machine's RAM: over 1, the weights cannot all be in memory.
+    #[serde(default)]
+    pub model_ram_ratio: Option<f64>,
     /// With adaptive repetitions: what ended them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetitions_stop: Option<String>,
@@ -203,6 +206,10 @@ pub fn compute(case: &Case, raw: &RawResult) -> Result<Metrics> {
         outlier_repetitions: stats::outliers(&totals),
         projection,
         repetitions_stop: None,
+        model_ram_ratio: cfg
+            .as_ref()
+            .zip(crate::env::ram_bytes())
+            .map(|(c, ram)| c.model_bytes() as f64 / ram as f64),
         prefill_latency_s: med(|r| r.prefill_latency_s),
         decode_latency_s: med(|r| r.decode_latency_s),
         total_latency_s: med(|r| r.total_latency_s),

@@ -37,8 +37,8 @@ pub struct RawResult {
     /// Peak bytes per memory tier: `host_rss`, `gpu`, `pinned`, `disk`, ...
     #[serde(default)]
     pub peak_memory_bytes: BTreeMap<String, u64>,
-    /// Bytes moved per link during the measured run: `disk_read`, `disk_write`,
-    /// `host_to_compute`, `compute_to_host`.
+    /// Bytes moved per link in one measured repetition (the mean over them): `disk_read`,
+    /// `disk_write`, `host_to_compute`, `compute_to_host`.
     #[serde(default)]
     pub bytes_moved: BTreeMap<String, u64>,
     /// Seconds the compute stream waited for I/O, and seconds it computed (when the runner knows).

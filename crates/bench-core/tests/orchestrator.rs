@@ -525,3 +525,41 @@ fn adaptive_repetitions_stop_at_the_target_or_at_max() {
     assert_eq!(wide.case.case.repetitions, 3);
     assert_eq!(wide.case.id, wide.case.case.id());
 }
+
+#[test]
+fn a_case_that_would_fill_the_disk_is_refused_before_anything_is_written() {
+    let tmp = TempDir::new("hugedisk");
+    let suite = write_suite(
+        &tmp.0,
+        "disk",
+        &[case("hugedisk", 8, ""), case("ok", 16, "")],
+    );
+    let out = tmp.0.join("results");
+    let o = drive(&suite, &out, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let recs = records(&out.join("disk").join("results.jsonl"));
+    let huge = recs.iter().find(|r| r.case.case.prompt_len == 8).unwrap();
+    assert_eq!(huge.outcome, Outcome::Unavailable);
+    assert!(
+        huge.detail.contains("not enough disk space")
+            && huge
+                .detail
+                .contains("the fake offload files 1152921504.6 GB")
+            && huge.detail.contains("GB free"),
+        "{}",
+        huge.detail
+    );
+    assert!(huge.log.is_none(), "no runner started");
+    assert_eq!(
+        recs.iter()
+            .find(|r| r.case.case.prompt_len == 16)
+            .unwrap()
+            .outcome,
+        Outcome::Ok
+    );
+}

@@ -265,6 +265,29 @@ pub const FIELDS: &[Field] = &[
             Cell::Num,
         )
     }),
+    measure(Some("peak_host_rss_gib"), Some("peak RSS GiB"), |r| {
+        opt(
+            r.raw
+                .as_ref()
+                .and_then(|raw| raw.peak_memory_bytes.get("host_rss")),
+            |b| Cell::Num(*b as f64 / (1u64 << 30) as f64),
+        )
+    }),
+    measure(Some("disk_read_mb_per_token"), Some("disk MB/token"), |r| {
+        opt(
+            r.raw.as_ref().and_then(|raw| {
+                let read = *raw.bytes_moved.get("disk_read")?;
+                (raw.generated_tokens > 0).then(|| read as f64 / raw.generated_tokens as f64)
+            }),
+            |b| Cell::Num(b / 1e6),
+        )
+    }),
+    measure(Some("model_ram_ratio"), None, |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.model_ram_ratio),
+            Cell::Num,
+        )
+    }),
     measure(Some("projection_error"), None, |r| {
         opt(
             r.metrics.as_ref().and_then(|m| m.projection.as_ref()),

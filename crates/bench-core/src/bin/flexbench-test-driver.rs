@@ -48,6 +48,20 @@ impl Backend for FakeBackend {
             Device::Cuda => Err("the fake backend has no GPU".into()),
         }
     }
+    /// A case whose weights are `checkpoint("hugedisk")` would write an exabyte: more than any
+    /// disk holds, so its free-space check refuses it.
+    fn disk_needs(&self, case: &Case, ctx: &RunContext) -> Vec<bench_core::DiskNeed> {
+        match &case.weights {
+            bench_core::Weights::Checkpoint(p) if p.ends_with("hugedisk") => {
+                vec![bench_core::DiskNeed {
+                    dir: ctx.work_dir.clone(),
+                    bytes: 1 << 60,
+                    what: "the fake offload files".into(),
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
     fn command(&self, _case: &Case, _ctx: &RunContext) -> anyhow::Result<Command> {
         Ok(Command::new(&self.runner))
     }

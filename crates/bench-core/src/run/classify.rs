@@ -19,6 +19,8 @@ pub struct ProcessEnd {
     pub oom_killed: Option<bool>,
     /// Some stderr line mentioned running out of memory.
     pub stderr_oom: bool,
+    /// The first stderr line that said so (which allocation, how big), for the detail.
+    pub oom_line: String,
     pub stderr_tail: String,
     /// The `FLEXBENCH_RESULT` lines it printed, joined.
     pub result_lines: String,
@@ -101,7 +103,11 @@ pub fn classify(
         };
         return (
             Outcome::Oom,
-            format!("out of memory ({how}; stderr says so){tail}"),
+            if end.oom_line.is_empty() {
+                format!("out of memory ({how}; stderr says so){tail}")
+            } else {
+                format!("out of memory ({how}): {}{tail}", end.oom_line.trim())
+            },
             None,
             raw,
         );
@@ -228,6 +234,19 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(o, Outcome::Oom);
+        // The line that said so leads the detail: which allocation, how big.
+        let line = "RuntimeError: unable to mmap 25707023560 bytes from file </c/model.safetensors>: Cannot allocate memory (12)";
+        let (o, d) = outcome(ProcessEnd {
+            exit_code: Some(1),
+            stderr_oom: true,
+            oom_line: line.into(),
+            ..Default::default()
+        });
+        assert_eq!(o, Outcome::Oom);
+        assert_eq!(
+            d.lines().next().unwrap(),
+            format!("out of memory (exit 1): {line}")
+        );
         let (o, d) = outcome(ProcessEnd {
             exit_code: Some(4),
             stderr_tail: "loading\nno CUDA device".into(),

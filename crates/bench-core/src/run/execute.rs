@@ -132,6 +132,9 @@ impl CaseRunner<'_> {
         if let Err(why) = backend.check_case(&case, &ctx) {
             return Ok(Some(record(Outcome::Unavailable, why)));
         }
+        if let Err(why) = crate::backend::check_disk_needs(&backend.disk_needs(&case, &ctx)) {
+            return Ok(Some(record(Outcome::Unavailable, why)));
+        }
         // The child reads a plain Case (no id), the protocol's format, written before each
         // runner process (with that process's repetition count).
         // A runner of this case may outlive an orchestrator killed outright (kill -9 lands
@@ -351,6 +354,7 @@ fn run_logged(
     let mut results_dropped = false;
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut stderr_oom = false;
+    let mut oom_line = String::new();
     let ended = supervise(cmd, timeout, &interrupt::interrupted, |piece| {
         log.write(&piece.bytes);
         if !piece.bytes.ends_with(b"\n") {
@@ -369,7 +373,10 @@ fn run_logged(
                 }
             }
             Stream::Stderr => {
-                stderr_oom |= mentions_oom(&line);
+                if !stderr_oom && mentions_oom(&line) {
+                    stderr_oom = true;
+                    oom_line = line.chars().take(STDERR_LINE_CHARS).collect();
+                }
                 if tail.len() == STDERR_TAIL_LINES {
                     tail.pop_front();
                 }
@@ -416,6 +423,7 @@ fn run_logged(
         timed_out: ended.timed_out,
         oom_killed: ended.oom_killed,
         stderr_oom,
+        oom_line,
         stderr_tail,
         result_lines,
     };
