@@ -128,6 +128,7 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         sample: SampleMode::Greedy,
         stop_token: None,
         keep_logits: false,
+        teacher: None,
     };
     // other processes' dirty pages (a build just before, say) would be written back during the
     // measurement, and the long decode phase suffers more from that than the short reference

@@ -5,6 +5,7 @@
 //!   the CUDA device (NVRTC kernels, cuBLAS, pinned memory and copy streams);
 //! - [`offload`] and [`schedule`]: weights, KV cache and activations on GPU / CPU / disk tiers
 //!   and the zig-zag block schedule that overlaps their movement with compute;
+//! - [`compress`]: FlexLLMGen's 4-bit group-wise format of weights and KV cache;
 //! - [`model`]: OPT configs, weights (safetensors checkpoints or `bench_core::dummy`), the layer
 //!   math, and the [`model::weights::WeightStore`] through which generation reaches weights;
 //! - [`generate`]: left-padded batched generation with a KV cache;
@@ -15,6 +16,7 @@
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
+pub mod compress;
 pub mod device;
 pub mod disk_speed;
 pub mod floor;

@@ -73,12 +73,6 @@ pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
     if case.device == CaseDevice::Cuda {
         cuda_available().map_err(Unavailable)?;
     }
-    let p = case.placement.policy();
-    if p.compress_weight || p.compress_cache || p.attn_sparsity < 1.0 {
-        return Err(Unavailable(
-            "compression and sparse attention are not built yet".into(),
-        ));
-    }
     if case.num_nodes * case.num_gpus_per_node != 1 {
         return Err(Unavailable("the native engine runs on one device".into()));
     }
@@ -125,7 +119,9 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Whether the case runs on the plain path: everything on the compute device, one GPU batch,
-/// attention on the device (the offloader's schedule would move nothing).
+/// attention on the device (the offloader's schedule would move nothing), fp16 weights and
+/// cache and dense attention (compression and sparsity live in the offloader's model, whose
+/// all-compute placement moves nothing either).
 pub fn is_plain(case: &Case) -> bool {
     let p = case.placement.policy();
     p.percent[0] == 100
@@ -133,6 +129,9 @@ pub fn is_plain(case: &Case) -> bool {
         && p.percent[4] == 100
         && !p.cpu_attention
         && case.num_gpu_batches == 1
+        && !p.compress_weight
+        && !p.compress_cache
+        && p.attn_sparsity >= 1.0
 }
 
 /// Runs a case on the device it names: load, warm up, measure; returns the raw result.
@@ -264,6 +263,7 @@ fn warmup_options() -> GenOptions {
         sample: SampleMode::Greedy,
         stop_token: None,
         keep_logits: false,
+        teacher: None,
     }
 }
 
@@ -273,6 +273,7 @@ fn measured_options(case: &Case) -> GenOptions {
         sample: SampleMode::Greedy,
         stop_token: None,
         keep_logits: false,
+        teacher: None,
     }
 }
 
@@ -465,6 +466,88 @@ pub fn read_generate_input(path: &Path) -> Result<GenerateInput> {
             path.display()
         )
     })
+}
+
+/// Input of `flexbench-native score`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreInput {
+    pub sequences: Vec<Vec<u32>>,
+}
+
+pub fn read_score_input(path: &Path) -> Result<ScoreInput> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "parsing {}: expected {{\"sequences\": [[token ids], ...]}}",
+            path.display()
+        )
+    })
+}
+
+/// What `score` prints: the sum of the negative log-likelihoods (natural log) of every scored
+/// token, their count, and the perplexity `exp(nll / tokens)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Score {
+    pub nll: f64,
+    pub tokens: usize,
+    pub ppl: f64,
+}
+
+/// Teacher-forced scoring of `sequences` with `cfg`: the prompts (each sequence's first token)
+/// and the options under which generation scores token `i` of every sequence from its tokens
+/// `0 .. i` (`i >= 1`), one decode step per token, so that the decode paths (compressed cache,
+/// sparse attention) are the ones measured.
+pub fn score_options(
+    cfg: &ModelConfig,
+    sequences: &[Vec<u32>],
+) -> Result<(Vec<Vec<u32>>, GenOptions)> {
+    anyhow::ensure!(!sequences.is_empty(), "no sequences to score");
+    for (i, s) in sequences.iter().enumerate() {
+        anyhow::ensure!(!s.is_empty(), "sequence {i} is empty");
+        anyhow::ensure!(
+            s.len() <= cfg.max_position_embeddings,
+            "sequence {i} has {} tokens, more than {}'s {} positions: split it",
+            s.len(),
+            cfg.name,
+            cfg.max_position_embeddings
+        );
+        if let Some(t) = s.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "sequence {i} has token id {t}, outside {}'s vocabulary of {}",
+                cfg.name,
+                cfg.vocab_size
+            );
+        }
+    }
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+    anyhow::ensure!(
+        longest >= 2,
+        "nothing to score: a sequence needs at least 2 tokens (token i is scored from 0..i)"
+    );
+    let prompts = sequences.iter().map(|s| s[..1].to_vec()).collect();
+    let opts = GenOptions {
+        max_new_tokens: longest - 1,
+        sample: SampleMode::Greedy,
+        stop_token: None,
+        keep_logits: false,
+        teacher: Some(sequences.to_vec()),
+    };
+    Ok((prompts, opts))
+}
+
+/// The score of a teacher-forced generation.
+pub fn score_of(out: &GenOutput) -> Score {
+    let (nll, tokens) = out
+        .nll
+        .iter()
+        .fold((0.0, 0), |(a, n), &(b, m)| (a + b, n + m));
+    Score {
+        nll,
+        tokens,
+        ppl: (nll / tokens.max(1) as f64).exp(),
+    }
 }
 
 /// Loads a checkpoint onto the CPU device.

@@ -64,6 +64,7 @@ fn check(dev: &CudaDevice, name: &str) {
         sample: SampleMode::Greedy,
         stop_token: Some(exp.eos_token_id),
         keep_logits: true,
+        teacher: None,
     };
     let out = generate(dev, &cfg, &w, &exp.prompts, &opts).unwrap();
     let worst = out

@@ -27,8 +27,9 @@ impl CudaDevice {
                 unsafe { launch!(self, "f32_to_f16", self.grid_stride(n as usize), &o, &i, &n) }?;
                 Ok(tmp.insert(out))
             }
-            DType::U32 => bail!(
-                "expected a floating-point tensor, got U32 of shape {:?}",
+            DType::U32 | DType::Q4 { .. } => bail!(
+                "expected an fp16 or f32 tensor, got {:?} of shape {:?}",
+                t.dtype,
                 t.shape
             ),
         }
