@@ -11,12 +11,14 @@
 //! - [`generate`]: left-padded batched generation with a KV cache;
 //! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate) on the
 //!   device a case names (cuda: unavailable, exit 4, where the probe finds no usable GPU);
+//! - [`compress_speed`], [`disk_speed`]: the speed benchmarks behind `scripts/`;
 //! - [`floor`]: the machine's matrix-product rate and memory bandwidth;
 //! - [`huge_alloc`]: the runner's allocator (large blocks on transparent huge pages);
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
 pub mod compress;
+pub mod compress_speed;
 pub mod device;
 pub mod disk_speed;
 pub mod floor;

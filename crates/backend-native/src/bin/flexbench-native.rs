@@ -3,7 +3,8 @@
 //! - `run-case`: the child protocol (case JSON in, one `FLEXBENCH_RESULT` line out);
 //! - `generate`: greedy continuations of token-id prompts from a checkpoint;
 //! - `score`: teacher-forced negative log-likelihood and perplexity of token-id sequences;
-//! - `floor`: this machine's matrix-product rate and memory bandwidth.
+//! - `floor`: this machine's matrix-product rate and memory bandwidth;
+//! - `disk-speed`, `compress-speed`: the speed benchmarks of `scripts/`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -290,6 +291,36 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// The compression speed benchmark: decode with and without 4-bit compression on the CPU
+    /// device (dummy weights), in alternating rounds: weights on disk at batch 1, weights in
+    /// memory at batch 4, the KV cache on disk. Prints JSON (ratios, bytes read per token,
+    /// memory peaks, which kernels ran).
+    CompressSpeed {
+        /// Registry model (dummy weights).
+        #[arg(long, default_value = "opt-1.3b")]
+        model: String,
+        /// Directory on the disk to measure (room for the fp16 and 4-bit weights).
+        #[arg(long)]
+        offload_dir: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Tokens generated per round (prefill + gen_len - 1 decode steps).
+        #[arg(long, default_value_t = 6)]
+        gen_len: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Batch of the KV-cache comparison.
+        #[arg(long, default_value_t = 4)]
+        cache_batch: usize,
+        /// Prompt of the KV-cache comparison.
+        #[arg(long, default_value_t = 256)]
+        cache_prompt_len: usize,
+        /// Run only these comparisons (disk, memory, cache); default all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Measure this machine's floors: f32 matrix-product rate (GFLOP/s) of the CPU device's
     /// prefill path and memory read bandwidth (GB/s). Prints JSON.
     Floor {
@@ -366,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
         | Cmd::Generate { device, .. }
         | Cmd::Score { device, .. }
         | Cmd::DiskSpeed { device, .. }
+        | Cmd::CompressSpeed { device, .. }
         | Cmd::Floor { device } => device.clone(),
     };
     on_pool(&device, || run_on_pool(cli))?
@@ -494,6 +526,32 @@ fn run_on_pool(cli: Cli) -> Result<()> {
                     rounds,
                     sep_layer,
                 })?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::CompressSpeed {
+            model,
+            offload_dir,
+            prompt_len,
+            gen_len,
+            rounds,
+            cache_batch,
+            cache_prompt_len,
+            only,
+            device: _,
+        } => {
+            let r = backend_native::compress_speed::measure(
+                &backend_native::compress_speed::CompressSpeedArgs {
+                    model,
+                    offload_dir,
+                    prompt_len,
+                    gen_len,
+                    rounds,
+                    cache_batch,
+                    cache_prompt_len,
+                    only,
+                },
+            )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

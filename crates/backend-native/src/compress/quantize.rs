@@ -31,7 +31,11 @@ pub fn scale_of(min: f32, max: f32) -> f32 {
 /// group decodes to its min whatever its codes.
 #[inline]
 pub fn code(x: f32, min: f32, scale: f32) -> u8 {
-    ((x - min) * scale).clamp(0.0, LEVELS).round_ties_even() as u8
+    let v = ((x - min) * scale).clamp(0.0, LEVELS);
+    // round half to even without a call to rintf: adding 2^23 leaves no fraction bits, so the
+    // addition itself rounds (to nearest even, the default mode); exact for 0 <= v < 2^22
+    const SHIFT: f32 = 8_388_608.0;
+    ((v + SHIFT) - SHIFT) as u8
 }
 
 /// A code back to its value (what every fused kernel computes, as `q * (1 / scale) + min`).

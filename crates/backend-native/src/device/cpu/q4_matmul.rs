@@ -22,10 +22,10 @@ use super::shared_out::SharedOut;
 use crate::compress::{Q4Layout, GROUP, GROUP_BYTES};
 
 /// Rows of `x` up to which the one-pass kernel runs; more take the panels. The kernel reads each
-/// group's 64 KiB-2 MiB of codes once per 8 rows of `x` from cache, the panels convert every
-/// weight once and pay the GEMM's packing: measured with `--example q4_products`, 32 rows of
-/// 2048 x 8192 took about the same either way.
-pub const MATVEC_MAX_ROWS: usize = 32;
+/// group's codes once per 8 rows of `x` (from cache after the first), the panels decode every
+/// weight once and pay the GEMM crate's packing: measured with `--example q4_products` at
+/// 2048 x 8192, 64 rows took 9 against 20 ms, 128 rows 46 against 25.
+pub const MATVEC_MAX_ROWS: usize = 96;
 
 /// One product of a [`linear_group`]: `out[n, m] = act(x W^T + bias)` with `w` the stored bytes
 /// of a compressed `[m, k]` weight.
@@ -234,6 +234,9 @@ unsafe fn group_product(
 mod avx512 {
     use std::arch::x86_64::*;
 
+    /// Bytes ahead of the current column that the kernel prefetches in each packed row.
+    const PREFETCH: usize = 512;
+
     /// `acc[2p][i]`, `acc[2p + 1][i]`: packed row `r + p`'s high and low codes dotted with row
     /// `i` of `xs`, for `P` packed rows and `N` rows of `xs`.
     #[target_feature(enable = "avx512f")]
@@ -247,32 +250,47 @@ mod avx512 {
     ) {
         let full = k / 16;
         let mut a = [[[_mm512_setzero_ps(); N]; 2]; P];
-        let low = _mm512_set1_epi32(0xF);
+        let codes = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
         let d = data.as_ptr().add(r * k);
         let x = xs.as_ptr();
         for c in 0..full {
-            let mut hi = [_mm512_setzero_ps(); P];
+            // each packed row is a stream of its own, k bytes apart: the hardware prefetchers
+            // follow one stream well and several interleaved ones badly, so fetch each a few
+            // lines ahead
+            if c % 4 == 0 {
+                for p in 0..P {
+                    _mm_prefetch::<_MM_HINT_T0>(d.add(p * k + c * 16 + PREFETCH) as *const i8);
+                }
+            }
+            // per byte b = 16 hi + lo: the whole byte (one conversion) and the low nibble (one
+            // table lookup, which reads only an index's low 4 bits), and the high nibble's sum
+            // recovered at the end as (sum b - sum lo) / 16: one instruction per 16 bytes fewer
+            // than converting both nibbles, with the same rounding error relative to sum hi
+            let mut whole = [_mm512_setzero_ps(); P];
             let mut lo = [_mm512_setzero_ps(); P];
             for p in 0..P {
                 let v =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(d.add(p * k + c * 16) as *const __m128i));
-                hi[p] = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
-                lo[p] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                whole[p] = _mm512_cvtepi32_ps(v);
+                lo[p] = _mm512_permutexvar_ps(v, codes);
             }
             for i in 0..N {
                 let xv = _mm512_loadu_ps(x.add(i * k + c * 16));
                 for p in 0..P {
-                    a[p][0][i] = _mm512_fmadd_ps(hi[p], xv, a[p][0][i]);
+                    a[p][0][i] = _mm512_fmadd_ps(whole[p], xv, a[p][0][i]);
                     a[p][1][i] = _mm512_fmadd_ps(lo[p], xv, a[p][1][i]);
                 }
             }
         }
         for p in 0..P {
             for i in 0..N {
-                let (mut sh, mut sl) = (
+                let (sb, mut sl) = (
                     _mm512_reduce_add_ps(a[p][0][i]),
                     _mm512_reduce_add_ps(a[p][1][i]),
                 );
+                let mut sh = (sb - sl) * (1.0 / 16.0);
                 for c in full * 16..k {
                     let b = *data.get_unchecked((r + p) * k + c);
                     let xv = *xs.get_unchecked(i * k + c);
@@ -370,13 +388,20 @@ fn decode_group(simd: Simd, w: &[u8], l: Q4Layout, g: usize, s: &mut Scratch, pa
     }
 }
 
-/// The f32 mode's many-row product: each task owns a run of groups, decodes one group at a time
-/// into an f32 panel (64 rows x k, in its core's cache) and multiplies `x` by it with the GEMM
-/// crate straight into the output's columns.
+/// Bytes of f32 a panel of the f32 mode holds at most: whole groups, enough of them that the
+/// GEMM crate's per-call cost (packing buffers, fresh pages) is spread over many columns, few
+/// enough to stay in the caches (64 rows x k=2048 per call ran at a fifth of the fp16 GEMM's
+/// rate, 512 rows at about its rate).
+const F32_PANEL_BYTES: usize = 4 << 20;
+
+/// The f32 mode's many-row product: each task owns a run of groups and decodes a panel of them
+/// at a time into f32 (in its core's caches), which the GEMM crate multiplies `x` by straight
+/// into the output's columns.
 fn panels_f32(simd: Simd, x: &[f32], n: usize, k: usize, p: &mut Q4Part<'_>) {
     let (w, m) = (p.w, p.m);
     let l = Q4Layout::new(&[m, k], 0);
     let groups = l.groups();
+    let per_panel = (F32_PANEL_BYTES / (4 * GROUP * k)).clamp(1, 8);
     let tasks = rayon::current_num_threads().max(1);
     let per = groups.div_ceil(tasks).max(1);
     let dst = SharedOut(p.out.as_mut_ptr());
@@ -387,19 +412,24 @@ fn panels_f32(simd: Simd, x: &[f32], n: usize, k: usize, p: &mut Q4Part<'_>) {
             min: vec![0f32; k],
             beta: Vec::new(),
         };
-        let mut panel = vec![0f32; GROUP * k];
-        for g in t * per..((t + 1) * per).min(groups) {
-            let rows = GROUP.min(m - g * GROUP);
-            decode_group(simd, w, l, g, &mut s, &mut panel);
-            // SAFETY: x holds n*k values, the panel rows*k, the output n*m (asserted in
-            // `linear_group`); this task writes only columns g*64 .. g*64+rows. rhs is the
-            // panel's transpose read through strides: element (c, r) is panel[r * k + c].
+        let (g_end, mut g0) = (((t + 1) * per).min(groups), t * per);
+        let mut panel = vec![0f32; per_panel.min(g_end - g0) * GROUP * k];
+        while g0 < g_end {
+            let g1 = (g0 + per_panel).min(g_end);
+            let (r0, r1) = (g0 * GROUP, (g1 * GROUP).min(m));
+            for g in g0..g1 {
+                let at = (g - g0) * GROUP * k;
+                decode_group(simd, w, l, g, &mut s, &mut panel[at..]);
+            }
+            // SAFETY: x holds n*k values, the panel (r1-r0)*k, the output n*m (asserted in
+            // `linear_group`); this task writes only columns r0..r1. rhs is the panel's
+            // transpose read through strides: element (c, r) is panel[r * k + c].
             unsafe {
                 gemm::gemm(
                     n,
-                    rows,
+                    r1 - r0,
                     k,
-                    dst.ptr().add(g * GROUP),
+                    dst.ptr().add(r0),
                     1,
                     m as isize,
                     false,
@@ -417,6 +447,7 @@ fn panels_f32(simd: Simd, x: &[f32], n: usize, k: usize, p: &mut Q4Part<'_>) {
                     gemm::Parallelism::None,
                 )
             };
+            g0 = g1;
         }
     });
 }

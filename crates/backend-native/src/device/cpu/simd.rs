@@ -106,6 +106,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x = 1 / x` element by element.
+    pub fn recip(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 1.0 / *v;
+        }
+    }
+}
+
+multiversion! {
     /// `out = a * b` element by element.
     pub fn mul(out: &mut [f32], a: &[f32], b: &[f32]) {
         for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
