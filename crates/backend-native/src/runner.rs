@@ -64,14 +64,22 @@ pub fn case_model(case: &Case) -> Result<(ModelConfig, Box<dyn TensorSource>)> {
 
 /// Whether this build can run the case; `Err(Unavailable)` says why not.
 pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
+    check_features(case)?;
+    if case.device == CaseDevice::Cuda {
+        cuda_available().map_err(Unavailable)?;
+    }
+    Ok(())
+}
+
+/// What the engine does not run whatever the machine: other frameworks, several devices. Every
+/// policy feature (offloading, CPU attention, 4-bit weights and cache, sparse attention) it
+/// runs on both devices.
+pub fn check_features(case: &Case) -> std::result::Result<(), Unavailable> {
     if case.framework != "native" {
         return Err(Unavailable(format!(
             "framework `{}` is not the native engine",
             case.framework
         )));
-    }
-    if case.device == CaseDevice::Cuda {
-        cuda_available().map_err(Unavailable)?;
     }
     if case.num_nodes * case.num_gpus_per_node != 1 {
         return Err(Unavailable("the native engine runs on one device".into()));

@@ -125,6 +125,7 @@ pub fn markdown(
     }
 
     s.push_str(&agreement_section(recs));
+    s.push_str(&crate::compression::section(recs));
 
     let _ = writeln!(s, "## All cases\n");
     let measures: Vec<&Field> = FIELDS
