@@ -131,7 +131,7 @@ __device__ __forceinline__ void aq_values(float* red, const Rows& v, const float
 // The dense decode over a compressed cache: attention_decode_f16 with compressed rows (and the
 // fresh newest row). Splits are merged by attention_decode_reduce_f16. cs_b, cs_h count rows
 // ([batch, heads, max_len] rows of rb bytes); k_new, v_new: [batch, heads * head_dim] fp16 rows,
-// row stride new_stride.
+// row stride new_stride, or null to read the newest position from the cache too.
 // grid = (heads, batch, splits), block = 128 threads. Host checks: head_dim % 8 == 0, <= 128.
 extern "C" __global__ void __launch_bounds__(AQ_THREADS)
     attention_decode_q4(__half* __restrict__ out, float* __restrict__ part_o,
@@ -151,8 +151,9 @@ extern "C" __global__ void __launch_bounds__(AQ_THREADS)
     const int groups = (head_dim + Q4_GROUP - 1) / Q4_GROUP;
     const long long pair = (long long)b * cs_b + (long long)h * cs_h;
     const long long fresh = (long long)b * new_stride + (long long)h * head_dim;
-    const AqQ4Rows k{k_cache + pair * rb, rb, groups, k_new + fresh, len - 1};
-    const AqQ4Rows v{v_cache + pair * rb, rb, groups, v_new + fresh, len - 1};
+    // without the step's own rows (null), every position comes from the cache
+    const AqQ4Rows k{k_cache + pair * rb, rb, groups, k_new ? k_new + fresh : nullptr, len - 1};
+    const AqQ4Rows v{v_cache + pair * rb, rb, groups, v_new ? v_new + fresh : nullptr, len - 1};
     const unsigned* mrow = mask + (size_t)b * mask_stride;
     aq_scores(sc, k, q + (size_t)b * q_stride + (size_t)h * head_dim, head_dim, scale, mrow, j0, n);
     __syncthreads();
@@ -297,8 +298,8 @@ extern "C" __global__ void __launch_bounds__(AQ_THREADS)
     const int groups = (head_dim + Q4_GROUP - 1) / Q4_GROUP;
     const long long pair = (long long)b * cs_b + (long long)h * cs_h;
     const long long fresh = (long long)b * new_stride + (long long)h * head_dim;
-    const AqQ4Rows k{k_cache + pair * rb, rb, groups, k_new + fresh, len - 1};
-    const AqQ4Rows v{v_cache + pair * rb, rb, groups, v_new + fresh, len - 1};
+    const AqQ4Rows k{k_cache + pair * rb, rb, groups, k_new ? k_new + fresh : nullptr, len - 1};
+    const AqQ4Rows v{v_cache + pair * rb, rb, groups, v_new ? v_new + fresh : nullptr, len - 1};
     aq_sparse_body(out + (size_t)b * out_stride + (size_t)h * head_dim, k, v,
                    q + (size_t)b * q_stride + (size_t)h * head_dim, mask + (size_t)b * mask_stride,
                    head_dim, len, scale, sparsity);

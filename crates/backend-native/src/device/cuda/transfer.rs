@@ -65,6 +65,27 @@ pub(super) fn upload(dev: &CudaDevice, data: HostSlice<'_>, shape: &[usize]) -> 
     Ok(t)
 }
 
+pub(super) fn upload_compressed(
+    dev: &CudaDevice,
+    bytes: &[u8],
+    shape: &[usize],
+    group_dim: usize,
+) -> Result<CudaTensor> {
+    let dtype = DType::Q4 { group_dim };
+    ensure!(
+        bytes.len() == dtype.bytes(shape),
+        "upload_compressed: a tensor of shape {shape:?} grouped along dimension {group_dim} takes {} bytes, got {}",
+        dtype.bytes(shape),
+        bytes.len()
+    );
+    let mut t = dev.alloc(dtype, shape)?;
+    let mut dst = t.buf.slice_mut(0..bytes.len());
+    dev.stream
+        .memcpy_htod(bytes, &mut dst)
+        .map_err(|e| drv(e, "host-to-device copy"))?;
+    Ok(t)
+}
+
 pub(super) fn write(
     dev: &CudaDevice,
     dst: &mut CudaTensor,
