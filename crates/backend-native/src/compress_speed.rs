@@ -48,6 +48,11 @@ pub struct Side {
     pub median_decode_tok_s: f64,
     /// Disk bytes read per generated token, averaged over a generation's steps.
     pub disk_read_per_token: f64,
+    /// Over the measured rounds: time the compute thread waited for I/O, computed, and the disk
+    /// thread spent reading and writing, against the generations' wall time.
+    pub io_wait_s: f64,
+    pub compute_s: f64,
+    pub disk_busy_fraction: f64,
     pub peak_memory_bytes: BTreeMap<String, u64>,
 }
 
@@ -184,6 +189,10 @@ fn compare(
     }
     let mut rates = [Vec::new(), Vec::new()];
     let mut reads = [Vec::new(), Vec::new()];
+    let mut wall = [0f64; 2];
+    for m in &models {
+        m.stats.reset_counters();
+    }
     // other processes' dirty pages would be written back during the measurement
     // SAFETY: sync takes no arguments and cannot fail.
     unsafe { libc::sync() };
@@ -195,6 +204,7 @@ fn compare(
             let decode_s: f64 = out.step_times_s[1..].iter().sum();
             let steps = out.step_times_s.len() - 1;
             rates[i].push((s.batch * steps) as f64 / decode_s);
+            wall[i] += out.step_times_s.iter().sum::<f64>();
             reads[i].push(read as f64 / (s.batch * out.step_times_s.len()) as f64);
             eprintln!(
                 "{} round {}/{}: {} {:.3} token/s",
@@ -213,6 +223,9 @@ fn compare(
             median_decode_tok_s: median(&rates[i]),
             decode_tok_s: rates[i].clone(),
             disk_read_per_token: median(&reads[i]),
+            io_wait_s: m.stats.io_wait_s(),
+            compute_s: m.stats.compute_s(),
+            disk_busy_fraction: m.stats.disk_busy_s() / wall[i].max(1e-9),
             peak_memory_bytes: m.stats.peaks(),
         }
     };

@@ -90,17 +90,36 @@ pub fn put_f16(bytes: &mut [u8], at: usize, v: f16) {
 /// the block) of the first value no quantizer writes: a disk that changed the bytes.
 pub fn check_scales(bytes: &[u8], first: usize, inner: usize) -> Option<usize> {
     let inner = inner.max(1);
-    for (i, c) in bytes.chunks_exact(2).enumerate() {
+    let n = bytes.len() / 2;
+    // row by row (a row is all scales or all mins), each row's flags OR-ed without branches so
+    // the loop vectorizes: every disk read of a compressed weight passes through here
+    let mut i = 0;
+    while i < n {
         let at = first + i;
-        let bits = u16::from_le_bytes([c[0], c[1]]);
-        let ok = if (at / inner).is_multiple_of(2) {
-            bits != 0 && bits <= 0x7C00
-        } else {
-            bits & 0x7C00 != 0x7C00
-        };
-        if !ok {
-            return Some(at);
+        let row_end = (at / inner + 1) * inner;
+        let len = (row_end - at).min(n - i);
+        let seg = &bytes[2 * i..2 * (i + len)];
+        let scales = (at / inner).is_multiple_of(2);
+        let bad = seg.chunks_exact(2).fold(false, |acc, c| {
+            let bits = u16::from_le_bytes([c[0], c[1]]);
+            acc | if scales {
+                bits == 0 || bits > 0x7C00
+            } else {
+                bits & 0x7C00 == 0x7C00
+            }
+        });
+        if bad {
+            let j = seg.chunks_exact(2).position(|c| {
+                let bits = u16::from_le_bytes([c[0], c[1]]);
+                if scales {
+                    bits == 0 || bits > 0x7C00
+                } else {
+                    bits & 0x7C00 == 0x7C00
+                }
+            });
+            return j.map(|j| at + j);
         }
+        i += len;
     }
     None
 }
