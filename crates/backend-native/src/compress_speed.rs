@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::Device;
-use crate::generate::{GenOptions, SampleMode};
+use crate::generate::GenOptions;
 use crate::model::DummySource;
 use crate::offload::stats::Link;
 use crate::runner::{bench_prompts, peak_rss_bytes};
@@ -156,13 +156,7 @@ fn compare(
     a: &CompressSpeedArgs,
 ) -> Result<Comparison> {
     let prompts = bench_prompts(s.batch, s.prompt_len, cfg.vocab_size);
-    let opts = GenOptions {
-        max_new_tokens: a.gen_len,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-        teacher: None,
-    };
+    let opts = GenOptions::greedy(a.gen_len);
     let sched = ScheduleOptions {
         num_gpu_batches: 1,
         cpu_attention: false,

@@ -37,6 +37,19 @@ pub struct GenOptions {
     pub teacher: Option<Vec<Vec<u32>>>,
 }
 
+impl GenOptions {
+    /// Greedy generation of `max_new_tokens` to the end (no stop token), no logits kept.
+    pub fn greedy(max_new_tokens: usize) -> GenOptions {
+        GenOptions {
+            max_new_tokens,
+            sample: SampleMode::Greedy,
+            stop_token: None,
+            keep_logits: false,
+            teacher: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct GenOutput {
     /// New tokens per prompt (pads after a stop token, as transformers).

@@ -10,7 +10,7 @@ use bench_core::{Case, Device as CaseDevice, ModelConfig, RawResult, Weights};
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
-use crate::generate::{generate, GenOptions, GenOutput, SampleMode};
+use crate::generate::{generate, GenOptions, GenOutput};
 use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
 use crate::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 use bench_core::dummy;
@@ -266,23 +266,11 @@ fn gen_len_of(case: &Case) -> usize {
 }
 
 fn warmup_options() -> GenOptions {
-    GenOptions {
-        max_new_tokens: 1,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-        teacher: None,
-    }
+    GenOptions::greedy(1)
 }
 
 fn measured_options(case: &Case) -> GenOptions {
-    GenOptions {
-        max_new_tokens: case.measured_gen_len(),
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-        teacher: None,
-    }
+    GenOptions::greedy(case.measured_gen_len())
 }
 
 /// The schedule of a case's policy.
@@ -536,11 +524,8 @@ pub fn score_options(
     );
     let prompts = sequences.iter().map(|s| s[..1].to_vec()).collect();
     let opts = GenOptions {
-        max_new_tokens: longest - 1,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
         teacher: Some(sequences.to_vec()),
+        ..GenOptions::greedy(longest - 1)
     };
     Ok((prompts, opts))
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use backend_native::device::cpu::{CpuDevice, CpuOptions};
-use backend_native::generate::{GenOptions, SampleMode};
+use backend_native::generate::GenOptions;
 use backend_native::model::{load_config, Checkpoint, DummySource};
 use backend_native::schedule::{generate_offloaded, OffloadModel, ScheduleOptions};
 use bench_core::Policy;
@@ -124,13 +124,7 @@ fn a_damaged_compressed_offload_file_is_a_clear_error() {
     let off = scratch("damaged");
     let mut p = Policy::new([0, 0, 100, 0, 100, 0]);
     p.compress_weight = true;
-    let opts = GenOptions {
-        max_new_tokens: 2,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-        teacher: None,
-    };
+    let opts = GenOptions::greedy(2);
     let sched = ScheduleOptions {
         num_gpu_batches: 1,
         cpu_attention: false,

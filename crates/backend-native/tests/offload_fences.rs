@@ -236,13 +236,7 @@ fn every_async_upload_is_waited_for_before_use() {
         let mut policy = Policy::new([100, 0, 100, 0, 100, 0]);
         policy.compress_weight = true;
         let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, None, 0).unwrap();
-        let opts = GenOptions {
-            max_new_tokens: exp.max_new_tokens,
-            sample: SampleMode::Greedy,
-            stop_token: None,
-            keep_logits: false,
-            teacher: None,
-        };
+        let opts = GenOptions::greedy(exp.max_new_tokens);
         let sched = ScheduleOptions {
             num_gpu_batches: 1,
             cpu_attention: false,

@@ -75,7 +75,7 @@ pub fn section(recs: &[Record]) -> String {
     let _ = writeln!(
         s,
         "Each case with 4-bit weights (+cw), 4-bit KV cache (+cc) or sparse attention beside its \
-         twin without them: decode and total throughput (token/s) and their ratio, disk bytes read \
+         twin without them: decode and total throughput (token/s) and their ratio, disk MiB read \
          per generated token, and peak MiB per tier (compute / host / disk) of the twin and the \
          variant. A variant without a twin in these results shows `-`.\n"
     );
@@ -106,7 +106,8 @@ pub fn section(recs: &[Record]) -> String {
         let (tot, tot_r) = pair(|m| m.total_throughput);
         let disk = match (twin.and_then(disk_per_token), disk_per_token(r)) {
             (Some(a), Some(b)) if a > 0.0 || b > 0.0 => {
-                format!("{} → {} ({})", num(a), num(b), ratio(Some(b), Some(a)))
+                let m = |v: f64| format!("{:.2}", v / (1u64 << 20) as f64);
+                format!("{} → {} MiB ({})", m(a), m(b), ratio(Some(b), Some(a)))
             }
             _ => "-".into(),
         };

@@ -363,8 +363,8 @@ mod tests {
                 generated_tokens: 16,
                 ..Default::default()
             };
-            raw.bytes_moved.insert("disk_read".into(), read);
-            raw.peak_memory_bytes.insert("disk".into(), read << 4);
+            raw.bytes_moved.insert("disk_read".into(), read << 20);
+            raw.peak_memory_bytes.insert("disk".into(), read << 20);
             r.raw = Some(raw);
             r
         };
@@ -419,7 +419,9 @@ mod tests {
         assert!(cw.contains("0/0/100/0/100/0 | +cw"), "{cw}");
         // 4x the decode rate, 0.28x the disk reads per token
         assert!(
-            cw.contains("| 4.00x |") && cw.contains("100.0 → 28.000 (0.28x)"),
+            cw.contains("| 4.00x |")
+                && cw.contains("100.00 → 28.00 MiB (0.28x)")
+                && cw.contains("- / - / 1600 → - / - / 448"),
             "{cw}"
         );
         let sparse = row("+sparse0.5", "opt-1.3b");

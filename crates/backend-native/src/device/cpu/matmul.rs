@@ -183,12 +183,17 @@ fn many_rows(mode: MatmulMode, amx: bool, x: &[f32], n: usize, k: usize, p: &mut
         let wf = p.wide.and_then(|c| super::wide::get(c, w));
         gemm_f32(x, w, wf, n, k, m, out);
     }
-    // bias and ReLU in one pass over the output
-    if bias.is_some() || p.relu {
-        let b = bias.as_deref().unwrap_or(&[]);
-        out.par_chunks_mut(m)
-            .for_each(|row| super::simd::bias_act(row, b, p.relu));
+    add_bias_act(out, m, p.bias, p.relu);
+}
+
+/// Bias and ReLU in one pass over a product's `[n, m]` output (the paths that do not fuse them).
+pub(super) fn add_bias_act(out: &mut [f32], m: usize, bias: Option<&[f16]>, relu: bool) {
+    if bias.is_none() && !relu {
+        return;
     }
+    let b: Vec<f32> = bias.map_or(Vec::new(), |b| b.iter().map(|v| v.to_f32()).collect());
+    out.par_chunks_mut(m)
+        .for_each(|row| super::simd::bias_act(row, &b, relu));
 }
 
 /// The definition, one f32 (f64-free, sequential) dot product per output.

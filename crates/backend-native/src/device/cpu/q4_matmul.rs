@@ -65,13 +65,7 @@ pub fn linear_group(
         } else {
             panels_f32(simd, x, n, k, p);
         }
-        let bias: Option<Vec<f32>> = p.bias.map(|b| b.iter().map(|v| v.to_f32()).collect());
-        if bias.is_some() || p.relu {
-            let b = bias.as_deref().unwrap_or(&[]);
-            p.out
-                .par_chunks_mut(p.m)
-                .for_each(|row| super::simd::bias_act(row, b, p.relu));
-        }
+        super::matmul::add_bias_act(p.out, p.m, p.bias, p.relu);
     }
 }
 

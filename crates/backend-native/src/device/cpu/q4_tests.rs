@@ -12,29 +12,16 @@ use super::q4::Simd;
 use super::q4_attention::{self, Fresh};
 use super::q4_matmul::{self, Q4Part};
 use super::tensor::CpuTensor;
+use super::tests::{max_rel, rand_f32};
 use crate::compress::{self, reference, Q4Layout, CACHE_GROUP_DIM};
 use crate::device::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice};
-use crate::generate::Rng;
 
-fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng::new(seed);
-    (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
-}
 /// fp16 weights with a per-row offset, so groups are not centred on zero.
 fn rand_weight(m: usize, k: usize, seed: u64) -> Vec<f16> {
     let v = rand_f32(m * k, seed);
     (0..m * k)
         .map(|i| f16::from_f32(v[i] + 0.1 * ((i / k) % 7) as f32))
         .collect()
-}
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let num = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    num / b.iter().map(|y| y.abs()).fold(1e-30f32, f32::max)
 }
 fn paths() -> Vec<Simd> {
     let mut v = vec![Simd::Portable];

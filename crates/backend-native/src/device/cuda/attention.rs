@@ -43,16 +43,8 @@ impl CudaDevice {
     ) -> Result<()> {
         let total = s.total_len();
         let max_len = kc.shape[2];
-        let bh = s.batch * s.heads;
         let (splits, chunk) = decode_splits(self, s);
-        let (mut part_o, mut part_ml) = if splits > 1 {
-            (
-                Some(self.alloc(DType::F32, &[bh * splits * s.head_dim])?),
-                Some(self.alloc(DType::F32, &[bh * splits * 2])?),
-            )
-        } else {
-            (None, None)
-        };
+        let (mut part_o, mut part_ml) = self.decode_parts(s, splits)?;
         let op = self.ptr_mut(out);
         let po = part_o.as_mut().map(|t| self.ptr_mut(t)).unwrap_or(0);
         let pml = part_ml.as_mut().map(|t| self.ptr_mut(t)).unwrap_or(0);
@@ -70,11 +62,7 @@ impl CudaDevice {
         );
         let out_stride = s.hidden() as i64;
         let scale = s.scale();
-        let cfg = LaunchConfig {
-            grid_dim: (s.heads as u32, s.batch as u32, splits as u32),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = pairs_cfg(&s, splits);
         // SAFETY: the argument list matches attention_decode_f16's signature; shapes were checked.
         unsafe {
             launch!(
@@ -108,6 +96,23 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// The per-split partial outputs and (max, sum) pairs of a split decode attention; none for
+    /// one split.
+    pub(super) fn decode_parts(
+        &self,
+        s: AttnShape,
+        splits: usize,
+    ) -> Result<(Option<CudaTensor>, Option<CudaTensor>)> {
+        if splits <= 1 {
+            return Ok((None, None));
+        }
+        let bh = s.batch * s.heads;
+        Ok((
+            Some(self.alloc(DType::F32, &[bh * splits * s.head_dim])?),
+            Some(self.alloc(DType::F32, &[bh * splits * 2])?),
+        ))
+    }
+
     /// Merges the splits of a decode attention (attention_decode_reduce_f16) into `op`.
     pub(super) fn attention_decode_reduce(
         &self,
@@ -119,11 +124,7 @@ impl CudaDevice {
     ) -> Result<()> {
         let (heads, hd, splits_i) = (s.heads as i32, s.head_dim as i32, splits as i32);
         let out_stride = s.hidden() as i64;
-        let cfg = LaunchConfig {
-            grid_dim: (s.heads as u32, s.batch as u32, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = pairs_cfg(&s, 1);
         // SAFETY: part_o holds batch x heads x splits x head_dim floats and part_ml two per
         // split, as the decode kernels wrote them; out is [batch, hidden] halves.
         unsafe {
@@ -202,6 +203,16 @@ impl CudaDevice {
             )
         }?;
         Ok(())
+    }
+}
+
+/// One block of [`ATTN_THREADS`] per (head, sequence) and `z` per pair: the decode kernels'
+/// grid.
+pub(super) fn pairs_cfg(s: &AttnShape, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.heads as u32, s.batch as u32, z as u32),
+        block_dim: (ATTN_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

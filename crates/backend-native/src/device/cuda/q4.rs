@@ -12,7 +12,7 @@
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
-use super::attention::{check_attn_shape, decode_splits, ATTN_THREADS};
+use super::attention::{check_attn_shape, decode_splits, pairs_cfg};
 use super::device::CudaDevice;
 use super::launch::{launch, rows_cfg};
 use super::tensor::{check_2d, CudaTensor};
@@ -255,11 +255,7 @@ pub(super) fn attention(
             "sparse attention over {total} keys: at most {SPARSE_MAX_LEN}"
         );
         let sp = s.sparsity();
-        let cfg = LaunchConfig {
-            grid_dim: (s.heads as u32, s.batch as u32, 1),
-            block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = pairs_cfg(&s, 1);
         // SAFETY: the argument list matches attention_decode_sparse_q4's signature; shapes
         // checked by the caller.
         return unsafe {
@@ -289,23 +285,11 @@ pub(super) fn attention(
         };
     }
     let (splits, chunk) = decode_splits(dev, s);
-    let bh = s.batch * s.heads;
-    let (mut part_o, mut part_ml) = if splits > 1 {
-        (
-            Some(dev.alloc(DType::F32, &[bh * splits * s.head_dim])?),
-            Some(dev.alloc(DType::F32, &[bh * splits * 2])?),
-        )
-    } else {
-        (None, None)
-    };
+    let (mut part_o, mut part_ml) = dev.decode_parts(s, splits)?;
     let po = part_o.as_mut().map_or(0, |t| dev.ptr_mut(t));
     let pml = part_ml.as_mut().map_or(0, |t| dev.ptr_mut(t));
     let chunk_i = chunk as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (s.heads as u32, s.batch as u32, splits as u32),
-        block_dim: (ATTN_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = pairs_cfg(&s, splits);
     // SAFETY: the argument list matches attention_decode_q4's signature; shapes checked by the
     // caller; chunk <= the kernel's 1024 keys.
     unsafe {
@@ -373,11 +357,7 @@ pub(super) fn sparse_f16(
     let mask_stride = total as i64;
     let (hd, len) = (s.head_dim as i32, total as i32);
     let (scale, sp) = (s.scale(), s.sparsity());
-    let cfg = LaunchConfig {
-        grid_dim: (s.heads as u32, s.batch as u32, 1),
-        block_dim: (ATTN_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = pairs_cfg(&s, 1);
     // SAFETY: the argument list matches attention_decode_sparse_f16's signature; shapes checked
     // by the caller.
     unsafe {
