@@ -446,6 +446,22 @@ fn cuda_device_reports_absence_clearly() {
     }
 }
 
+/// [`attention_steps`] over zeroed caches of `kv` and shape `dims`, allocated on `d`.
+#[allow(clippy::too_many_arguments)]
+fn steps_over_zeros<D: Device>(
+    d: &D,
+    kv: DType,
+    dims: &[usize],
+    shape: impl Fn(usize, usize) -> AttnShape,
+    steps: &[usize],
+    data: &[(Vec<f16>, Vec<f16>, Vec<f16>)],
+    mask: &[u32],
+    total: usize,
+) -> Vec<Vec<f32>> {
+    let caches = (d.zeros(kv, dims).unwrap(), d.zeros(kv, dims).unwrap());
+    attention_steps(d, caches, shape, steps, data, mask, total)
+}
+
 /// A compressed `[m, k]` weight on device `d` (compressed once on the host, as the offloader does).
 fn compressed<D: Device>(d: &D, w: &[f16], m: usize, k: usize) -> D::Tensor {
     let bytes = backend_native::compress::compress_f16(w, &[m, k], 0);
@@ -557,30 +573,9 @@ fn compressed_cache_and_sparse_attention_match_cpu() {
         let max_len = total + 3;
         let shape =
             |past, new| AttnShape::new(batch, heads, hd, past, new).with_sparsity(*sparsity);
-        let go = attention_steps(
-            &g,
-            (
-                g.zeros(*kv, &[batch, heads, max_len, hd]).unwrap(),
-                g.zeros(*kv, &[batch, heads, max_len, hd]).unwrap(),
-            ),
-            shape,
-            steps,
-            &data,
-            &mask,
-            total,
-        );
-        let co = attention_steps(
-            &c,
-            (
-                c.zeros(*kv, &[batch, heads, max_len, hd]).unwrap(),
-                c.zeros(*kv, &[batch, heads, max_len, hd]).unwrap(),
-            ),
-            shape,
-            steps,
-            &data,
-            &mask,
-            total,
-        );
+        let dims = [batch, heads, max_len, hd];
+        let go = steps_over_zeros(&g, *kv, &dims, shape, steps, &data, &mask, total);
+        let co = steps_over_zeros(&c, *kv, &dims, shape, steps, &data, &mask, total);
         for (i, (a, b)) in go.iter().zip(&co).enumerate() {
             let kind = if steps[i] == 1 { "decode" } else { "prefill" };
             let cache = if kv.is_compressed() { "q4" } else { "f16" };

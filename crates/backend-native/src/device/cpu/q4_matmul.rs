@@ -416,31 +416,8 @@ fn panels_f32(simd: Simd, x: &[f32], n: usize, k: usize, p: &mut Q4Part<'_>) {
                 decode_group(simd, w, l, g, &mut s, &mut panel[at..]);
             }
             // SAFETY: x holds n*k values, the panel (r1-r0)*k, the output n*m (asserted in
-            // `linear_group`); this task writes only columns r0..r1. rhs is the panel's
-            // transpose read through strides: element (c, r) is panel[r * k + c].
-            unsafe {
-                gemm::gemm(
-                    n,
-                    r1 - r0,
-                    k,
-                    dst.ptr().add(r0),
-                    1,
-                    m as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
+            // `linear_group`); this task writes only columns r0..r1.
+            unsafe { super::matmul::gemm_wt(x, &panel, n, k, r1 - r0, dst, m, r0) };
             g0 = g1;
         }
     });
