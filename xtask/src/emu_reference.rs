@@ -186,6 +186,11 @@ pub fn write(path: &Path, seed: u64) -> Result<()> {
                 o.bytes(&format!("{name}.v_cache"), vc.raw_bytes());
                 o.words(&format!("{name}.mask"), &mask);
                 o.floats(&format!("{name}.out"), &out);
+                if kv.is_compressed() {
+                    // without the step's rows every position comes from the cache
+                    let stale = dev.download_f32(&dev.attention(&qt, &kc, &vc, &mt, shape)?)?;
+                    o.floats(&format!("{name}.out_from_cache"), &stale);
+                }
             }
         }
     }
