@@ -46,3 +46,45 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     __syncthreads();
     return v;
 }
+
+// ---- 4-bit group-wise compression (crates/backend-native/src/compress, FlexLLMGen's format) ----
+// Groups of 64 values along one dimension, the last padded with zeros; per group min and
+// scale = 15 / (max - min) stored as fp16; codes q = round(clamp((x - min) * scale, 0, 15)), two per
+// byte, element 2k of a group in the high nibble of byte k; decoded as q / scale + min, computed as
+// q * (1 / scale) + min. The formula and its f32 operation order are the CPU quantizer's (whose
+// output check-kernels --emulate compares byte for byte).
+#define Q4_GROUP 64
+#define Q4_GROUP_BYTES 32
+
+__device__ __forceinline__ unsigned q4_code(float x, float lo, float s) {
+    // a constant group has s = inf and (x - lo) * s = NaN: fmaxf returns 0 for it, as the CPU's
+    // saturating cast does
+    const float v = fminf(fmaxf((x - lo) * s, 0.0f), 15.0f);
+    return (unsigned)rintf(v);
+}
+
+// Quantizes one group: n (<= 64) values x[i * stride], the rest of the 64 the zero padding, into
+// 32 code bytes data[k * dstride] and its scale and min.
+__device__ __forceinline__ void q4_quantize(const __half* x, long long stride, int n,
+                                            unsigned char* data, long long dstride,
+                                            __half* scale, __half* min_out) {
+    float lo = INFINITY_F, hi = NEG_INF;
+    for (int i = 0; i < n; ++i) {
+        const float v = __half2float(x[i * stride]);
+        lo = fminf(lo, v);
+        hi = fmaxf(hi, v);
+    }
+    if (n < Q4_GROUP) {
+        lo = fminf(lo, 0.0f);
+        hi = fmaxf(hi, 0.0f);
+    }
+    // torch evaluates FlexLLMGen's 15 / (max - min) as 15 * reciprocal(max - min)
+    const float s = 15.0f * (1.0f / (hi - lo));
+    for (int k = 0; k < Q4_GROUP_BYTES; ++k) {
+        const float a = 2 * k < n ? __half2float(x[(2 * k) * stride]) : 0.0f;
+        const float b = 2 * k + 1 < n ? __half2float(x[(2 * k + 1) * stride]) : 0.0f;
+        data[k * dstride] = (unsigned char)((q4_code(a, lo, s) << 4) | q4_code(b, lo, s));
+    }
+    *scale = __float2half_rn(s);
+    *min_out = __float2half_rn(lo);
+}

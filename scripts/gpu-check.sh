@@ -13,13 +13,17 @@
 #      log per step (kernels, tests, golden, offload, speed, bench, sanitize).
 #
 # Steps here: nvidia-smi; every CUDA kernel against the CPU device on fresh random inputs
-# (relative error per kernel); the other CUDA tests (presence probe, NVRTC compile with this
-# machine's NVRTC); the golden checkpoints on CUDA (tokens identical to transformers'), resident
-# and through the offloader (weights on CPU, cache on CPU with CPU attention, weights on disk,
-# splits); the speed goals (cuBLAS GEMM rate, copy bandwidth, pinned host-to-device bandwidth,
+# (relative error per kernel; with issue 11 the 4-bit kernels too: compressed products, gathers,
+# the compressed KV cache's append and attention, sparse attention over fp16 and compressed
+# caches); the other CUDA tests (presence probe, NVRTC compile with this machine's NVRTC); the
+# golden checkpoints on CUDA (tokens identical to transformers'), resident and through the
+# offloader (weights on CPU, cache on CPU with CPU attention, weights on disk, splits), and the
+# accuracy of compression on the trained fixture (perplexity with 4-bit weights against the
+# Python reference, 4-bit cache and sparse attention against fp16; resident, weights on host and
+# disk, cache on host with CPU attention and on disk); the speed goals (cuBLAS GEMM rate, copy bandwidth, pinned host-to-device bandwidth,
 # prefill/decode GEMMs, decode attention); a short benchmark (opt-1.3b and opt-6.7b dummy
 # weights: all on GPU, weights on CPU, cache on CPU with CPU attention) through
-# `flexbench-native run-case`, with the weights-on-CPU goal ratio (decode step time over host
+# `flexbench-native run-case` (plus opt-1.3b with 4-bit weights and cache), with the weights-on-CPU goal ratio (decode step time over host
 # weight bytes / pinned host-to-device bandwidth); then compute-sanitizer (memcheck, racecheck) on the
 # kernel tests. Each step has a time limit, and steps are skipped
 # once the whole budget (GPU_CHECK_BUDGET_S, default 450 s) is spent, so it ends within 8 minutes.
@@ -132,9 +136,9 @@ note ""
 note "other CUDA tests: $(grep -h '^test result' "$OUT/tests.log" 2>/dev/null | awk '{p+=$4; f+=$6} END {printf "%d passed, %d failed", p, f}')"
 
 # ---- 3. golden checkpoints on CUDA ----
-step golden 90 "$BIN/test-cuda_golden" --ignored --nocapture --test-threads=1
+step golden 120 "$BIN/test-cuda_golden" --ignored --nocapture --test-threads=1
 note ""
-note "## Golden checkpoints on CUDA"
+note "## Golden checkpoints and compression accuracy on CUDA"
 note ""
 note '```'
 grep -h '^GOLDEN ' "$OUT/golden.log" >>"$REPORT" 2>/dev/null || note "(no result: see golden.log)"

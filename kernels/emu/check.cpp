@@ -1,16 +1,22 @@
 // Runs every kernel of kernels/*.cu under the CPU emulation (emu.h) against naive double-precision
 // references on fresh random inputs, with the launch shapes the CUDA device uses
-// (crates/backend-native/src/device/cuda/device.rs). Prints one line per check and exits non-zero
-// on any failure. Built and run by `cargo xtask check-kernels --emulate`.
+// (crates/backend-native/src/device/cuda/device.rs), and the 4-bit kernels against the CPU
+// device's own outputs, which `cargo xtask check-kernels --emulate` writes to the file named by
+// the first argument (xtask/src/emu_reference.rs). Prints one line per check and exits non-zero on
+// any failure.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "../attention_decode.cu"
 #include "../attention_prefill.cu"
+#include "../attention_q4.cu"
+#include "../compress.cu"
 #include "../bias_relu.cu"
 #include "../convert.cu"
 #include "../embedding.cu"
@@ -268,7 +274,170 @@ static void test_sampling() {
     check("sample_temperature (inverse CDF brackets u)", in, "ids " + detail);
 }
 
-int main() {
+// ---- the 4-bit kernels against the CPU device's answers ----
+struct Blob {
+    int kind = 0;
+    size_t count = 0;
+    std::vector<uint8_t> data;
+};
+static std::map<std::string, Blob> g_ref;
+
+static bool load_reference(const char* path) {
+    std::ifstream f(path, std::ios::binary);
+    std::vector<uint8_t> all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (all.size() < 6 || std::string(all.begin(), all.begin() + 6) != "FBEMU1") return false;
+    size_t at = 6;
+    auto take = [&](void* dst, size_t n) {
+        if (at + n > all.size()) throw std::runtime_error("truncated reference file");
+        std::memcpy(dst, all.data() + at, n);
+        at += n;
+    };
+    while (at < all.size()) {
+        uint32_t len;
+        take(&len, 4);
+        std::string name(len, ' ');
+        take(name.data(), len);
+        Blob b;
+        uint8_t kind;
+        take(&kind, 1);
+        b.kind = kind;
+        uint64_t count;
+        take(&count, 8);
+        b.count = count;
+        const size_t size = kind == 0 ? 1 : kind == 1 ? 2 : kind == 4 ? 8 : 4;
+        b.data.resize(count * size);
+        take(b.data.data(), b.data.size());
+        g_ref[name] = b;
+    }
+    return true;
+}
+
+template <class T> static std::vector<T> ref(const std::string& name) {
+    auto it = g_ref.find(name);
+    if (it == g_ref.end()) throw std::runtime_error("reference file lacks " + name);
+    std::vector<T> v(it->second.data.size() / sizeof(T));
+    std::memcpy(v.data(), it->second.data.data(), v.size() * sizeof(T));
+    return v;
+}
+static std::vector<double> as_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+static void test_q4_pack() {
+    for (const char* name : {"pack_w", "pack_c"}) {
+        const std::string n = name;
+        const auto shape = ref<long long>(n + ".shape");
+        const auto x = ref<__half>(n + ".x");
+        const auto want = ref<uint8_t>(n + ".packed");
+        std::vector<uint8_t> got(want.size(), 0xAB);  // unwritten bytes show
+        emu_launch(q4_pack_f16, dim3(3), dim3(128), got.data(), (const __half*)x.data(), shape[0], (int)shape[1], shape[2]);
+        size_t diff = 0;
+        for (size_t i = 0; i < want.size(); ++i) diff += got[i] != want[i];
+        check("q4_pack_f16 " + n + " (bytes = the CPU quantizer's)", diff == 0, std::to_string(diff) + " of " + std::to_string(want.size()) + " bytes differ");
+        const auto decoded = ref<float>(n + ".decoded");
+        auto out = poison(decoded.size());
+        emu_launch(q4_unpack_f16, dim3(3), dim3(128), out.data(), (const uint8_t*)want.data(), shape[0], (int)shape[1], shape[2]);
+        report("q4_unpack_f16 " + n, wide(out), as_double(decoded), TOL);
+    }
+}
+
+static void test_kv_append_q4() {
+    const auto s = ref<long long>("append.shape");  // b, h, d, max_len, past, new
+    const auto src = ref<__half>("append.src");
+    const auto want = ref<uint8_t>("append.cache");
+    std::vector<uint8_t> got(want.size(), 0);
+    emu_launch(kv_append_q4, dim3(2), dim3(128), got.data(), (const __half*)src.data(), (int)s[0], (int)s[5], (int)s[1], (int)s[2], (int)s[4], (int)s[3]);
+    size_t diff = 0;
+    for (size_t i = 0; i < want.size(); ++i) diff += got[i] != want[i];
+    check("kv_append_q4 (bytes = the CPU cache's)", diff == 0, std::to_string(diff) + " of " + std::to_string(want.size()) + " bytes differ");
+}
+
+static void test_q4_matvec() {
+    const auto s = ref<long long>("matvec.shape");  // k, m
+    const int k = (int)s[0], m = (int)s[1];
+    const auto w = ref<uint8_t>("matvec.w");
+    const auto bias = ref<__half>("matvec.bias");
+    for (int n : {1, 4, 6}) {
+        const auto x = ref<__half>("matvec.x" + std::to_string(n));
+        const auto want = ref<float>("matvec.y" + std::to_string(n));
+        auto y = poison((size_t)n * m);
+        // the device's launches: rows of x 4 at a time, columns in chunks of 128
+        const int kchunk = 128, chunks = (k + kchunk - 1) / kchunk;
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            const int nn = std::min(4, n - i0);
+            std::vector<float> part((size_t)chunks * nn * m, NAN);
+            emu_launch(q4_matvec_f16, dim3((m + 63) / 64, chunks), dim3(128), part.data(), (const __half*)x.data() + (size_t)i0 * k, (const uint8_t*)w.data(), nn, k, m, kchunk);
+            emu_launch(q4_matvec_reduce_f16, dim3(2), dim3(256), y.data() + (size_t)i0 * m, (const float*)part.data(), (const __half*)bias.data(), nn, m, chunks, 1);
+        }
+        report("q4_matvec_f16 + reduce (bias, relu) n=" + std::to_string(n), wide(y), as_double(want), TOL);
+    }
+}
+
+static void test_q4_gather() {
+    const auto s = ref<long long>("gather.shape");
+    const int rows = (int)s[0], width = (int)s[1];
+    const auto table = ref<uint8_t>("gather.table");
+    const auto ids = ref<unsigned>("gather.ids");
+    const auto want = ref<float>("gather.rows");
+    const int n = (int)ids.size();
+    auto out = poison((size_t)n * width);
+    emu_launch(gather_rows_q4, dim3(n), dim3(256), out.data(), (const uint8_t*)table.data(), (const unsigned*)ids.data(), n, width, rows);
+    report("gather_rows_q4", wide(out), as_double(want), TOL);
+    std::vector<__half> acc((size_t)n * width, __float2half_rn(0.0f));
+    emu_launch(add_gathered_rows_q4, dim3(n), dim3(256), acc.data(), (const uint8_t*)table.data(), (const unsigned*)ids.data(), n, width, rows);
+    report("add_gathered_rows_q4", wide(acc), as_double(want), TOL);
+}
+
+static void test_q4_attention() {
+    for (const char* kv : {"q4", "f16"})
+        for (int d : {64, 80})
+            for (int s10 : {10, 3}) {
+                const std::string name = std::string("attn.") + kv + ".d" + std::to_string(d) + ".s" + std::to_string(s10);
+                if (!g_ref.count(name + ".shape")) continue;
+                const auto sh = ref<long long>(name + ".shape");  // b, h, d, max_len, len
+                const int B = (int)sh[0], H = (int)sh[1], D = (int)sh[2], max_len = (int)sh[3], len = (int)sh[4];
+                const double sparsity = ref<float>(name + ".sparsity")[0];
+                const auto q = ref<__half>(name + ".q"), kn = ref<__half>(name + ".k_new"), vn = ref<__half>(name + ".v_new");
+                const auto kc = ref<uint8_t>(name + ".k_cache"), vc = ref<uint8_t>(name + ".v_cache");
+                const auto mask = ref<unsigned>(name + ".mask");
+                const auto want = ref<float>(name + ".out");
+                const long long hid = (long long)H * D;
+                const float scale = 1.0f / std::sqrt((float)D);
+                const bool q4 = std::string(kv) == "q4";
+                const long long rb = 36LL * ((D + 63) / 64);
+                auto run_dense = [&](int chunk, bool fresh) {
+                    auto out = poison((size_t)B * hid);
+                    const int splits = (len + chunk - 1) / chunk;
+                    std::vector<float> po((size_t)B * H * splits * D, NAN), pml((size_t)B * H * splits * 2, NAN);
+                    emu_launch(attention_decode_q4, dim3(H, B, splits), dim3(128), out.data(), po.data(), pml.data(), (const __half*)q.data(), hid,
+                               (const uint8_t*)kc.data(), (const uint8_t*)vc.data(), (long long)H * max_len, (long long)max_len, rb,
+                               fresh ? (const __half*)kn.data() : nullptr, fresh ? (const __half*)vn.data() : nullptr, hid,
+                               (const unsigned*)mask.data(), (long long)len, H, D, len, chunk, hid, scale);
+                    if (splits > 1)
+                        emu_launch(attention_decode_reduce_f16, dim3(H, B), dim3(128), out.data(), (const float*)po.data(), (const float*)pml.data(), H, D, splits, hid);
+                    const auto expected = fresh ? want : ref<float>(name + ".out_from_cache");
+                    report(name + " attention_decode_q4 splits=" + std::to_string(splits) + (fresh ? "" : " (all from the cache)"), wide(out),
+                           as_double(expected), TOL);
+                };
+                if (q4 && sparsity >= 1.0) {
+                    run_dense(len, true);
+                    run_dense(16, true);
+                    run_dense(16, false);
+                    continue;
+                }
+                auto out = poison((size_t)B * hid);
+                if (q4) {
+                    emu_launch(attention_decode_sparse_q4, dim3(H, B), dim3(128), out.data(), (const __half*)q.data(), hid, (const uint8_t*)kc.data(),
+                               (const uint8_t*)vc.data(), (long long)H * max_len, (long long)max_len, rb, (const __half*)kn.data(), (const __half*)vn.data(), hid,
+                               (const unsigned*)mask.data(), (long long)len, D, len, hid, scale, sparsity);
+                } else {
+                    emu_launch(attention_decode_sparse_f16, dim3(H, B), dim3(128), out.data(), (const __half*)q.data(), hid, (const __half*)kc.data(),
+                               (const __half*)vc.data(), (long long)H * max_len * D, (long long)max_len * D, (long long)D, (const unsigned*)mask.data(),
+                               (long long)len, D, len, hid, scale, sparsity);
+                }
+                report(name + " attention_decode_sparse_" + kv, wide(out), as_double(want), TOL);
+            }
+}
+
+int main(int argc, char** argv) {
     const char* seed_env = std::getenv("FLEXBENCH_TEST_SEED");
     g_state = seed_env ? std::strtoull(seed_env, nullptr, 10) : (uint64_t)std::chrono::steady_clock::now().time_since_epoch().count();
     g_state |= 1;
@@ -286,6 +455,19 @@ int main() {
     test_attention(1, 1, 64, {300, 1, 40, 1}, 132);
     test_attention(1, 1, 64, {1, 1}, 132);
     test_sampling();
+    if (argc > 1) {
+        if (!load_reference(argv[1])) {
+            std::printf("FAIL could not read the CPU reference file %s\n", argv[1]);
+            return 1;
+        }
+        test_q4_pack();
+        test_kv_append_q4();
+        test_q4_matvec();
+        test_q4_gather();
+        test_q4_attention();
+    } else {
+        std::printf("note: no CPU reference file given, the 4-bit kernels are not checked\n");
+    }
     if (g_failures) {
         std::printf("%d check(s) FAILED\n", g_failures);
         return 1;

@@ -79,6 +79,11 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float __int_as_float(unsigned i) { return __int_as_float((int)i); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 

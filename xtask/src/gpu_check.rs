@@ -171,7 +171,8 @@ fn prepare(root: &Path, dir: &Path) -> Result<()> {
 }
 
 /// The short benchmark: opt-1.3b and opt-6.7b with dummy weights, all on the GPU; weights in host
-/// memory; KV cache in host memory with attention on the CPU. Prompt 512, 8 measured of 32
+/// memory; KV cache in host memory with attention on the CPU; and for opt-1.3b the same with
+/// 4-bit compression. Prompt 512, 8 measured of 32
 /// generated tokens, batch 4 — enough for stable per-step times in well under a minute each.
 fn bench_cases() -> Vec<(String, Case)> {
     let placements: [(&str, Placement); 3] = [
@@ -189,8 +190,25 @@ fn bench_cases() -> Vec<(String, Case)> {
         ),
     ];
     let mut out = Vec::new();
+    // 4-bit compression (issue 11): opt-1.3b with compressed weights and cache on the GPU (as
+    // 6b7_1x1_comp), and compressed weights in host memory, where they move 0.28 of the bytes
+    let compressed = |p: [u8; 6], cache: bool| {
+        Placement::Policy(Policy {
+            compress_weight: true,
+            compress_cache: cache,
+            ..Policy::new(p)
+        })
+    };
+    let extra = [
+        ("all-gpu-cw-cc", compressed([100, 0, 100, 0, 100, 0], true)),
+        (
+            "weights-cpu-cw",
+            compressed([0, 100, 100, 0, 100, 0], false),
+        ),
+    ];
     for model in ["opt-1.3b", "opt-6.7b"] {
-        for (label, placement) in &placements {
+        let more = if model == "opt-1.3b" { &extra[..] } else { &[] };
+        for (label, placement) in placements.iter().chain(more) {
             let case = Case {
                 model: model.into(),
                 prompt_len: 512,
@@ -250,14 +268,15 @@ mod tests {
     use super::bench_cases;
 
     #[test]
-    fn bench_cases_are_valid_and_cover_the_three_placements_for_both_models() {
+    fn bench_cases_are_valid_and_cover_the_placements_for_both_models() {
         let cases = bench_cases();
-        assert_eq!(cases.len(), 6);
+        assert_eq!(cases.len(), 8);
         for (file, case) in &cases {
             case.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
             assert!(file.ends_with(".json"));
         }
         let labels: Vec<String> = cases.iter().map(|(_, c)| c.placement.label()).collect();
         assert!(labels.iter().any(|l| l.contains("+cpu_attn")), "{labels:?}");
+        assert!(labels.iter().any(|l| l.contains("+cw+cc")), "{labels:?}");
     }
 }

@@ -25,8 +25,9 @@ pub struct Args {
     #[arg(long)]
     nvrtc_dir: Option<PathBuf>,
     /// Also run every kernel on the CPU under kernels/emu (one OS thread per CUDA thread) against
-    /// double-precision references: catches indexing, synchronisation and masking bugs without a
-    /// GPU. Needs a C++20 compiler ($CXX, default c++).
+    /// double-precision references, and the 4-bit kernels against the CPU device's own outputs:
+    /// catches indexing, synchronisation and masking bugs without a GPU. Needs a C++20 compiler
+    /// ($CXX, default c++).
     #[arg(long)]
     emulate: bool,
 }
@@ -111,7 +112,19 @@ fn emulate(root: &Path) -> Result<()> {
     )
     .run()
     .with_context(|| format!("compiling kernels/emu/check.cpp with {cxx} (set CXX to a C++20 compiler)"))?;
-    cmd!(sh, "{exe}")
+    // the 4-bit kernels are compared with the CPU device's own answers
+    let reference = root.join("target").join("kernels-emu-reference.bin");
+    let seed = std::env::var("FLEXBENCH_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    println!("CPU reference for the 4-bit kernels, seed {seed} (FLEXBENCH_TEST_SEED replays it)");
+    crate::emu_reference::write(&reference, seed)?;
+    cmd!(sh, "{exe} {reference}")
         .run()
         .context("the emulated kernel check failed; its output above names the kernel")?;
     println!(

@@ -6,6 +6,7 @@
 
 pub mod backends;
 pub mod bench;
+pub mod emu_reference;
 pub mod gpu_check;
 pub mod kernels;
 pub mod list;

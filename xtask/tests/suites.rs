@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use bench_core::suite::{self, Suite};
-use bench_core::{Device, Frameworks, Placement, Weights};
+use bench_core::{Case, Device, Frameworks, Placement, Weights};
 
 fn frameworks() -> Frameworks {
     Frameworks::of(&xtask::backends::registry())
@@ -317,4 +317,83 @@ fn suite_lookup() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found"), "{e}");
+}
+
+/// FlexLLMGen's own suites need 4-bit weights and cache: every case of flexllmgen_1x1 is one
+/// the native engine runs (on a GPU machine; here the CUDA probe answers), its policy valid and
+/// its model's shapes fit groups of 64.
+#[test]
+fn flexllmgen_1x1_needs_no_feature_the_native_engine_lacks() {
+    let cases = load("flexllmgen_1x1").expand();
+    let mut compressed = 0;
+    for c in &cases {
+        backend_native::runner::check_features(c)
+            .unwrap_or_else(|u| panic!("{} {}: {u}", c.model, c.placement.label()));
+        let p = c.placement.policy();
+        backend_native::schedule::check_policy(&p).unwrap();
+        let cfg = bench_core::model::lookup(&c.model).unwrap();
+        if p.compress_weight {
+            let specs = bench_core::model::layout::checkpoint_tensors(&cfg);
+            backend_native::compress::shapes::check_weights(
+                specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())),
+            )
+            .unwrap();
+        }
+        if p.compress_cache {
+            backend_native::compress::shapes::check_cache(&cfg).unwrap();
+            compressed += 1;
+        }
+    }
+    assert_eq!(
+        compressed, 9,
+        "6b7, 30b and 175b _comp at three prompt lengths"
+    );
+}
+
+/// The CPU compression suite: opt-1.3b on the CPU device, every compressed case beside its
+/// uncompressed twin (the same case with the compression flags off), and a sparse case.
+#[test]
+fn compress_cpu_pairs_every_compressed_case_with_its_twin() {
+    let cases = load("compress_cpu").expand();
+    assert!(cases
+        .iter()
+        .all(|c| c.model == "opt-1.3b" && c.device == Device::Cpu && c.cut_gen_len == Some(4)));
+    let plain = |c: &Case| {
+        let mut p = c.placement.policy();
+        p.compress_weight = false;
+        p.compress_cache = false;
+        Case {
+            placement: Placement::Policy(p),
+            ..c.clone()
+        }
+    };
+    let mut tiers = std::collections::BTreeSet::new();
+    for c in &cases {
+        let p = c.placement.policy();
+        if p.compress_weight || p.compress_cache {
+            let twin = plain(c);
+            assert!(
+                cases.contains(&twin),
+                "{} has no uncompressed twin",
+                c.placement.label()
+            );
+            if p.compress_weight {
+                tiers.insert(("weights", p.weights()));
+            }
+            if p.compress_cache {
+                tiers.insert(("cache", p.cache()));
+            }
+        }
+    }
+    for (what, all) in [
+        ("weights", [(100, 0, 0), (0, 100, 0), (0, 0, 100)]),
+        ("cache", [(100, 0, 0), (0, 100, 0), (0, 0, 100)]),
+    ] {
+        for t in all {
+            assert!(tiers.contains(&(what, t)), "no compressed {what} on {t:?}");
+        }
+    }
+    assert!(cases
+        .iter()
+        .any(|c| c.placement.policy().attn_sparsity < 1.0));
 }

@@ -46,6 +46,7 @@ fn main() -> Result<()> {
             sample: SampleMode::Greedy,
             stop_token: None,
             keep_logits: false,
+            teacher: None,
         };
         generate(&dev, &cfg, &weights, &prompts, &opts(1)).context("warm-up")?;
         let out = generate(&dev, &cfg, &weights, &prompts, &opts(MEASURED_DECODE + 1))

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::Device;
-use crate::generate::{GenOptions, SampleMode};
+use crate::generate::GenOptions;
 use crate::model::DummySource;
 use crate::offload::direct::sequential_read;
 use crate::offload::stats::Link;
@@ -123,12 +123,7 @@ pub fn measure(a: &DiskSpeedArgs) -> Result<DiskSpeedReport> {
         cpu_attention: false,
         overlap: true,
     };
-    let opts = GenOptions {
-        max_new_tokens: a.gen_len,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-    };
+    let opts = GenOptions::greedy(a.gen_len);
     // other processes' dirty pages (a build just before, say) would be written back during the
     // measurement, and the long decode phase suffers more from that than the short reference
     // reads: one run right after a release build read 0.66 of the reference, the next one 0.90

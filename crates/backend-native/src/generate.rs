@@ -30,6 +30,24 @@ pub struct GenOptions {
     pub stop_token: Option<u32>,
     /// Keep every step's logits (`[batch, vocab]` each) in the output.
     pub keep_logits: bool,
+    /// Teacher forcing (scoring): each prompt's whole sequence. Every step's logits are scored
+    /// against the sequence's next token (its negative log-likelihood goes to
+    /// [`GenOutput::nll`]) and that token, not a sampled one, is fed next; past a sequence's end
+    /// it is fed pads and nothing is scored.
+    pub teacher: Option<Vec<Vec<u32>>>,
+}
+
+impl GenOptions {
+    /// Greedy generation of `max_new_tokens` to the end (no stop token), no logits kept.
+    pub fn greedy(max_new_tokens: usize) -> GenOptions {
+        GenOptions {
+            max_new_tokens,
+            sample: SampleMode::Greedy,
+            stop_token: None,
+            keep_logits: false,
+            teacher: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -40,6 +58,50 @@ pub struct GenOutput {
     pub step_times_s: Vec<f64>,
     /// Per step, the `[batch, vocab]` logits (row-major), when asked for.
     pub logits: Vec<Vec<f32>>,
+    /// With teacher forcing, per sequence: the sum of the scored tokens' negative
+    /// log-likelihoods (natural log) and how many were scored.
+    pub nll: Vec<(f64, usize)>,
+}
+
+/// Teacher forcing's step: each row's negative log-likelihood of its sequence's next token
+/// added to `out.nll`, and the tokens to feed next. `rows` are the rows of `logits`
+/// (`[rows.len(), vocab]`) within the batch.
+pub(crate) fn teacher_step(
+    teacher: &[Vec<u32>],
+    prompts: &[Vec<u32>],
+    rows: std::ops::Range<usize>,
+    logits: &[f32],
+    step: usize,
+    pad: u32,
+    out: &mut GenOutput,
+) -> Result<Vec<u32>> {
+    let n = rows.len();
+    ensure!(
+        n > 0 && logits.len().is_multiple_of(n),
+        "teacher forcing: {} logits for {n} rows",
+        logits.len()
+    );
+    let vocab = logits.len() / n;
+    if out.nll.len() < teacher.len() {
+        out.nll.resize(teacher.len(), (0.0, 0));
+    }
+    let mut next = Vec::with_capacity(n);
+    for (b, row) in rows.zip(logits.chunks(vocab)) {
+        let Some(&target) = teacher[b].get(prompts[b].len() + step) else {
+            next.push(pad);
+            continue;
+        };
+        ensure!(
+            (target as usize) < vocab,
+            "sequence {b} has token id {target}, outside the vocabulary of {vocab}"
+        );
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        out.nll[b].0 += max + sum.ln() - row[target as usize] as f64;
+        out.nll[b].1 += 1;
+        next.push(target);
+    }
+    Ok(next)
 }
 
 /// Left-padded batch: token ids `[batch, seq]`, mask (1 real, 0 pad), positions.
@@ -106,6 +168,29 @@ pub fn check_prompts(cfg: &ModelConfig, prompts: &[Vec<u32>], max_new_tokens: us
     Ok(())
 }
 
+/// Teacher forcing's sequences must start with their prompts, one per prompt.
+pub fn check_teacher(prompts: &[Vec<u32>], opts: &GenOptions) -> Result<()> {
+    if let Some(t) = &opts.teacher {
+        ensure!(
+            t.len() == prompts.len(),
+            "teacher forcing: {} sequences for {} prompts",
+            t.len(),
+            prompts.len()
+        );
+        for (i, (s, p)) in t.iter().zip(prompts).enumerate() {
+            ensure!(
+                s.starts_with(p),
+                "teacher forcing: sequence {i} does not start with its prompt"
+            );
+        }
+        ensure!(
+            opts.stop_token.is_none(),
+            "teacher forcing feeds every sequence to its end: no stop token"
+        );
+    }
+    Ok(())
+}
+
 /// SplitMix64: the uniforms of temperature sampling, the same on every device and machine.
 pub struct Rng(u64);
 
@@ -135,6 +220,7 @@ pub fn generate<D: Device, W: WeightStore<D>>(
     opts: &GenOptions,
 ) -> Result<GenOutput> {
     check_prompts(cfg, prompts, opts.max_new_tokens)?;
+    check_teacher(prompts, opts)?;
     let batch = PaddedBatch::new(prompts, cfg.pad_token_id);
     let (b, s) = (batch.batch, batch.seq);
     let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
@@ -198,7 +284,13 @@ pub fn generate<D: Device, W: WeightStore<D>>(
                 }
             }
         };
-        let mut next = dev.sample(&logits, &how)?;
+        let mut next = match &opts.teacher {
+            Some(t) => {
+                let l = dev.download_f32(&logits)?;
+                teacher_step(t, prompts, 0..b, &l, step, cfg.pad_token_id, &mut out)?
+            }
+            None => dev.sample(&logits, &how)?,
+        };
         if opts.keep_logits {
             out.logits.push(dev.download_f32(&logits)?);
         }

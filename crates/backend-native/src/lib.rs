@@ -5,16 +5,20 @@
 //!   the CUDA device (NVRTC kernels, cuBLAS, pinned memory and copy streams);
 //! - [`offload`] and [`schedule`]: weights, KV cache and activations on GPU / CPU / disk tiers
 //!   and the zig-zag block schedule that overlaps their movement with compute;
+//! - [`compress`]: FlexLLMGen's 4-bit group-wise format of weights and KV cache;
 //! - [`model`]: OPT configs, weights (safetensors checkpoints or `bench_core::dummy`), the layer
 //!   math, and the [`model::weights::WeightStore`] through which generation reaches weights;
 //! - [`generate`]: left-padded batched generation with a KV cache;
 //! - [`runner`]: what the `flexbench-native` subcommands do (child protocol, generate) on the
 //!   device a case names (cuda: unavailable, exit 4, where the probe finds no usable GPU);
+//! - [`compress_speed`], [`disk_speed`]: the speed benchmarks behind `scripts/`;
 //! - [`floor`]: the machine's matrix-product rate and memory bandwidth;
 //! - [`huge_alloc`]: the runner's allocator (large blocks on transparent huge pages);
 //! - [`backend`]: the orchestrator's `Backend` for the `native` framework.
 
 pub mod backend;
+pub mod compress;
+pub mod compress_speed;
 pub mod device;
 pub mod disk_speed;
 pub mod floor;

@@ -10,7 +10,7 @@ use bench_core::{Case, Device as CaseDevice, ModelConfig, RawResult, Weights};
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
-use crate::generate::{generate, GenOptions, GenOutput, SampleMode};
+use crate::generate::{generate, GenOptions, GenOutput};
 use crate::model::{load_config, Checkpoint, DummySource, ModelWeights, TensorSource};
 use crate::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
 use bench_core::dummy;
@@ -64,20 +64,22 @@ pub fn case_model(case: &Case) -> Result<(ModelConfig, Box<dyn TensorSource>)> {
 
 /// Whether this build can run the case; `Err(Unavailable)` says why not.
 pub fn check_runnable(case: &Case) -> std::result::Result<(), Unavailable> {
+    check_features(case)?;
+    if case.device == CaseDevice::Cuda {
+        cuda_available().map_err(Unavailable)?;
+    }
+    Ok(())
+}
+
+/// What the engine does not run whatever the machine: other frameworks, several devices. Every
+/// policy feature (offloading, CPU attention, 4-bit weights and cache, sparse attention) it
+/// runs on both devices.
+pub fn check_features(case: &Case) -> std::result::Result<(), Unavailable> {
     if case.framework != "native" {
         return Err(Unavailable(format!(
             "framework `{}` is not the native engine",
             case.framework
         )));
-    }
-    if case.device == CaseDevice::Cuda {
-        cuda_available().map_err(Unavailable)?;
-    }
-    let p = case.placement.policy();
-    if p.compress_weight || p.compress_cache || p.attn_sparsity < 1.0 {
-        return Err(Unavailable(
-            "compression and sparse attention are not built yet".into(),
-        ));
     }
     if case.num_nodes * case.num_gpus_per_node != 1 {
         return Err(Unavailable("the native engine runs on one device".into()));
@@ -125,7 +127,9 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Whether the case runs on the plain path: everything on the compute device, one GPU batch,
-/// attention on the device (the offloader's schedule would move nothing).
+/// attention on the device (the offloader's schedule would move nothing), fp16 weights and
+/// cache and dense attention (compression and sparsity live in the offloader's model, whose
+/// all-compute placement moves nothing either).
 pub fn is_plain(case: &Case) -> bool {
     let p = case.placement.policy();
     p.percent[0] == 100
@@ -133,6 +137,9 @@ pub fn is_plain(case: &Case) -> bool {
         && p.percent[4] == 100
         && !p.cpu_attention
         && case.num_gpu_batches == 1
+        && !p.compress_weight
+        && !p.compress_cache
+        && p.attn_sparsity >= 1.0
 }
 
 /// Runs a case on the device it names: load, warm up, measure; returns the raw result.
@@ -259,21 +266,11 @@ fn gen_len_of(case: &Case) -> usize {
 }
 
 fn warmup_options() -> GenOptions {
-    GenOptions {
-        max_new_tokens: 1,
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-    }
+    GenOptions::greedy(1)
 }
 
 fn measured_options(case: &Case) -> GenOptions {
-    GenOptions {
-        max_new_tokens: case.measured_gen_len(),
-        sample: SampleMode::Greedy,
-        stop_token: None,
-        keep_logits: false,
-    }
+    GenOptions::greedy(case.measured_gen_len())
 }
 
 /// The schedule of a case's policy.
@@ -472,6 +469,85 @@ pub fn read_generate_input(path: &Path) -> Result<GenerateInput> {
             path.display()
         )
     })
+}
+
+/// Input of `flexbench-native score`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreInput {
+    pub sequences: Vec<Vec<u32>>,
+}
+
+pub fn read_score_input(path: &Path) -> Result<ScoreInput> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "parsing {}: expected {{\"sequences\": [[token ids], ...]}}",
+            path.display()
+        )
+    })
+}
+
+/// What `score` prints: the sum of the negative log-likelihoods (natural log) of every scored
+/// token, their count, and the perplexity `exp(nll / tokens)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Score {
+    pub nll: f64,
+    pub tokens: usize,
+    pub ppl: f64,
+}
+
+/// Teacher-forced scoring of `sequences` with `cfg`: the prompts (each sequence's first token)
+/// and the options under which generation scores token `i` of every sequence from its tokens
+/// `0 .. i` (`i >= 1`), one decode step per token, so that the decode paths (compressed cache,
+/// sparse attention) are the ones measured.
+pub fn score_options(
+    cfg: &ModelConfig,
+    sequences: &[Vec<u32>],
+) -> Result<(Vec<Vec<u32>>, GenOptions)> {
+    anyhow::ensure!(!sequences.is_empty(), "no sequences to score");
+    for (i, s) in sequences.iter().enumerate() {
+        anyhow::ensure!(!s.is_empty(), "sequence {i} is empty");
+        anyhow::ensure!(
+            s.len() <= cfg.max_position_embeddings,
+            "sequence {i} has {} tokens, more than {}'s {} positions: split it",
+            s.len(),
+            cfg.name,
+            cfg.max_position_embeddings
+        );
+        if let Some(t) = s.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "sequence {i} has token id {t}, outside {}'s vocabulary of {}",
+                cfg.name,
+                cfg.vocab_size
+            );
+        }
+    }
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+    anyhow::ensure!(
+        longest >= 2,
+        "nothing to score: a sequence needs at least 2 tokens (token i is scored from 0..i)"
+    );
+    let prompts = sequences.iter().map(|s| s[..1].to_vec()).collect();
+    let opts = GenOptions {
+        teacher: Some(sequences.to_vec()),
+        ..GenOptions::greedy(longest - 1)
+    };
+    Ok((prompts, opts))
+}
+
+/// The score of a teacher-forced generation.
+pub fn score_of(out: &GenOutput) -> Score {
+    let (nll, tokens) = out
+        .nll
+        .iter()
+        .fold((0.0, 0), |(a, n), &(b, m)| (a + b, n + m));
+    Score {
+        nll,
+        tokens,
+        ppl: (nll / tokens.max(1) as f64).exp(),
+    }
 }
 
 /// Loads a checkpoint onto the CPU device.

@@ -174,6 +174,7 @@ fn prompt_longer_than_positions() {
         sample: SampleMode::Greedy,
         stop_token: None,
         keep_logits: false,
+        teacher: None,
     };
     let long = vec![vec![5u32; cfg.max_position_embeddings - 2]];
     let e = generate(&dev, &cfg, &w, &long, &opts)

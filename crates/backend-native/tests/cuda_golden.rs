@@ -4,7 +4,9 @@
 //! GPU-only, so `#[ignore]`d; run by `scripts/gpu-check.sh`. The CUDA device keeps activations
 //! and the KV cache in fp16 (the CPU reference in f32), so logits are only expected within about
 //! 1e-2 of transformers' f32 ones (printed per fixture); the tokens must still match exactly,
-//! which every fixture's top-2 margin (> 0.01, checked) leaves room for.
+//! which every fixture's top-2 margin (> 0.01, checked) leaves room for. With compression, the
+//! trained fixture's perplexities (`scripts/train_tiny_opt.py`) are the check, resident and
+//! offloaded.
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +66,7 @@ fn check(dev: &CudaDevice, name: &str) {
         sample: SampleMode::Greedy,
         stop_token: Some(exp.eos_token_id),
         keep_logits: true,
+        teacher: None,
     };
     let out = generate(dev, &cfg, &w, &exp.prompts, &opts).unwrap();
     let worst = out
@@ -93,4 +96,120 @@ fn golden_checkpoints_on_cuda() {
     for name in ["prenorm_f32", "odd_f16", "postln_bf16"] {
         check(&dev, name);
     }
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    ppl: f64,
+    tokens: usize,
+}
+
+#[derive(Deserialize)]
+struct Trained {
+    sequences: Vec<Vec<u32>>,
+    fp16: Reference,
+    q4_weights: Reference,
+}
+
+/// The accuracy of compression on CUDA: the trained fixture (tests/accuracy.rs checks the same
+/// on the CPU) scored teacher-forced with 4-bit weights and cache, resident and offloaded, and
+/// sparse attention; each line `GOLDEN score ...` goes to gpu-check's report.
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA 13 (run by cargo xtask gpu-check / scripts/gpu-check.sh)"]
+fn trained_model_scores_on_cuda_with_compression() {
+    use backend_native::runner::{score_of, score_options};
+    use backend_native::schedule::{generate_offloaded, OffloadModel, ScheduleOptions};
+    use bench_core::Policy;
+    let dev = CudaDevice::new(0, None).expect("opening the CUDA device");
+    let dir = fixture("trained_stdlib");
+    let exp: Trained =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let (cfg, ckpt) = open_checkpoint(&dir).unwrap();
+    let (prompts, opts) = score_options(&cfg, &exp.sequences).unwrap();
+    let off = std::env::temp_dir().join(format!("flexbench-cuda-score-{}", std::process::id()));
+    std::fs::create_dir_all(&off).unwrap();
+    let with = |p: [u8; 6], f: fn(&mut Policy)| {
+        let mut p = Policy::new(p);
+        f(&mut p);
+        p
+    };
+    // (label, policy, reference perplexity, relative bound)
+    let cases = [
+        (
+            "fp16 resident",
+            with([100, 0, 100, 0, 100, 0], |_| ()),
+            exp.fp16.ppl,
+            0.005,
+        ),
+        (
+            "4-bit weights resident",
+            with([100, 0, 100, 0, 100, 0], |p| p.compress_weight = true),
+            exp.q4_weights.ppl,
+            0.01,
+        ),
+        (
+            "4-bit weights on host",
+            with([0, 100, 100, 0, 100, 0], |p| p.compress_weight = true),
+            exp.q4_weights.ppl,
+            0.01,
+        ),
+        (
+            "4-bit weights on disk",
+            with([0, 0, 100, 0, 100, 0], |p| p.compress_weight = true),
+            exp.q4_weights.ppl,
+            0.01,
+        ),
+        (
+            "4-bit cache resident",
+            with([100, 0, 100, 0, 100, 0], |p| p.compress_cache = true),
+            exp.fp16.ppl,
+            0.05,
+        ),
+        (
+            "4-bit cache on host, cpu attention",
+            with([100, 0, 0, 100, 100, 0], |p| {
+                p.compress_cache = true;
+                p.cpu_attention = true;
+            }),
+            exp.fp16.ppl,
+            0.05,
+        ),
+        (
+            "4-bit cache on disk",
+            with([100, 0, 0, 0, 100, 0], |p| p.compress_cache = true),
+            exp.fp16.ppl,
+            0.05,
+        ),
+        (
+            "sparse attention 0.5",
+            with([100, 0, 100, 0, 100, 0], |p| p.attn_sparsity = 0.5),
+            exp.fp16.ppl,
+            0.05,
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (label, policy, want, bound) in cases {
+        let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, Some(&off), 0).unwrap();
+        let sched = ScheduleOptions {
+            num_gpu_batches: 2,
+            cpu_attention: policy.cpu_attention,
+            overlap: true,
+        };
+        let s = score_of(&generate_offloaded(&dev, &model, &prompts, &opts, &sched).unwrap());
+        let d = s.ppl / want - 1.0;
+        println!(
+            "GOLDEN score {label}: ppl {:.4} over {} tokens, reference {want:.4} ({:+.3}%, bound {:.1}%)",
+            s.ppl,
+            s.tokens,
+            100.0 * d,
+            100.0 * bound
+        );
+        assert_eq!(s.tokens, exp.fp16.tokens);
+        if d.is_nan() || d.abs() >= bound {
+            failed.push(label);
+        }
+    }
+    std::fs::remove_dir_all(&off).ok();
+    assert!(exp.q4_weights.tokens == exp.fp16.tokens);
+    assert!(failed.is_empty(), "outside their bounds: {failed:?}");
 }

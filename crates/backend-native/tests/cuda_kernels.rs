@@ -245,12 +245,30 @@ fn attention_on<D: Device>(
     mask: &[u32],
     total_final: usize,
 ) -> Vec<Vec<f32>> {
-    let mut kc = d.alloc_kv(batch, heads, max_len, hd).unwrap();
-    let mut vc = d.alloc_kv(batch, heads, max_len, hd).unwrap();
+    let (kc, vc) = (
+        d.alloc_kv(batch, heads, max_len, hd).unwrap(),
+        d.alloc_kv(batch, heads, max_len, hd).unwrap(),
+    );
+    let shape = |past, new| AttnShape::new(batch, heads, hd, past, new);
+    attention_steps(d, (kc, vc), shape, steps, data, mask, total_final)
+}
+
+/// [`attention_on`] over the caches given, with the step's keys and values handed to
+/// attention too (`attention_with_new`), each step's shape from `shape(past, new)`.
+fn attention_steps<D: Device>(
+    d: &D,
+    (mut kc, mut vc): (D::Tensor, D::Tensor),
+    shape: impl Fn(usize, usize) -> AttnShape,
+    steps: &[usize],
+    data: &[(Vec<f16>, Vec<f16>, Vec<f16>)],
+    mask: &[u32],
+    total_final: usize,
+) -> Vec<Vec<f32>> {
     let mut past = 0;
     let mut outs = Vec::new();
     for (step, &new) in steps.iter().enumerate() {
-        let s = AttnShape::new(batch, heads, hd, past, new);
+        let s = shape(past, new);
+        let (batch, heads, hd) = (s.batch, s.heads, s.head_dim);
         let (q, k, v) = &data[step];
         let rows = batch * new;
         let qt = act(d, q, &[rows, heads * hd]);
@@ -263,7 +281,9 @@ fn attention_on<D: Device>(
             .flat_map(|b| mask[b * total_final..b * total_final + total].to_vec())
             .collect();
         let mt = d.upload(HostSlice::U32(&m), &[batch, total]).unwrap();
-        let o = d.attention(&qt, &kc, &vc, &mt, s).unwrap();
+        let o = d
+            .attention_with_new(&qt, &kt, &vt, &kc, &vc, &mt, s)
+            .unwrap();
         outs.push(d.download_f32(&o).unwrap());
         past += new;
     }
@@ -423,5 +443,150 @@ fn cuda_device_reports_absence_clearly() {
         (Ok(_), Ok(d)) => println!("GPU present: {}", d.name()),
         (Ok(_), Err(e)) => println!("driver present but the device did not open: {e:#}"),
         (Err(p), Ok(_)) => panic!("probe said no GPU ({p}) but the device opened"),
+    }
+}
+
+/// [`attention_steps`] over zeroed caches of `kv` and shape `dims`, allocated on `d`.
+#[allow(clippy::too_many_arguments)]
+fn steps_over_zeros<D: Device>(
+    d: &D,
+    kv: DType,
+    dims: &[usize],
+    shape: impl Fn(usize, usize) -> AttnShape,
+    steps: &[usize],
+    data: &[(Vec<f16>, Vec<f16>, Vec<f16>)],
+    mask: &[u32],
+    total: usize,
+) -> Vec<Vec<f32>> {
+    let caches = (d.zeros(kv, dims).unwrap(), d.zeros(kv, dims).unwrap());
+    attention_steps(d, caches, shape, steps, data, mask, total)
+}
+
+/// A compressed `[m, k]` weight on device `d` (compressed once on the host, as the offloader does).
+fn compressed<D: Device>(d: &D, w: &[f16], m: usize, k: usize) -> D::Tensor {
+    let bytes = backend_native::compress::compress_f16(w, &[m, k], 0);
+    d.upload_compressed(&bytes, &[m, k], 0).unwrap()
+}
+
+/// `relu(x W^T + b)` with W compressed, on `d`.
+fn q4_linear_on<D: Device>(
+    d: &D,
+    x: &[f16],
+    w: &[f16],
+    b: &[f16],
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    let (xt, wt) = (act(d, x, &[n, k]), compressed(d, w, m, k));
+    let bt = d.upload(HostSlice::F16(b), &[m]).unwrap();
+    d.download_f32(&d.linear(&xt, &wt, Some(&bt), Activation::Relu).unwrap())
+        .unwrap()
+}
+
+/// Rows `ids` of a compressed table, gathered and then added once more, on `d`.
+fn q4_gather_on<D: Device>(d: &D, table: &D::Tensor, ids: &[u32]) -> Vec<f32> {
+    let i = d.upload(HostSlice::U32(ids), &[ids.len()]).unwrap();
+    let mut x = d.gather_rows(table, &i).unwrap();
+    d.add_gathered_rows(&mut x, table, &i).unwrap();
+    d.download_f32(&x).unwrap()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA 13 (run by cargo xtask gpu-check / scripts/gpu-check.sh)"]
+fn compressed_weights_match_cpu() {
+    let (g, c) = devices();
+    let mut r = Rng::fresh("compressed_weights");
+    // up to 8 rows the fused decode + matrix-vector kernel (4 rows per launch), past them cuBLAS
+    // on a decoded copy; partial last groups, an output count below one group
+    for (n, k, m) in [
+        (1, 256, 130),
+        (3, 80, 200),
+        (4, 2048, 512),
+        (6, 512, 1000),
+        (8, 256, 50),
+        (9, 256, 130),
+        (40, 512, 300),
+    ] {
+        let x = r.halves(n * k, 1.0);
+        let w = r.halves(m * k, 0.1);
+        let b = r.halves(m, 0.5);
+        let (got, want) = (
+            q4_linear_on(&g, &x, &w, &b, n, k, m),
+            q4_linear_on(&c, &x, &w, &b, n, k, m),
+        );
+        report(
+            &format!("q4_linear+bias+relu[{n}x{k}x{m}]"),
+            &got,
+            &want,
+            TOL_F16,
+        );
+    }
+    // the stored bytes come back as the CPU decodes them
+    let w = r.halves(130 * 24, 1.0);
+    let (gt, ct) = (compressed(&g, &w, 130, 24), compressed(&c, &w, 130, 24));
+    report(
+        "q4_upload_download",
+        &g.download_f32(&gt).unwrap(),
+        &c.download_f32(&ct).unwrap(),
+        1e-6,
+    );
+    // gathers from a compressed table (the embeddings)
+    let ids: Vec<u32> = (0..37).map(|_| r.below(130)).collect();
+    report(
+        "q4_gather_rows+add_gathered_rows",
+        &q4_gather_on(&g, &gt, &ids),
+        &q4_gather_on(&c, &ct, &ids),
+        TOL_F16,
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA 13 (run by cargo xtask gpu-check / scripts/gpu-check.sh)"]
+fn compressed_cache_and_sparse_attention_match_cpu() {
+    let (g, c) = devices();
+    let mut r = Rng::fresh("compressed_cache");
+    let q4 = DType::Q4 { group_dim: 3 };
+    // (cache dtype, sparsity, batch, heads, head_dim, steps): a prefill over the cache, then
+    // decode steps (split once the cache is long); sparse decode over fp16 and compressed caches
+    type Case = (DType, f64, usize, usize, usize, Vec<usize>);
+    let cases: &[Case] = &[
+        (q4, 1.0, 3, 4, 64, vec![9, 1, 1]),
+        (q4, 1.0, 2, 2, 80, vec![37, 1, 2, 1]),
+        (q4, 1.0, 1, 2, 128, vec![700, 1, 1]),
+        (q4, 0.3, 2, 4, 64, vec![40, 1, 1]),
+        (DType::F16, 0.3, 2, 4, 64, vec![40, 1, 1]),
+        (DType::F16, 0.1, 2, 2, 128, vec![300, 1]),
+    ];
+    for (kv, sparsity, batch, heads, hd, steps) in cases {
+        let (batch, heads, hd) = (*batch, *heads, *hd);
+        let total: usize = steps.iter().sum();
+        let pads: Vec<usize> = (0..batch).map(|b| if b == 0 { 0 } else { 3 }).collect();
+        let mask = mask_for(batch, total, &pads);
+        let data: Vec<(Vec<f16>, Vec<f16>, Vec<f16>)> = steps
+            .iter()
+            .map(|&n| {
+                let e = batch * n * heads * hd;
+                (r.halves(e, 1.0), r.halves(e, 1.0), r.halves(e, 1.0))
+            })
+            .collect();
+        let max_len = total + 3;
+        let shape =
+            |past, new| AttnShape::new(batch, heads, hd, past, new).with_sparsity(*sparsity);
+        let dims = [batch, heads, max_len, hd];
+        let go = steps_over_zeros(&g, *kv, &dims, shape, steps, &data, &mask, total);
+        let co = steps_over_zeros(&c, *kv, &dims, shape, steps, &data, &mask, total);
+        for (i, (a, b)) in go.iter().zip(&co).enumerate() {
+            let kind = if steps[i] == 1 { "decode" } else { "prefill" };
+            let cache = if kv.is_compressed() { "q4" } else { "f16" };
+            report(
+                &format!(
+                    "attention_{kind}_{cache}_sparsity{sparsity}[b{batch} h{heads} d{hd} step{i}]"
+                ),
+                a,
+                b,
+                TOL_F16,
+            );
+        }
     }
 }

@@ -122,6 +122,7 @@ fn run(dev: &CudaDevice, name: &str, s: &Setup, off: &Path) {
         sample: SampleMode::Greedy,
         stop_token: Some(exp.eos_token_id),
         keep_logits: false,
+        teacher: None,
     };
     let sched = ScheduleOptions {
         num_gpu_batches: s.nb,

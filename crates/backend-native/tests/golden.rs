@@ -70,6 +70,7 @@ fn check(name: &str, kv: DType, tol: f32) {
         sample: SampleMode::Greedy,
         stop_token: Some(exp.eos_token_id),
         keep_logits: true,
+        teacher: None,
     };
     let out = generate(&dev, &cfg, &w, &exp.prompts, &opts).unwrap();
     assert_eq!(
@@ -153,6 +154,7 @@ fn bf16_mode_prefill_is_close() {
             sample: SampleMode::Greedy,
             stop_token: None,
             keep_logits: true,
+            teacher: None,
         };
         let out = generate(&dev, &cfg, &w, &exp.prompts, &g).unwrap();
         let e = rel_err(&out.logits[0], &exp.logits[0]);
@@ -182,6 +184,7 @@ fn stop_token_pads_and_ends() {
         sample: SampleMode::Greedy,
         stop_token: Some(stop),
         keep_logits: false,
+        teacher: None,
     };
     let out = generate(&dev, &cfg, &w, &exp.prompts, &opts).unwrap();
     let want: Vec<Vec<u32>> = exp
@@ -217,6 +220,7 @@ fn temperature_sampling() {
             sample: SampleMode::Temperature { temperature, seed },
             stop_token: None,
             keep_logits: false,
+            teacher: None,
         };
         generate(&dev, &cfg, &w, &exp.prompts, &opts)
             .unwrap()

@@ -76,6 +76,7 @@ fn run(name: &str, s: &Setup, offload: &Path) -> Vec<Vec<u32>> {
         sample: SampleMode::Greedy,
         stop_token: Some(exp.eos_token_id),
         keep_logits: false,
+        teacher: None,
     };
     let sched = ScheduleOptions {
         num_gpu_batches: s.nb,
@@ -206,6 +207,7 @@ fn sampling_and_logits_match_the_plain_path() {
         },
         stop_token: None,
         keep_logits: true,
+        teacher: None,
     };
     let kv = CpuOptions {
         kv_dtype: DType::F32,

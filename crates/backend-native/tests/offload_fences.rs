@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use backend_native::device::cpu::{CpuDevice, CpuOptions, CpuTensor};
 use backend_native::device::{
-    Activation, AlignedBuf, AttnShape, DType, Device, DeviceTensor, Fence, FenceImpl, HostSlice,
-    Sampling,
+    host_slice, Activation, AlignedBuf, AttnShape, DType, Device, DeviceTensor, Fence, FenceImpl,
+    HostSlice, Sampling,
 };
 use backend_native::generate::{GenOptions, SampleMode};
 use backend_native::model::{load_config, Checkpoint};
@@ -63,6 +63,14 @@ impl Device for FencingDevice {
     fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<CpuTensor> {
         self.cpu.upload(data, shape)
     }
+    fn upload_compressed(
+        &self,
+        bytes: &[u8],
+        shape: &[usize],
+        group_dim: usize,
+    ) -> Result<CpuTensor> {
+        self.cpu.upload_compressed(bytes, shape, group_dim)
+    }
     fn write(&self, dst: &mut CpuTensor, offset: usize, data: HostSlice<'_>) -> Result<()> {
         self.cpu.write(dst, offset, data)
     }
@@ -96,11 +104,7 @@ impl Device for FencingDevice {
         src_offset: usize,
         n: usize,
     ) -> Result<Option<Fence>> {
-        let data = match dst.dtype() {
-            DType::F16 => HostSlice::F16(src.f16s(src_offset, n)),
-            DType::F32 => HostSlice::F32(src.f32s(src_offset, n)),
-            DType::U32 => anyhow::bail!("u32 upload"),
-        };
+        let data = host_slice(src, dst.dtype(), src_offset, n)?;
         self.cpu.write(dst, offset, data)?;
         if src.owner::<(Transfer, AlignedBuf)>().is_none() {
             return Ok(None);
@@ -180,6 +184,19 @@ impl Device for FencingDevice {
     ) -> Result<CpuTensor> {
         self.cpu.attention(q, k_cache, v_cache, mask, shape)
     }
+    fn attention_with_new(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        k_cache: &CpuTensor,
+        v_cache: &CpuTensor,
+        mask: &CpuTensor,
+        shape: AttnShape,
+    ) -> Result<CpuTensor> {
+        self.cpu
+            .attention_with_new(q, k, v, k_cache, v_cache, mask, shape)
+    }
     fn last_rows(&self, x: &CpuTensor, batch: usize, seq: usize) -> Result<CpuTensor> {
         self.cpu.last_rows(x, batch, seq)
     }
@@ -212,13 +229,32 @@ fn every_async_upload_is_waited_for_before_use() {
     let ckpt = Checkpoint::open(&dir).unwrap();
     // weights in host memory; on disk; split over all three tiers (with and without overlap);
     // the cache in host memory, on disk, and split, staged through transfer memory
-    for (percent, overlap) in [
-        ([0, 100, 100, 0, 100, 0], true),
-        ([0, 0, 100, 0, 100, 0], true),
-        ([30, 30, 100, 0, 100, 0], false),
-        ([100, 0, 0, 100, 100, 0], true),
-        ([100, 0, 0, 0, 100, 0], true),
-        ([0, 50, 0, 50, 0, 100], false),
+    // compressed weights (their bytes move as bytes) give the tokens of the same compressed
+    // model kept on the compute device
+    let compressed_tokens = {
+        let dev = CpuDevice::new(CpuOptions::default());
+        let mut policy = Policy::new([100, 0, 100, 0, 100, 0]);
+        policy.compress_weight = true;
+        let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, None, 0).unwrap();
+        let opts = GenOptions::greedy(exp.max_new_tokens);
+        let sched = ScheduleOptions {
+            num_gpu_batches: 1,
+            cpu_attention: false,
+            overlap: true,
+        };
+        generate_offloaded(&dev, &model, &exp.prompts, &opts, &sched)
+            .unwrap()
+            .new_tokens
+    };
+    for (percent, overlap, compress) in [
+        ([0, 100, 100, 0, 100, 0], true, false),
+        ([0, 0, 100, 0, 100, 0], true, false),
+        ([30, 30, 100, 0, 100, 0], false, false),
+        ([100, 0, 0, 100, 100, 0], true, false),
+        ([100, 0, 0, 0, 100, 0], true, false),
+        ([0, 50, 0, 50, 0, 100], false, false),
+        ([0, 100, 100, 0, 100, 0], true, true),
+        ([30, 30, 100, 0, 100, 0], true, true),
     ] {
         let dev = FencingDevice {
             cpu: CpuDevice::new(CpuOptions::default()),
@@ -226,6 +262,7 @@ fn every_async_upload_is_waited_for_before_use() {
         };
         let mut policy = Policy::new(percent);
         policy.overlap = overlap;
+        policy.compress_weight = compress;
         let model = OffloadModel::load(&dev, &ckpt, &cfg, &policy, Some(&off), 0).unwrap();
         let opts = GenOptions {
             max_new_tokens: exp.max_new_tokens,
@@ -233,6 +270,7 @@ fn every_async_upload_is_waited_for_before_use() {
             // no early stop: every prefetched unit is used, so every fence reaches compute
             stop_token: None,
             keep_logits: false,
+            teacher: None,
         };
         let sched = ScheduleOptions {
             num_gpu_batches: 2,
@@ -240,7 +278,12 @@ fn every_async_upload_is_waited_for_before_use() {
             overlap,
         };
         let out = generate_offloaded(&dev, &model, &exp.prompts, &opts, &sched).unwrap();
-        assert_eq!(out.new_tokens, exp.new_tokens, "{percent:?}");
+        let want = if compress {
+            &compressed_tokens
+        } else {
+            &exp.new_tokens
+        };
+        assert_eq!(&out.new_tokens, want, "{percent:?} compressed {compress}");
         let c = &dev.counts;
         let made = c.made.load(Ordering::Relaxed);
         assert!(

@@ -1,13 +1,15 @@
 //! bench-report: what `cargo xtask report` writes from a suite's results.jsonl: report.md
 //! ([`markdown`]), report.csv ([`csv`]) and SVG plots ([`plots`], drawn by [`svg`]), all reading
-//! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`])
-//! and the comparison with another run ([`compare`]: ratios, their intervals, verdicts, the
-//! regression gate, environment drift).
+//! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`]),
+//! the comparison with another run ([`compare`]: ratios, their intervals, verdicts, the
+//! regression gate, environment drift), and compressed cases beside uncompressed ones
+//! ([`compression`]).
 //!
 //! Every case appears (its latest record); failures show as OOM / TIMEOUT / ..., never dropped.
 
 pub mod agreement;
 pub mod compare;
+pub mod compression;
 pub mod csv;
 pub mod fields;
 pub mod markdown;
@@ -450,5 +452,88 @@ mod tests {
         let (tp, lt) = plots(&recs);
         assert_eq!(tp.matches("<polyline").count(), 1);
         assert!(lt.contains("hf gpu"));
+    }
+
+    #[test]
+    fn compressed_cases_sit_beside_their_twins() {
+        use bench_core::Policy;
+        let pol = |f: fn(&mut Policy)| {
+            let mut p = Policy::new([0, 0, 100, 0, 100, 0]);
+            f(&mut p);
+            Placement::Policy(p)
+        };
+        let with_reads = |mut r: Record, read: u64| {
+            let mut raw = RawResult {
+                step_times_s: vec![vec![0.5; 8]],
+                generated_tokens: 16,
+                ..Default::default()
+            };
+            raw.bytes_moved.insert("disk_read".into(), read << 20);
+            raw.peak_memory_bytes.insert("disk".into(), read << 20);
+            r.raw = Some(raw);
+            r
+        };
+        let recs = vec![
+            with_reads(
+                rec("opt-1.3b", "native", pol(|_| ()), 2, Outcome::Ok, 1.0),
+                1600,
+            ),
+            with_reads(
+                rec(
+                    "opt-1.3b",
+                    "native",
+                    pol(|p| p.compress_weight = true),
+                    2,
+                    Outcome::Ok,
+                    0.25,
+                ),
+                448,
+            ),
+            // a sparse case whose twin failed, and a variant without a twin
+            rec(
+                "opt-1.3b",
+                "native",
+                pol(|p| p.attn_sparsity = 0.5),
+                4,
+                Outcome::Ok,
+                0.5,
+            ),
+            rec("opt-1.3b", "native", pol(|_| ()), 4, Outcome::Oom, 0.5),
+            rec(
+                "opt-6.7b",
+                "native",
+                pol(|p| p.compress_cache = true),
+                2,
+                Outcome::Ok,
+                0.5,
+            ),
+        ];
+        let md = markdown("x", &recs, &[], None);
+        let sec = md
+            .split("## Compression")
+            .nth(1)
+            .and_then(|t| t.split("## All cases").next())
+            .unwrap_or_else(|| panic!("no compression section: {md}"));
+        let row = |v: &str, model: &str| {
+            sec.lines()
+                .find(|l| l.contains(&format!("| {v} |")) && l.contains(model))
+                .unwrap_or_else(|| panic!("no {v} row: {sec}"))
+                .to_string()
+        };
+        let cw = row("+cw", "opt-1.3b");
+        assert!(cw.contains("0/0/100/0/100/0 | +cw"), "{cw}");
+        // 4x the decode rate, 0.28x the disk reads per token
+        assert!(
+            cw.contains("| 4.00x |")
+                && cw.contains("100.00 → 28.00 MiB (0.28x)")
+                && cw.contains("- / - / 1600 → - / - / 448"),
+            "{cw}"
+        );
+        let sparse = row("+sparse0.5", "opt-1.3b");
+        assert!(sparse.contains("OOM →"), "{sparse}");
+        let cc = row("+cc", "opt-6.7b");
+        assert!(cc.contains("- →") && cc.contains("| - |"), "{cc}");
+        // no compression, no section
+        assert!(!markdown("x", &recs[..1], &[], None).contains("## Compression"));
     }
 }

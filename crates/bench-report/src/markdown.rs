@@ -129,6 +129,7 @@ pub fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<&O
     }
 
     s.push_str(&agreement_section(recs));
+    s.push_str(&crate::compression::section(recs));
 
     let _ = writeln!(s, "## All cases\n");
     let _ = writeln!(

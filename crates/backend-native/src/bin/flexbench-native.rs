@@ -2,7 +2,9 @@
 //!
 //! - `run-case`: the child protocol (case JSON in, one `FLEXBENCH_RESULT` line out);
 //! - `generate`: greedy continuations of token-id prompts from a checkpoint;
-//! - `floor`: this machine's matrix-product rate and memory bandwidth.
+//! - `score`: teacher-forced negative log-likelihood and perplexity of token-id sequences;
+//! - `floor`: this machine's matrix-product rate and memory bandwidth;
+//! - `disk-speed`, `compress-speed`: the speed benchmarks of `scripts/`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +13,7 @@ use anyhow::{Context, Result};
 use backend_native::device::cpu::CpuDevice;
 use backend_native::device::cpu::{CpuOptions, MatmulMode};
 use backend_native::device::{is_out_of_memory, DType, Device};
-use backend_native::generate::{generate, GenOptions, SampleMode};
+use backend_native::generate::{generate, GenOptions, GenOutput, SampleMode};
 use backend_native::model::ModelWeights;
 use backend_native::runner;
 use backend_native::schedule::{self, generate_offloaded, OffloadModel, ScheduleOptions};
@@ -107,6 +109,17 @@ struct PolicyArgs {
     /// true, as in FlexLLMGen); false fetches whole layers.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     sep_layer: Option<bool>,
+    /// Store the weights (every tensor of two or more dimensions) in FlexLLMGen's 4-bit
+    /// group-wise form on every tier, decoded inside the products.
+    #[arg(long)]
+    compress_weight: bool,
+    /// Store the KV cache in the 4-bit form (groups along head_dim).
+    #[arg(long)]
+    compress_cache: bool,
+    /// Sparse attention: a decode query keeps the ceil(S x n) largest of its n attention
+    /// weights, its own key always among them; in (0, 1], 1 = dense (default).
+    #[arg(long, value_name = "S")]
+    attn_sparsity: Option<f64>,
 }
 
 impl PolicyArgs {
@@ -118,6 +131,9 @@ impl PolicyArgs {
             || self.cpu_attention
             || self.overlap.is_some()
             || self.sep_layer.is_some()
+            || self.compress_weight
+            || self.compress_cache
+            || self.attn_sparsity.is_some()
     }
 
     /// The policy and schedule for `n` prompts.
@@ -133,6 +149,15 @@ impl PolicyArgs {
         policy.cpu_attention = self.cpu_attention;
         policy.overlap = self.overlap.unwrap_or(true);
         policy.sep_layer = self.sep_layer.unwrap_or(true);
+        policy.compress_weight = self.compress_weight;
+        policy.compress_cache = self.compress_cache;
+        let s = self.attn_sparsity.unwrap_or(1.0);
+        anyhow::ensure!(
+            s > 0.0 && s <= 1.0,
+            "--attn-sparsity {s}: must be in (0, 1] (1 = dense attention; 0.1 keeps a decode \
+             query's largest tenth of its attention weights)"
+        );
+        policy.attn_sparsity = s;
         policy
             .validate()
             .map_err(|e| anyhow::anyhow!("--percent: {e}"))?;
@@ -213,6 +238,28 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Teacher-forced scoring of token-id sequences with a HuggingFace OPT checkpoint: every
+    /// token i >= 1 of each sequence is predicted from its tokens 0..i-1 (one decode step per
+    /// token). The input file is `{"sequences": [[ids], ...]}`; prints the sum of the negative
+    /// log-likelihoods (natural log), the scored token count and the perplexity.
+    Score {
+        /// Checkpoint directory: config.json + model.safetensors (or a sharded index).
+        #[arg(long)]
+        model: PathBuf,
+        /// The sequences JSON file.
+        #[arg(long)]
+        input: PathBuf,
+        /// Print {"nll": .., "tokens": .., "ppl": ..}.
+        #[arg(long)]
+        json: bool,
+        /// Compute device: cpu, or cuda (GPU 0; exits with code 4 where there is no usable GPU).
+        #[arg(long = "device", value_enum, default_value = "cpu")]
+        device_kind: DeviceKind,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// The disk-offload speed benchmark: dummy weights 100% on disk, greedy generation on the CPU
     /// device; prints the decode phase's weight read rate against the sequential O_DIRECT read
     /// bandwidth of the same files, in rounds (reference read, generation, reference read, ...)
@@ -241,6 +288,36 @@ enum Cmd {
         /// whole layers.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
         sep_layer: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// The compression speed benchmark: decode with and without 4-bit compression on the CPU
+    /// device (dummy weights), in alternating rounds: weights on disk at batch 1, weights in
+    /// memory at batch 4, the KV cache on disk. Prints JSON (ratios, bytes read per token,
+    /// memory peaks, which kernels ran).
+    CompressSpeed {
+        /// Registry model (dummy weights).
+        #[arg(long, default_value = "opt-1.3b")]
+        model: String,
+        /// Directory on the disk to measure (room for the fp16 and 4-bit weights).
+        #[arg(long)]
+        offload_dir: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Tokens generated per round (prefill + gen_len - 1 decode steps).
+        #[arg(long, default_value_t = 6)]
+        gen_len: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Batch of the KV-cache comparison.
+        #[arg(long, default_value_t = 4)]
+        cache_batch: usize,
+        /// Prompt of the KV-cache comparison.
+        #[arg(long, default_value_t = 256)]
+        cache_prompt_len: usize,
+        /// Run only these comparisons (disk, memory, cache); default all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -318,7 +395,9 @@ fn run(cli: Cli) -> Result<()> {
     let device = match &cli.cmd {
         Cmd::RunCase { device, .. }
         | Cmd::Generate { device, .. }
+        | Cmd::Score { device, .. }
         | Cmd::DiskSpeed { device, .. }
+        | Cmd::CompressSpeed { device, .. }
         | Cmd::Floor { device } => device.clone(),
     };
     on_pool(&device, || run_on_pool(cli))?
@@ -364,6 +443,7 @@ fn run_on_pool(cli: Cli) -> Result<()> {
                 },
                 stop_token: stop_at_eos.then_some(cfg.eos_token_id),
                 keep_logits: false,
+                teacher: None,
             };
             let placed = if policy.given() {
                 Some(policy.resolve(inp.prompts.len())?)
@@ -378,11 +458,50 @@ fn run_on_pool(cli: Cli) -> Result<()> {
                 placed: placed.as_ref(),
                 offload_dir: policy.offload_dir.as_deref(),
             };
-            let tokens = match device_kind {
+            let out = match device_kind {
                 DeviceKind::Cpu => g.run(&CpuDevice::new(device.options()))?,
                 DeviceKind::Cuda => g.run(&runner::open_cuda()?)?,
             };
-            print_tokens(&tokens, json);
+            print_tokens(&out.new_tokens, json);
+            Ok(())
+        }
+        Cmd::Score {
+            model,
+            input,
+            json,
+            device_kind,
+            policy,
+            device,
+        } => {
+            let inp = runner::read_score_input(&input)?;
+            let (cfg, ckpt) = runner::open_checkpoint(&model)?;
+            let (prompts, opts) = runner::score_options(&cfg, &inp.sequences)?;
+            let placed = if policy.given() {
+                Some(policy.resolve(prompts.len())?)
+            } else {
+                None
+            };
+            let g = Generation {
+                cfg: &cfg,
+                ckpt: &ckpt,
+                prompts: &prompts,
+                opts: &opts,
+                placed: placed.as_ref(),
+                offload_dir: policy.offload_dir.as_deref(),
+            };
+            let out = match device_kind {
+                DeviceKind::Cpu => g.run(&CpuDevice::new(device.options()))?,
+                DeviceKind::Cuda => g.run(&runner::open_cuda()?)?,
+            };
+            let score = runner::score_of(&out);
+            if json {
+                println!("{}", serde_json::to_string(&score)?);
+            } else {
+                println!(
+                    "nll {:.6} over {} tokens: perplexity {:.6}",
+                    score.nll, score.tokens, score.ppl
+                );
+            }
             Ok(())
         }
         Cmd::DiskSpeed {
@@ -410,6 +529,32 @@ fn run_on_pool(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Cmd::CompressSpeed {
+            model,
+            offload_dir,
+            prompt_len,
+            gen_len,
+            rounds,
+            cache_batch,
+            cache_prompt_len,
+            only,
+            device: _,
+        } => {
+            let r = backend_native::compress_speed::measure(
+                &backend_native::compress_speed::CompressSpeedArgs {
+                    model,
+                    offload_dir,
+                    prompt_len,
+                    gen_len,
+                    rounds,
+                    cache_batch,
+                    cache_prompt_len,
+                    only,
+                },
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::Floor { device: _ } => {
             let f = backend_native::floor::measure();
             println!("{}", serde_json::to_string(&f)?);
@@ -430,12 +575,12 @@ struct Generation<'a> {
 }
 
 impl Generation<'_> {
-    fn run<D: Device>(&self, dev: &D) -> Result<Vec<Vec<u32>>> {
+    fn run<D: Device>(&self, dev: &D) -> Result<GenOutput> {
         // Before any size is computed from them.
         backend_native::generate::check_prompts(self.cfg, self.prompts, self.opts.max_new_tokens)?;
         let Some((pol, sched)) = self.placed else {
             let w = ModelWeights::load(dev, self.ckpt, self.cfg)?;
-            return Ok(generate(dev, self.cfg, &w, self.prompts, self.opts)?.new_tokens);
+            return generate(dev, self.cfg, &w, self.prompts, self.opts);
         };
         let prompt_len = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
         let cache_disk = schedule::cache_disk_bytes(
@@ -447,6 +592,6 @@ impl Generation<'_> {
             prompt_len + self.opts.max_new_tokens,
         );
         let m = OffloadModel::load(dev, self.ckpt, self.cfg, pol, self.offload_dir, cache_disk)?;
-        Ok(generate_offloaded(dev, &m, self.prompts, self.opts, sched)?.new_tokens)
+        generate_offloaded(dev, &m, self.prompts, self.opts, sched)
     }
 }

@@ -9,14 +9,17 @@
 //! decode in one entry point), take the last positions, sample.
 //!
 //! Conventions every implementation follows:
-//! - Weights are stored in fp16 ([`DType::F16`]); every reduction accumulates in f32.
+//! - Weights are stored in fp16 ([`DType::F16`]) or, with the policy's compress_weight, in
+//!   FlexLLMGen's 4-bit form ([`DType::Q4`], grouped along dimension 0), which the ops that read
+//!   them decode on the fly; every reduction accumulates in f32.
 //! - Activations have the device's own dtype ([`Device::act_dtype`]): f32 on the CPU, typically
 //!   f16 on CUDA. Callers never assume it; they download with [`Device::download_f32`].
 //! - Matrices are row-major. A linear weight has shape `[out, in]` (HuggingFace's layout) and
 //!   computes `y = x W^T + b`.
 //! - Tensors of tokens are flattened to rows: `[batch * seq, width]`, row `b * seq + s`.
 //! - The KV cache of one layer is two tensors of shape `[batch, heads, max_len, head_dim]` in
-//!   [`Device::kv_dtype`]; sequences are outermost so the offloader can split a cache by whole
+//!   [`Device::kv_dtype`] (or [`DType::Q4`] grouped along head_dim, made by [`Device::zeros`],
+//!   with the policy's compress_cache); sequences are outermost so the offloader can split a cache by whole
 //!   sequences and move one sequence's slab with a single copy.
 //! - Ops may run asynchronously (CUDA streams); `download_*` and `sample` synchronize with the
 //!   work that produced their input. [`Device::synchronize`] waits for everything (for timing).
@@ -25,7 +28,8 @@
 //!
 //! Changes to this trait are additive only, with default implementations where the CPU device
 //! needs nothing new (the host-memory transfer methods: [`Device::alloc_host`],
-//! [`Device::upload_async`], [`Device::async_uploads`], [`Device::wait_fence`]).
+//! [`Device::upload_async`], [`Device::async_uploads`], [`Device::wait_fence`]; and for
+//! compression [`Device::upload_compressed`] and [`Device::attention_with_new`]).
 
 pub mod alloc;
 pub mod cpu;
@@ -44,14 +48,33 @@ pub enum DType {
     F16,
     F32,
     U32,
+    /// FlexLLMGen's 4-bit group-wise compressed form of fp16 values ([`crate::compress`]),
+    /// grouped along `group_dim`. The tensor's shape is the logical one; its storage is the
+    /// [`crate::compress::Q4Layout`]'s bytes, and offsets into it (writes, uploads) count bytes.
+    Q4 {
+        group_dim: usize,
+    },
 }
 
 impl DType {
+    /// Bytes per addressable unit: the element, or for [`DType::Q4`] the byte of its stored
+    /// form.
     pub fn size(self) -> usize {
         match self {
             DType::F16 => 2,
             DType::F32 | DType::U32 => 4,
+            DType::Q4 { .. } => 1,
         }
+    }
+    /// Bytes a tensor of `shape` takes in this dtype.
+    pub fn bytes(self, shape: &[usize]) -> usize {
+        match self {
+            DType::Q4 { group_dim } => crate::compress::Q4Layout::new(shape, group_dim).bytes(),
+            d => shape.iter().product::<usize>() * d.size(),
+        }
+    }
+    pub fn is_compressed(self) -> bool {
+        matches!(self, DType::Q4 { .. })
     }
 }
 
@@ -61,26 +84,81 @@ pub enum HostSlice<'a> {
     F16(&'a [f16]),
     F32(&'a [f32]),
     U32(&'a [u32]),
+    /// Stored bytes of a compressed tensor ([`DType::Q4`]).
+    Bytes(&'a [u8]),
 }
 
 impl HostSlice<'_> {
+    /// Units: values, or bytes of [`HostSlice::Bytes`].
     pub fn len(&self) -> usize {
         match self {
             HostSlice::F16(s) => s.len(),
             HostSlice::F32(s) => s.len(),
             HostSlice::U32(s) => s.len(),
+            HostSlice::Bytes(s) => s.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn dtype(&self) -> DType {
+    /// The dtype of a plain tensor made from this data; `None` for compressed bytes, whose dtype
+    /// the data cannot tell ([`Device::upload_compressed`]).
+    pub fn dtype(&self) -> Option<DType> {
         match self {
-            HostSlice::F16(_) => DType::F16,
-            HostSlice::F32(_) => DType::F32,
-            HostSlice::U32(_) => DType::U32,
+            HostSlice::F16(_) => Some(DType::F16),
+            HostSlice::F32(_) => Some(DType::F32),
+            HostSlice::U32(_) => Some(DType::U32),
+            HostSlice::Bytes(_) => None,
         }
     }
+    /// Whether this data can fill a tensor of `dtype`.
+    pub fn fits(&self, dtype: DType) -> bool {
+        match self {
+            HostSlice::Bytes(_) => dtype.is_compressed(),
+            d => d.dtype() == Some(dtype),
+        }
+    }
+}
+
+/// `n` units of `dtype` stored at byte `offset` of `buf`, as host data.
+pub fn host_slice(
+    buf: &AlignedBuf,
+    dtype: DType,
+    offset: usize,
+    n: usize,
+) -> Result<HostSlice<'_>> {
+    let bytes = buf
+        .bytes()
+        .get(offset..offset + n * dtype.size())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{n} units of {dtype:?} at byte {offset} overflow a buffer of {}",
+                buf.len()
+            )
+        })?;
+    typed_slice(dtype, bytes)
+}
+
+/// Bytes holding values of `dtype` (aligned for it), as host data.
+pub fn typed_slice(dtype: DType, bytes: &[u8]) -> Result<HostSlice<'_>> {
+    let size = dtype.size();
+    anyhow::ensure!(
+        (bytes.as_ptr() as usize).is_multiple_of(size) && bytes.len().is_multiple_of(size),
+        "{} bytes at {:p} do not hold whole aligned {dtype:?} values",
+        bytes.len(),
+        bytes.as_ptr()
+    );
+    let n = bytes.len() / size;
+    // SAFETY: aligned and sized for the type (checked above); f16, f32 and u32 accept every bit
+    // pattern, and the view borrows `bytes`.
+    Ok(unsafe {
+        match dtype {
+            DType::F16 => HostSlice::F16(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
+            DType::F32 => HostSlice::F32(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
+            DType::U32 => HostSlice::U32(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
+            DType::Q4 { .. } => HostSlice::Bytes(bytes),
+        }
+    })
 }
 
 /// What a device tensor tells about itself.
@@ -91,7 +169,7 @@ pub trait DeviceTensor: Send + Sync {
         self.shape().iter().product()
     }
     fn size_bytes(&self) -> usize {
-        self.numel() * self.dtype().size()
+        self.dtype().bytes(self.shape())
     }
 }
 
@@ -118,6 +196,10 @@ pub struct AttnShape {
     pub new_len: usize,
     /// Scale applied to q·k (OPT: head_dim^-0.5).
     pub scale_bits: u32,
+    /// The policy's attn_sparsity `s` (f64 bits): below 1, a decode query keeps only its
+    /// `ceil(s * n)` largest attention weights of its `n` visible keys, its own key always
+    /// among them, unnormalised (FlexLLMGen's sparse attention; prefill stays dense, as there).
+    pub sparsity_bits: u64,
 }
 
 impl AttnShape {
@@ -135,7 +217,29 @@ impl AttnShape {
             past_len,
             new_len,
             scale_bits: (head_dim as f32).powf(-0.5).to_bits(),
+            sparsity_bits: 1f64.to_bits(),
         }
+    }
+    /// This shape with the policy's attention sparsity.
+    pub fn with_sparsity(self, s: f64) -> AttnShape {
+        AttnShape {
+            sparsity_bits: s.to_bits(),
+            ..self
+        }
+    }
+    pub fn sparsity(&self) -> f64 {
+        f64::from_bits(self.sparsity_bits)
+    }
+    /// Keys a decode query keeps of its `visible` ones: all of them without sparsity (and in
+    /// prefill), else `ceil(s * visible)`, at least one (its own). The product is rounded to
+    /// 1e-9 first, so that 0.3 x 10 keeps 3 keys and not the 4 of its floating-point ceiling
+    /// (the CUDA kernels compute the same in double).
+    pub fn kept_keys(&self, visible: usize) -> usize {
+        let s = self.sparsity();
+        if s >= 1.0 || self.new_len != 1 || visible == 0 {
+            return visible;
+        }
+        ((s * visible as f64 - 1e-9).ceil() as usize).clamp(1, visible)
     }
     pub fn scale(&self) -> f32 {
         f32::from_bits(self.scale_bits)
@@ -207,6 +311,18 @@ pub trait Device: Send + Sync {
     // ---- memory ----
     /// Copies host data to a new device tensor of `shape` in the data's dtype.
     fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<Self::Tensor>;
+    /// A compressed tensor ([`DType::Q4`] grouped along `group_dim`) of logical `shape` from its
+    /// stored bytes ([`crate::compress::Q4Layout`]). Default: refused, for a device without
+    /// compressed tensors.
+    fn upload_compressed(
+        &self,
+        bytes: &[u8],
+        shape: &[usize],
+        group_dim: usize,
+    ) -> Result<Self::Tensor> {
+        let _ = (bytes, shape, group_dim);
+        anyhow::bail!("{} has no compressed tensors", self.name())
+    }
     /// Overwrites `dst[offset .. offset + data.len()]` (elements, row-major) with host data of
     /// `dst`'s dtype. The offloader uses it to refill preallocated weight and cache buffers.
     fn write(&self, dst: &mut Self::Tensor, offset: usize, data: HostSlice<'_>) -> Result<()>;
@@ -245,11 +361,7 @@ pub trait Device: Send + Sync {
         src_offset: usize,
         n: usize,
     ) -> Result<Option<Fence>> {
-        let data = match dst.dtype() {
-            DType::F16 => HostSlice::F16(src.f16s(src_offset, n)),
-            DType::F32 => HostSlice::F32(src.f32s(src_offset, n)),
-            DType::U32 => anyhow::bail!("upload_async of a U32 tensor"),
-        };
+        let data = host_slice(src, dst.dtype(), src_offset, n)?;
         self.write(dst, offset, data)?;
         Ok(None)
     }
@@ -335,6 +447,25 @@ pub trait Device: Send + Sync {
         mask: &Self::Tensor,
         shape: AttnShape,
     ) -> Result<Self::Tensor>;
+    /// [`Device::attention`] given also this step's keys and values (`k`, `v`, the rows just
+    /// appended, `[batch * new_len, heads * head_dim]`). A cache that stores them lossily (4-bit
+    /// [`DType::Q4`]) attends to these new positions exact and to the older ones as stored, as
+    /// FlexLLMGen does (it compresses a step's keys and values after its attention). Default:
+    /// attention over the cache alone, which holds them as exactly as the cache's dtype can.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with_new(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        mask: &Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor> {
+        let _ = (k, v);
+        self.attention(q, k_cache, v_cache, mask, shape)
+    }
     /// Row `s - 1` of each of the `batch` groups of `seq` rows of `x` (`[batch * seq, w]`):
     /// `[batch, w]`. Left padding puts every sequence's last token there.
     fn last_rows(&self, x: &Self::Tensor, batch: usize, seq: usize) -> Result<Self::Tensor>;

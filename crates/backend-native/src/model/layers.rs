@@ -62,7 +62,7 @@ pub fn attention_block<D: Device, B: Borrow<D::Tensor>>(
 ) -> Result<()> {
     let (q, k, v) = attn_qkv(dev, cfg, w, x)?;
     dev.append_kv(k_cache, v_cache, &k, &v, shape)?;
-    let a = dev.attention(&q, k_cache, v_cache, mask, shape)?;
+    let a = dev.attention_with_new(&q, &k, &v, k_cache, v_cache, mask, shape)?;
     attn_out(dev, cfg, w, x, &a)
 }
 

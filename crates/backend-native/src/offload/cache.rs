@@ -15,8 +15,8 @@ use half::f16;
 use super::direct::{align_up, AlignedBuf, DirectFile, OffloadDir};
 use super::placement::Tier;
 use super::stats::{Link, MemGuard, Stats};
-use crate::device::cpu::{CpuDevice, CpuTensor, Storage};
-use crate::device::{DType, Device, DeviceTensor, Fence, HostSlice};
+use crate::device::cpu::{CpuDevice, CpuTensor};
+use crate::device::{typed_slice, DType, Device, DeviceTensor, Fence};
 
 /// Dimensions shared by every segment.
 #[derive(Debug, Clone, Copy)]
@@ -28,9 +28,13 @@ pub struct KvDims {
 }
 
 impl KvDims {
+    /// Bytes of one (sequence, head, position) row: head_dim values, or their 4-bit form.
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.bytes(&[1, 1, 1, self.head_dim])
+    }
     /// Bytes of K and V of `seqs` sequences over `positions` positions.
     pub fn bytes(&self, seqs: usize, positions: usize) -> usize {
-        2 * seqs * self.heads * positions * self.head_dim * self.dtype.size()
+        2 * seqs * self.heads * positions * self.row_bytes()
     }
     /// Padded bytes of one row of a disk segment of `seqs` sequences.
     pub fn disk_row_bytes(&self, seqs: usize) -> usize {
@@ -113,10 +117,7 @@ impl<T: DeviceTensor> BatchCache<T> {
                 Tier::Compute,
                 dims.bytes(c, dims.max_len),
             ));
-            Some((
-                dev.alloc_kv(c, dims.heads, dims.max_len, dims.head_dim)?,
-                dev.alloc_kv(c, dims.heads, dims.max_len, dims.head_dim)?,
-            ))
+            Some((alloc_cache(dev, dims, c)?, alloc_cache(dev, dims, c)?))
         } else {
             None
         };
@@ -126,10 +127,7 @@ impl<T: DeviceTensor> BatchCache<T> {
                 Tier::Host,
                 dims.bytes(h, dims.max_len),
             ));
-            Some((
-                host.alloc_kv(h, dims.heads, dims.max_len, dims.head_dim)?,
-                host.alloc_kv(h, dims.heads, dims.max_len, dims.head_dim)?,
-            ))
+            Some((alloc_cache(host, dims, h)?, alloc_cache(host, dims, h)?))
         } else {
             None
         };
@@ -177,12 +175,13 @@ impl DiskKv {
         positions: usize,
         stats: &Stats,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        let (h, d, l) = (dims.heads, dims.head_dim, dims.max_len);
-        let n = self.seqs * h * l * d;
-        let shape = [self.seqs, h, l, d];
-        let row_vals = self.seqs * h * d;
+        let (h, l, rb) = (dims.heads, dims.max_len, dims.row_bytes());
+        let shape = [self.seqs, h, l, dims.head_dim];
+        let host = CpuDevice::default();
+        let mut k = host.zeros(dims.dtype, &shape)?;
+        let mut v = host.zeros(dims.dtype, &shape)?;
         if positions == 0 {
-            return Ok((zeros(dims.dtype, &shape, n)?, zeros(dims.dtype, &shape, n)?));
+            return Ok((k, v));
         }
         let len = positions * self.row_bytes;
         let mut buf = AlignedBuf::new(len)?;
@@ -192,31 +191,23 @@ impl DiskKv {
             .context("reading the KV cache from disk")?;
         stats.add_disk_busy(t0.elapsed().as_secs_f64());
         stats.moved(Link::DiskRead, len);
-        // row p: K [seqs, heads, d] then V; scatter to [seqs, heads, max_len, d]
-        macro_rules! scatter {
-            ($get:ident, $ty:ty, $var:ident) => {{
-                let mut k: Vec<$ty> = crate::device::cpu::try_zeros(n)?;
-                let mut v: Vec<$ty> = crate::device::cpu::try_zeros(n)?;
-                for p in 0..positions {
-                    let row = buf.$get(p * self.row_bytes, 2 * row_vals);
-                    for sh in 0..self.seqs * h {
-                        let at = (sh * l + p) * d;
-                        k[at..at + d].copy_from_slice(&row[sh * d..(sh + 1) * d]);
-                        v[at..at + d].copy_from_slice(&row[row_vals + sh * d..][..d]);
-                    }
-                }
-                (CpuTensor::$var(&shape, k)?, CpuTensor::$var(&shape, v)?)
-            }};
+        // row p: K [seqs, heads] rows, then V; scatter to [seqs, heads, max_len] rows
+        let part = self.seqs * h * rb;
+        let (kb, vb) = (k.raw_bytes_mut(), v.raw_bytes_mut());
+        for p in 0..positions {
+            let row = &buf.bytes()[p * self.row_bytes..p * self.row_bytes + 2 * part];
+            for sh in 0..self.seqs * h {
+                let at = (sh * l + p) * rb;
+                kb[at..at + rb].copy_from_slice(&row[sh * rb..(sh + 1) * rb]);
+                vb[at..at + rb].copy_from_slice(&row[part + sh * rb..part + (sh + 1) * rb]);
+            }
         }
-        Ok(match dims.dtype {
-            DType::F16 => scatter!(f16s, f16, from_f16),
-            DType::F32 => scatter!(f32s, f32, from_f32),
-            DType::U32 => bail!("a u32 KV cache"),
-        })
+        Ok((k, v))
     }
 
     /// Writes positions `past .. past + new` from `k`, `v` (`[seqs * new, heads * head_dim]`
-    /// rows, f32, sequence-major as the model produces them), rounded to the cache dtype.
+    /// rows, f32, sequence-major as the model produces them), stored in the cache dtype (rounded
+    /// to fp16, or compressed).
     pub fn store(
         &self,
         dims: KvDims,
@@ -226,31 +217,23 @@ impl DiskKv {
         new: usize,
         stats: &Stats,
     ) -> Result<()> {
-        let hid = dims.heads * dims.head_dim;
-        let row_vals = self.seqs * hid;
+        let (h, d, rb) = (dims.heads, dims.head_dim, dims.row_bytes());
+        let hid = h * d;
+        let part = self.seqs * h * rb;
         let len = new * self.row_bytes;
         let mut buf = AlignedBuf::new(len)?;
         for i in 0..new {
-            let off = i * self.row_bytes;
+            let row = &mut buf.bytes_mut()[i * self.row_bytes..i * self.row_bytes + 2 * part];
             for b in 0..self.seqs {
-                let src_k = &k[(b * new + i) * hid..][..hid];
-                let src_v = &v[(b * new + i) * hid..][..hid];
-                match dims.dtype {
-                    DType::F16 => {
-                        let row = buf.f16s_mut(off, 2 * row_vals);
-                        for (o, x) in row[b * hid..][..hid].iter_mut().zip(src_k) {
-                            *o = f16::from_f32(*x);
-                        }
-                        for (o, x) in row[row_vals + b * hid..][..hid].iter_mut().zip(src_v) {
-                            *o = f16::from_f32(*x);
-                        }
-                    }
-                    DType::F32 => {
-                        let row = buf.f32s_mut(off, 2 * row_vals);
-                        row[b * hid..][..hid].copy_from_slice(src_k);
-                        row[row_vals + b * hid..][..hid].copy_from_slice(src_v);
-                    }
-                    DType::U32 => bail!("a u32 KV cache"),
+                for head in 0..h {
+                    let src = (b * new + i) * hid + head * d;
+                    let at = (b * h + head) * rb;
+                    encode_row(dims.dtype, &k[src..src + d], &mut row[at..at + rb])?;
+                    encode_row(
+                        dims.dtype,
+                        &v[src..src + d],
+                        &mut row[part + at..part + at + rb],
+                    )?;
                 }
             }
         }
@@ -264,12 +247,23 @@ impl DiskKv {
     }
 }
 
-fn zeros(dtype: DType, shape: &[usize], n: usize) -> Result<CpuTensor> {
+/// One cache row of f32 values in the cache's stored form.
+fn encode_row(dtype: DType, src: &[f32], out: &mut [u8]) -> Result<()> {
     match dtype {
-        DType::F16 => CpuTensor::from_f16(shape, crate::device::cpu::try_zeros(n)?),
-        DType::F32 => CpuTensor::from_f32(shape, crate::device::cpu::try_zeros(n)?),
+        DType::F16 => {
+            for (o, x) in out.chunks_exact_mut(2).zip(src) {
+                o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+        }
+        DType::F32 => {
+            for (o, x) in out.chunks_exact_mut(4).zip(src) {
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        DType::Q4 { .. } => crate::compress::compress_row(src, out),
         DType::U32 => bail!("a u32 KV cache"),
     }
+    Ok(())
 }
 
 /// A compute-device copy of host cache tensors (`[seqs, heads, max_len, d]`), positions
@@ -281,25 +275,38 @@ pub fn host_to_compute<D: Device>(
     positions: usize,
     stats: &Stats,
 ) -> Result<D::Tensor> {
-    let (seqs, h, l, d) = match host.shape() {
-        [a, b, c, e] => (*a, *b, *c, *e),
+    let (seqs, h, l) = match host.shape() {
+        [a, b, c, _] => (*a, *b, *c),
         s => bail!("host cache of shape {s:?}"),
     };
-    let mut t = dev.alloc_kv(seqs, h, l, d)?;
+    let mut t = alloc_cache(dev, dims, seqs)?;
     if positions > 0 {
+        let rb = dims.row_bytes();
+        let unit = dims.dtype.size();
+        let bytes = host.raw_bytes();
         for sh in 0..seqs * h {
-            let r = sh * l * d..(sh * l + positions) * d;
-            let data = match host.storage() {
-                Storage::F16(v) => HostSlice::F16(&v[r]),
-                Storage::F32(v) => HostSlice::F32(&v[r]),
-                Storage::U32(_) => bail!("a u32 KV cache"),
-            };
-            dev.write(&mut t, sh * l * d, data)?;
+            let r = sh * l * rb..(sh * l + positions) * rb;
+            dev.write(
+                &mut t,
+                sh * l * rb / unit,
+                typed_slice(dims.dtype, &bytes[r])?,
+            )?;
         }
         // K or V: half of `bytes`
         stats.moved(Link::HostToCompute, dims.bytes(seqs, positions) / 2);
     }
     Ok(t)
+}
+
+/// One layer's K or V of `seqs` sequences on `dev` in the cache's dtype: the device's own
+/// cache, or a compressed one.
+pub fn alloc_cache<D: Device>(dev: &D, dims: KvDims, seqs: usize) -> Result<D::Tensor> {
+    if dims.dtype.is_compressed() {
+        dev.zeros(dims.dtype, &[seqs, dims.heads, dims.max_len, dims.head_dim])
+            .context("allocating the compressed KV cache")
+    } else {
+        dev.alloc_kv(seqs, dims.heads, dims.max_len, dims.head_dim)
+    }
 }
 
 /// A segment's K and V on the compute device, and the uploads into them still in flight.
@@ -325,12 +332,13 @@ pub fn segment_to_compute<D: Device>(
         let v = host_to_compute(dev, hv, dims, positions, stats)?;
         return Ok(((k, v), Vec::new()));
     }
-    let (seqs, h, l, d) = match hk.shape() {
-        [a, b, c, e] => (*a, *b, *c, *e),
+    let (seqs, h, l) = match hk.shape() {
+        [a, b, c, _] => (*a, *b, *c),
         s => bail!("host cache of shape {s:?}"),
     };
-    let n = seqs * h * l * d;
-    let vbytes = dims.dtype.size();
+    let rb = dims.row_bytes();
+    let total = seqs * h * l * rb;
+    let unit = dims.dtype.size();
     let mut guard = staging.lock().expect("staging lock");
     let st = match &mut *guard {
         Some(st) => {
@@ -342,32 +350,25 @@ pub fn segment_to_compute<D: Device>(
             st
         }
         None => guard.insert(Staging {
-            k: dev.alloc_host(n * vbytes)?,
-            v: dev.alloc_host(n * vbytes)?,
+            k: dev.alloc_host(total)?,
+            v: dev.alloc_host(total)?,
             in_flight: Vec::new(),
-            _mem: MemGuard::new(stats, Tier::Host, 2 * align_up(n * vbytes)),
+            _mem: MemGuard::new(stats, Tier::Host, 2 * align_up(total)),
         }),
     };
     let mut out = Vec::with_capacity(2);
     let mut fences = Vec::new();
     for (host, buf) in [(hk, &mut st.k), (hv, &mut st.v)] {
+        let src = host.raw_bytes();
         for sh in 0..seqs * h {
-            let r = sh * l * d..(sh * l + positions) * d;
-            match host.storage() {
-                Storage::F16(v) => buf
-                    .f16s_mut(r.start * 2, r.len())
-                    .copy_from_slice(&v[r.clone()]),
-                Storage::F32(v) => buf
-                    .f32s_mut(r.start * 4, r.len())
-                    .copy_from_slice(&v[r.clone()]),
-                Storage::U32(_) => bail!("a u32 KV cache"),
-            }
+            let r = sh * l * rb..(sh * l + positions) * rb;
+            buf.bytes_mut()[r.clone()].copy_from_slice(&src[r]);
         }
-        let mut t = dev.alloc_kv(seqs, h, l, d)?;
-        if let Some(f) = dev.upload_async(&mut t, 0, buf, 0, n)? {
+        let mut t = alloc_cache(dev, dims, seqs)?;
+        if let Some(f) = dev.upload_async(&mut t, 0, buf, 0, total / unit)? {
             fences.push(f);
         }
-        stats.moved(Link::HostToCompute, n * vbytes);
+        stats.moved(Link::HostToCompute, total);
         out.push(t);
     }
     st.in_flight = fences.clone();

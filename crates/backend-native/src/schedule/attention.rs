@@ -36,14 +36,15 @@ impl<'a, D: Device> Run<'a, D> {
             let mut g = cache.compute.lock().expect("cache lock");
             let (kc, vc) = g.as_mut().context("compute cache segment missing")?;
             dev.append_kv(kc, vc, &kk, &vv, shape)?;
-            let a = dev.attention(&q, kc, vc, &mask.1, shape)?;
+            let a = dev.attention_with_new(&q, &kk, &vv, kc, vc, &mask.1, shape)?;
             return layers::attn_out(dev, cfg, w, x, &a);
         }
         let single = cache.segments.len() == 1;
         let (new, total) = (shape.new_len, shape.total_len());
         let mut parts = Vec::with_capacity(cache.segments.len());
         for seg in cache.segments.clone() {
-            let sh = AttnShape::new(seg.len, shape.heads, shape.head_dim, shape.past_len, new);
+            let sh = AttnShape::new(seg.len, shape.heads, shape.head_dim, shape.past_len, new)
+                .with_sparsity(shape.sparsity());
             let rows = (seg.start * new, seg.len * new);
             let (qs, ks, vs) = if single {
                 (None, None, None)
@@ -66,7 +67,7 @@ impl<'a, D: Device> Run<'a, D> {
                     let mut g = cache.compute.lock().expect("cache lock");
                     let (kc, vc) = g.as_mut().context("compute cache segment missing")?;
                     dev.append_kv(kc, vc, ks, vs, sh)?;
-                    dev.attention(qs, kc, vc, &mask_t, sh)?
+                    dev.attention_with_new(qs, ks, vs, kc, vc, &mask_t, sh)?
                 }
                 tier if self.sched.cpu_attention => {
                     // only q, the new k and v, and the result cross the link
@@ -78,14 +79,17 @@ impl<'a, D: Device> Run<'a, D> {
                         let mut g = cache.host.lock().expect("cache lock");
                         let (hk, hv) = g.as_mut().context("host cache segment missing")?;
                         self.host_dev.append_kv(hk, hv, &kh, &vh, sh)?;
-                        self.host_dev.attention(&qh, hk, hv, &mask_h, sh)?
+                        self.host_dev
+                            .attention_with_new(&qh, &kh, &vh, hk, hv, &mask_h, sh)?
                     } else {
                         let (mut dk, mut dv) = loaded
                             .disk_host
                             .take()
                             .context("disk cache segment was not loaded")?;
                         self.host_dev.append_kv(&mut dk, &mut dv, &kh, &vh, sh)?;
-                        let a = self.host_dev.attention(&qh, &dk, &dv, &mask_h, sh)?;
+                        let a = self
+                            .host_dev
+                            .attention_with_new(&qh, &kh, &vh, &dk, &dv, &mask_h, sh)?;
                         self.store_disk(l, k, kh, vh, shape.past_len, new);
                         a
                     };
@@ -107,7 +111,7 @@ impl<'a, D: Device> Run<'a, D> {
                             .context("disk cache segment was not loaded")?
                     };
                     dev.append_kv(&mut wk, &mut wv, ks, vs, sh)?;
-                    let a = dev.attention(qs, &wk, &wv, &mask_t, sh)?;
+                    let a = dev.attention_with_new(qs, ks, vs, &wk, &wv, &mask_t, sh)?;
                     // the new keys and values go back to their tier
                     let kh = self.to_host(ks)?;
                     let vh = self.to_host(vs)?;

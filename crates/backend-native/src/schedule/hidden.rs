@@ -79,6 +79,6 @@ pub(super) fn upload_act<D: Device>(dev: &D, v: &[f32], shape: &[usize]) -> Resu
             let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
             dev.upload(HostSlice::F16(&h), shape)
         }
-        DType::U32 => bail!("u32 activations"),
+        d => bail!("{d:?} activations"),
     }
 }

@@ -35,7 +35,7 @@ pub mod queue;
 pub mod run;
 pub mod zigzag;
 
-pub use model::{cache_disk_bytes, check_policy, group_sizes, OffloadModel};
+pub use model::{cache_disk_bytes, cache_dtype, check_policy, group_sizes, OffloadModel};
 pub use prefetch::LOOKAHEAD;
 pub use run::ScheduleOptions;
 pub use zigzag::generate_offloaded;

@@ -5,9 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use bench_core::{ModelConfig, Policy};
 
+use crate::compress::{shapes, CACHE_GROUP_DIM};
 use crate::device::{DType, Device, DeviceTensor};
 use crate::model::TensorSource;
 use crate::offload::cache::{self, KvDims};
@@ -41,6 +42,17 @@ impl<T: DeviceTensor> OffloadModel<T> {
     ) -> Result<OffloadModel<T>> {
         check_policy(policy)?;
         let plan = WeightPlan::new(cfg, policy, src.contains("lm_head.weight"));
+        if policy.compress_weight {
+            shapes::check_weights(
+                plan.tensors
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.shape.as_slice())),
+            )
+            .with_context(|| format!("compressing the weights of {}", cfg.name))?;
+        }
+        if policy.compress_cache {
+            shapes::check_cache(cfg)?;
+        }
         let need = plan.disk_bytes() + extra_disk_bytes;
         let needs_dir = need > 0 || policy.cache().2 > 0 || activation_tier(policy) == Tier::Disk;
         let dir = if needs_dir {
@@ -68,19 +80,25 @@ impl<T: DeviceTensor> OffloadModel<T> {
     }
 }
 
-/// What this engine does not run, in the policy's terms.
+/// The policy's own consistency (percents, activations on one tier, attn_sparsity in (0, 1]).
 pub fn check_policy(p: &Policy) -> Result<()> {
-    p.validate().map_err(|e| anyhow!("invalid policy: {e}"))?;
-    if p.compress_weight || p.compress_cache {
-        bail!("compressed weights or cache are not implemented in the native engine yet");
-    }
-    if p.attn_sparsity < 1.0 {
-        bail!("sparse attention is not implemented in the native engine yet");
-    }
-    Ok(())
+    p.validate().map_err(|e| anyhow!("invalid policy: {e}"))
 }
 
-/// Bytes the cache's disk segments will take for this shape (for the free-space check).
+/// The stored dtype of the KV cache: the device's own, or 4-bit groups along head_dim with the
+/// policy's compress_cache.
+pub fn cache_dtype(policy: &Policy, device_kv: DType) -> DType {
+    if policy.compress_cache {
+        DType::Q4 {
+            group_dim: CACHE_GROUP_DIM,
+        }
+    } else {
+        device_kv
+    }
+}
+
+/// Bytes the cache's disk segments will take for this shape (for the free-space check); `kv`
+/// is the device's cache dtype.
 pub fn cache_disk_bytes(
     cfg: &ModelConfig,
     policy: &Policy,
@@ -93,7 +111,7 @@ pub fn cache_disk_bytes(
         heads: cfg.num_attention_heads,
         head_dim: cfg.head_dim(),
         max_len,
-        dtype: kv,
+        dtype: cache_dtype(policy, kv),
     };
     let per: Vec<usize> = group_sizes(batch, num_gpu_batches)
         .into_iter()

@@ -10,13 +10,14 @@ use anyhow::{ensure, Context, Result};
 
 use super::cache_io::Loaded;
 use super::hidden::Hidden;
-use super::model::{group_sizes, OffloadModel};
+use super::model::{cache_dtype, group_sizes, OffloadModel};
 use super::queue::Queue;
 use super::run::{Run, ScheduleOptions};
 use crate::device::cpu::{CpuDevice, CpuOptions};
 use crate::device::{AttnShape, Device, HostSlice, Sampling};
 use crate::generate::{
-    check_prompts, GenOptions, GenOutput, PaddedBatch, Rng, SampleMode, StepEnd,
+    check_prompts, check_teacher, teacher_step, GenOptions, GenOutput, PaddedBatch, Rng,
+    SampleMode, StepEnd,
 };
 use crate::model::layers;
 use crate::offload::cache::{BatchCache, KvDims};
@@ -35,6 +36,7 @@ pub fn generate_offloaded<D: Device>(
 ) -> Result<GenOutput> {
     let cfg = &model.cfg;
     check_prompts(cfg, prompts, opts.max_new_tokens)?;
+    check_teacher(prompts, opts)?;
     ensure!(
         sched.num_gpu_batches >= 1,
         "num_gpu_batches must be at least 1"
@@ -56,7 +58,7 @@ pub fn generate_offloaded<D: Device>(
         heads: cfg.num_attention_heads,
         head_dim: cfg.head_dim(),
         max_len: s + opts.max_new_tokens,
-        dtype: dev.kv_dtype(),
+        dtype: cache_dtype(&model.policy, dev.kv_dtype()),
     };
     let host_dev = CpuDevice::new(CpuOptions {
         kv_dtype: dev.kv_dtype(),
@@ -123,7 +125,7 @@ pub fn generate_offloaded<D: Device>(
             act_tier,
             act_files,
         };
-        let r = run.generate(&batch, &groups, &starts, opts);
+        let r = run.generate(&batch, prompts, &groups, &starts, opts);
         drop(act_mem);
         // let in-flight I/O finish (its results are dropped) before the threads are joined
         let flushed = run.finish();
@@ -137,6 +139,7 @@ impl<'a, D: Device> Run<'a, D> {
     pub(super) fn generate(
         &mut self,
         batch: &PaddedBatch,
+        prompts: &[Vec<u32>],
         groups: &[usize],
         starts: &[usize],
         opts: &GenOptions,
@@ -224,7 +227,8 @@ impl<'a, D: Device> Run<'a, D> {
                         cfg.head_dim(),
                         past,
                         new,
-                    );
+                    )
+                    .with_sparsity(self.model.policy.attn_sparsity);
                     self.attention(l, k, &aw, &mut x, &masks[k], shape, loaded)
                         .with_context(|| {
                             format!("attention of layer {l}, GPU batch {k}, step {step}")
@@ -289,7 +293,14 @@ impl<'a, D: Device> Run<'a, D> {
                         uniforms: &uniforms[starts[k]..starts[k] + n],
                     },
                 };
-                next.extend(dev.sample(&logits, &how)?);
+                next.extend(match &opts.teacher {
+                    Some(t) => {
+                        let l = dev.download_f32(&logits)?;
+                        let rows = starts[k]..starts[k] + n;
+                        teacher_step(t, prompts, rows, &l, step, cfg.pad_token_id, &mut out)?
+                    }
+                    None => dev.sample(&logits, &how)?,
+                });
                 if opts.keep_logits {
                     step_logits.extend(dev.download_f32(&logits)?);
                 }

@@ -2,12 +2,17 @@
 //!
 //! One implementation serves prefill (`past_len = 0`) and decode (`new_len = 1`): work is split
 //! over (sequence, head) pairs; each pair converts its K and V slab to f32 once and runs
-//! vectorizable dot products over contiguous rows.
+//! vectorizable dot products over contiguous rows. A 4-bit compressed cache runs through
+//! [`super::q4_attention`], and a decode query under sparse attention keeps only its largest
+//! weights ([`super::sparse`]).
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use super::q4::Simd;
+use super::q4_attention::{self, Fresh};
 use super::tensor::{CpuTensor, Storage};
+use crate::compress::Q4Layout;
 use crate::device::{AttnShape, DeviceTensor};
 
 fn check_cache(cache: &CpuTensor, s: AttnShape, what: &str) -> Result<usize> {
@@ -53,22 +58,31 @@ pub fn append_kv(
     check_rows(v, s, "append_kv v")?;
     for (cache, new) in [(k_cache, k.f32()?), (v_cache, v.f32()?)] {
         let (d, h) = (s.head_dim, s.heads);
+        // dst(cache row, values): row = (sequence * heads + head) * max_len + position
         let put = |dst: &mut dyn FnMut(usize, &[f32])| {
             for b in 0..s.batch {
                 for i in 0..s.new_len {
                     let row = &new[(b * s.new_len + i) * s.hidden()..][..s.hidden()];
                     for head in 0..h {
-                        let at = ((b * h + head) * max_len + s.past_len + i) * d;
+                        let at = (b * h + head) * max_len + s.past_len + i;
                         dst(at, &row[head * d..(head + 1) * d]);
                     }
                 }
             }
         };
         match &mut cache.data {
-            Storage::F16(c) => {
-                put(&mut |at, src| super::convert::f32_to_f16(src, &mut c[at..at + src.len()]))
+            Storage::F16(c) => put(&mut |at, src| {
+                super::convert::f32_to_f16(src, &mut c[at * d..at * d + src.len()])
+            }),
+            Storage::F32(c) => {
+                put(&mut |at, src| c[at * d..at * d + src.len()].copy_from_slice(src))
             }
-            Storage::F32(c) => put(&mut |at, src| c[at..at + src.len()].copy_from_slice(src)),
+            Storage::Q4 { bytes, .. } => {
+                let rb = Q4Layout::new(&[1, d], 1).bytes();
+                put(&mut |at, src| {
+                    crate::compress::compress_row(src, &mut bytes[at * rb..(at + 1) * rb])
+                })
+            }
             Storage::U32(_) => bail!("append_kv: a u32 cache"),
         }
     }
@@ -86,6 +100,7 @@ fn slab_f32(cache: &CpuTensor, start: usize, len: usize, buf: &mut Vec<f32>) -> 
         }
         Storage::F32(c) => buf.extend_from_slice(&c[start..start + len]),
         Storage::U32(_) => bail!("attention: a u32 cache"),
+        Storage::Q4 { .. } => bail!("attention: a compressed cache read as fp16 rows"),
     }
     Ok(())
 }
@@ -104,6 +119,7 @@ impl Rows<'_> {
             Storage::F16(c) => Rows::F16(&c[start..start + len]),
             Storage::F32(c) => Rows::F32(&c[start..start + len]),
             Storage::U32(_) => bail!("attention: a u32 cache"),
+            Storage::Q4 { .. } => bail!("attention: a compressed cache read as fp16 rows"),
         })
     }
 
@@ -176,14 +192,17 @@ mod f16_simd {
     }
 
     /// A whole decode pair for head_dim = 16 * C, the query and the output in registers:
-    /// scores over every cache row, masked softmax, then the weighted sum of value rows.
+    /// scores over every cache row, masked softmax (sparse: the `keep` largest weights), then
+    /// the weighted sum of value rows.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn pair<const C: usize>(
         q: &[f32],
         k: &[f16],
         v: &[f16],
         m: &[u32],
         scale: f32,
+        keep: usize,
         p: &mut [f32],
         out: &mut [f32],
     ) -> bool {
@@ -218,6 +237,7 @@ mod f16_simd {
             *p.get_unchecked_mut(j) = _mm512_reduce_add_ps(acc);
         }
         super::super::simd::softmax_row(p, m, t, scale);
+        super::sparsify(p, m, keep);
         let mut o = [_mm512_setzero_ps(); C];
         for (j, &w) in p.iter().enumerate() {
             if w != 0.0 {
@@ -246,10 +266,25 @@ mod f16_simd {
     }
 }
 
+/// Sparse attention's selection after a decode query's softmax, when it keeps fewer keys than
+/// it sees.
+fn sparsify(p: &mut [f32], m: &[u32], keep: usize) {
+    let visible = m.iter().take(p.len()).filter(|&&x| x != 0).count();
+    if keep < visible {
+        super::sparse::keep_largest(p, m, keep);
+    }
+}
+
+/// Keys a decode query with mask row `m` keeps under the shape's sparsity.
+fn kept(m: &[u32], s: AttnShape) -> usize {
+    s.kept_keys(m.iter().take(s.total_len()).filter(|&&x| x != 0).count())
+}
+
 /// One (sequence, head) pair with a single query (decode): dot products over the cache.
 fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Vec<f32> {
     let (d, t) = (s.head_dim, s.total_len());
     let scale = s.scale();
+    let keep = kept(m, s);
     let mut out = vec![0f32; d];
     #[cfg(target_arch = "x86_64")]
     if let (Rows::F16(kr), Rows::F16(vr)) = (k, v) {
@@ -258,8 +293,8 @@ fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Ve
             // SAFETY: avx512f is present; the slices hold t rows of d values (Rows::of).
             let done = unsafe {
                 match d {
-                    64 => f16_simd::pair::<4>(q, kr, vr, m, scale, &mut p, &mut out),
-                    128 => f16_simd::pair::<8>(q, kr, vr, m, scale, &mut p, &mut out),
+                    64 => f16_simd::pair::<4>(q, kr, vr, m, scale, keep, &mut p, &mut out),
+                    128 => f16_simd::pair::<8>(q, kr, vr, m, scale, keep, &mut p, &mut out),
                     _ => false,
                 }
             };
@@ -276,6 +311,7 @@ fn pair_loop(q: &[f32], k: Rows<'_>, v: Rows<'_>, m: &[u32], s: AttnShape) -> Ve
         }
     }
     super::simd::softmax_row(&mut p, m, t, scale);
+    sparsify(&mut p, m, keep);
     for (j, &w) in p.iter().enumerate() {
         if w != 0.0 {
             v.axpy(j, w, &mut out, &mut tmp);
@@ -420,7 +456,9 @@ fn pair_amx(q: &[f32], q_rs: usize, k: Rows<'_>, v: Rows<'_>, m: &[u32], s: Attn
 }
 
 /// Masked multi-head attention of `q` over the cache; `amx` picks the bf16 AMX path for
-/// several queries (the bf16 mode), else f32.
+/// several queries (the bf16 mode), else f32. `fresh`: this step's keys and values
+/// (`[batch * new_len, hidden]`), which a compressed cache attends to exact
+/// ([`q4_attention`]); other caches hold them already.
 pub fn attention(
     q: &CpuTensor,
     k_cache: &CpuTensor,
@@ -428,6 +466,7 @@ pub fn attention(
     mask: &CpuTensor,
     s: AttnShape,
     amx: bool,
+    fresh: Option<(&CpuTensor, &CpuTensor)>,
 ) -> Result<CpuTensor> {
     let max_len = check_cache(k_cache, s, "attention k cache")?;
     check_cache(v_cache, s, "attention v cache")?;
@@ -441,6 +480,22 @@ pub fn attention(
     );
     let (q, mask) = (q.f32()?, mask.u32()?);
     let (d, h, hid) = (s.head_dim, s.heads, s.hidden());
+    let compressed = match (k_cache.storage(), v_cache.storage()) {
+        (Storage::Q4 { bytes: kb, .. }, Storage::Q4 { bytes: vb, .. }) => Some((kb, vb)),
+        (Storage::Q4 { .. }, _) | (_, Storage::Q4 { .. }) => {
+            bail!("attention: a compressed K cache with an uncompressed V cache, or the reverse")
+        }
+        _ => None,
+    };
+    let fresh = match fresh {
+        Some((k, v)) if compressed.is_some() => {
+            check_rows(k, s, "attention new keys")?;
+            check_rows(v, s, "attention new values")?;
+            Some((k.f32()?, v.f32()?))
+        }
+        _ => None,
+    };
+    let simd = Simd::detect();
     // each (sequence, head) pair writes head_dim columns of new_len rows: collect per pair, then scatter
     let per_pair: Vec<Result<Vec<f32>>> = (0..s.batch * h)
         .into_par_iter()
@@ -449,6 +504,37 @@ pub fn attention(
             let start = bh * max_len * d;
             let m = &mask[b * t..(b + 1) * t];
             let q0 = b * s.new_len * hid + head * d;
+            if let Some((kb, vb)) = compressed {
+                let rb = Q4Layout::new(&[1, d], 1).bytes();
+                let (k, v) = (&kb[bh * max_len * rb..], &vb[bh * max_len * rb..]);
+                let fr = fresh.map(|(fk, fv)| Fresh {
+                    k: fk,
+                    v: fv,
+                    at: b * s.new_len * hid + head * d,
+                    stride: hid,
+                    past: s.past_len,
+                });
+                if s.new_len == 1 {
+                    let keep = kept(m, s);
+                    let q = &q[q0..q0 + d];
+                    return Ok(q4_attention::decode_pair(
+                        simd,
+                        q,
+                        k,
+                        v,
+                        rb,
+                        fr,
+                        m,
+                        t,
+                        s.scale(),
+                        keep,
+                    ));
+                }
+                let (mut kf, mut vf) = (Vec::new(), Vec::new());
+                q4_attention::slab(k, rb, d, t, fr.map(|f| (f, true)), &mut kf);
+                q4_attention::slab(v, rb, d, t, fr.map(|f| (f, false)), &mut vf);
+                return Ok(pair_gemm(&q[q0..], hid, &kf, &vf, m, s));
+            }
             let out = if s.new_len > 1 && amx {
                 let k = Rows::of(k_cache, start, t * d)?;
                 let v = Rows::of(v_cache, start, t * d)?;
@@ -480,7 +566,7 @@ pub fn attention(
 }
 
 /// Slow, obviously-correct attention straight from the definition (masked scores, full softmax
-/// in f64), for tests of the one above.
+/// in f64, sparse attention's selection by a full sort), for tests of the one above.
 pub fn attention_reference(
     q: &[f32],
     k: &[f32],
@@ -511,6 +597,20 @@ pub fn attention_reference(
                     continue;
                 }
                 let total: f64 = scores.iter().flatten().map(|x| (x - max).exp()).sum();
+                // sparse attention: the newest key and the largest of the others, by a full sort
+                let visible: Vec<usize> = (0..t).filter(|&j| scores[j].is_some()).collect();
+                let keep = s.kept_keys(visible.len());
+                let newest = s.past_len + i;
+                let mut others: Vec<usize> = visible.into_iter().filter(|&j| j != newest).collect();
+                others.sort_by(|&a, &b| {
+                    scores[b]
+                        .unwrap()
+                        .total_cmp(&scores[a].unwrap())
+                        .then(a.cmp(&b))
+                });
+                for &j in others.iter().skip(keep.saturating_sub(1)) {
+                    scores[j] = None;
+                }
                 for (j, sc) in scores.iter().enumerate() {
                     if let Some(x) = sc {
                         let p = (x - max).exp() / total;

@@ -11,8 +11,10 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::matmul::MatmulMode;
+use super::q4::{self, Simd};
 use super::tensor::{CpuTensor, Storage};
-use super::{amx, attention, convert, matmul, pool, profile, sampling, simd};
+use super::{amx, attention, convert, matmul, pool, profile, q4_matmul, sampling, simd};
+use crate::compress::Q4Layout;
 use crate::device::alloc::try_zeros;
 use crate::device::{Activation, AttnShape, DType, Device, DeviceTensor, HostSlice, Sampling};
 
@@ -40,7 +42,8 @@ pub struct CpuDevice {
 }
 
 impl CpuDevice {
-    /// `act(x W^T + b)` for each `(W, b)`, as one [`matmul::linear_group`].
+    /// `act(x W^T + b)` for each `(W, b)`, as one [`matmul::linear_group`] for the fp16
+    /// weights and one [`q4_matmul::linear_group`] for the compressed ones.
     fn products(
         &self,
         x: &CpuTensor,
@@ -56,6 +59,11 @@ impl CpuDevice {
                     k == k2,
                     "linear: x has {k} columns but the weight [{m}, {k2}] expects {k2}"
                 );
+                ensure!(
+                    matches!(w.dtype(), DType::F16 | DType::Q4 { group_dim: 0 }),
+                    "linear: weights must be fp16 or compressed along dimension 0, got {:?}",
+                    w.dtype()
+                );
                 if let Some(b) = bias {
                     let len = b.f16()?.len();
                     ensure!(len == m, "linear: bias of {len} for {m} outputs");
@@ -63,19 +71,36 @@ impl CpuDevice {
                 // every element is written by the product
                 outs.push((m, pool::take_f32(n * m)?));
             }
-            let mut parts = Vec::with_capacity(weights.len());
+            let (mut plain, mut packed) = (Vec::new(), Vec::new());
             for (&(w, bias), (m, out)) in weights.iter().zip(outs.iter_mut()) {
-                parts.push(matmul::Part {
-                    w: w.f16()?,
-                    m: *m,
-                    bias: bias.map(|b| b.f16()).transpose()?,
-                    relu,
-                    packed: Some(&w.packed),
-                    wide: Some(&w.wide),
-                    out,
-                });
+                let bias = bias.map(|b| b.f16()).transpose()?;
+                if let Storage::Q4 { bytes, .. } = &w.data {
+                    packed.push(q4_matmul::Q4Part {
+                        w: bytes,
+                        m: *m,
+                        bias,
+                        relu,
+                        out,
+                    });
+                } else {
+                    plain.push(matmul::Part {
+                        w: w.f16()?,
+                        m: *m,
+                        bias,
+                        relu,
+                        packed: Some(&w.packed),
+                        wide: Some(&w.wide),
+                        out,
+                    });
+                }
             }
-            matmul::linear_group(self.opts.matmul, x.f32()?, n, k, &mut parts);
+            let x = x.f32()?;
+            if !plain.is_empty() {
+                matmul::linear_group(self.opts.matmul, x, n, k, &mut plain);
+            }
+            if !packed.is_empty() {
+                q4_matmul::linear_group(self.opts.matmul, Simd::detect(), x, n, k, &mut packed);
+            }
             outs.into_iter()
                 .map(|(m, out)| CpuTensor::from_f32(&[n, m], out))
                 .collect()
@@ -95,10 +120,11 @@ impl Device for CpuDevice {
             MatmulMode::Bf16 => "bf16",
         };
         format!(
-            "cpu ({} threads, {mode} matmul, {:?} kv cache, {})",
+            "cpu ({} threads, {mode} matmul, {:?} kv cache, {}, 4-bit kernels {})",
             rayon::current_num_threads(),
             self.opts.kv_dtype,
-            matmul::simd_level()
+            matmul::simd_level(),
+            Simd::detect().name()
         )
     }
     fn act_dtype(&self) -> DType {
@@ -131,6 +157,7 @@ impl Device for CpuDevice {
                 v.copy_from_slice(s);
                 Storage::U32(v)
             }
+            HostSlice::Bytes(_) => bail!("upload: compressed bytes go through upload_compressed"),
         };
         Ok(CpuTensor {
             shape: shape.to_vec(),
@@ -140,8 +167,19 @@ impl Device for CpuDevice {
         })
     }
 
+    fn upload_compressed(
+        &self,
+        bytes: &[u8],
+        shape: &[usize],
+        group_dim: usize,
+    ) -> Result<CpuTensor> {
+        let mut v = try_zeros(bytes.len())?;
+        v.copy_from_slice(bytes);
+        CpuTensor::from_q4(shape, group_dim, v)
+    }
+
     fn write(&self, dst: &mut CpuTensor, offset: usize, data: HostSlice<'_>) -> Result<()> {
-        let n = dst.numel();
+        let n = dst.size_bytes() / dst.dtype().size();
         ensure!(
             offset + data.len() <= n,
             "write: {} values at offset {offset} overflow a tensor of {n}",
@@ -157,9 +195,11 @@ impl Device for CpuDevice {
             (Storage::F16(d), HostSlice::F16(s)) => d[r].copy_from_slice(s),
             (Storage::F32(d), HostSlice::F32(s)) => d[r].copy_from_slice(s),
             (Storage::U32(d), HostSlice::U32(s)) => d[r].copy_from_slice(s),
+            (Storage::Q4 { bytes, .. }, HostSlice::Bytes(s)) => bytes[r].copy_from_slice(s),
             (_, s) => bail!(
-                "write: {:?} data into a {:?} tensor",
-                s.dtype(),
+                "write: {} data into a {:?} tensor",
+                s.dtype()
+                    .map_or("compressed".to_string(), |d| format!("{d:?}")),
                 dst.dtype()
             ),
         }
@@ -172,6 +212,10 @@ impl Device for CpuDevice {
             DType::F16 => Storage::F16(try_zeros(n)?),
             DType::F32 => Storage::F32(try_zeros(n)?),
             DType::U32 => Storage::U32(try_zeros(n)?),
+            DType::Q4 { group_dim } => Storage::Q4 {
+                bytes: try_zeros(dtype.bytes(shape))?,
+                group_dim,
+            },
         };
         Ok(CpuTensor {
             shape: shape.to_vec(),
@@ -186,6 +230,9 @@ impl Device for CpuDevice {
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::F32(v) => v.clone(),
             Storage::U32(v) => v.iter().map(|&x| x as f32).collect(),
+            Storage::Q4 { bytes, group_dim } => {
+                crate::compress::decompress(bytes, Q4Layout::new(&t.shape, *group_dim))
+            }
         })
     }
 
@@ -211,7 +258,6 @@ impl Device for CpuDevice {
     fn gather_rows(&self, table: &CpuTensor, ids: &CpuTensor) -> Result<CpuTensor> {
         profile::timed(5, || {
             let (rows, width) = table.dims2("gather_rows table")?;
-            let t = table.f16()?;
             let ids = ids.u32()?;
             let mut out = try_zeros::<f32>(ids.len() * width)?;
             for (o, &id) in out.chunks_mut(width).zip(ids) {
@@ -219,8 +265,7 @@ impl Device for CpuDevice {
                     (id as usize) < rows,
                     "gather_rows: id {id} out of range for a table of {rows} rows"
                 );
-                let src = &t[id as usize * width..(id as usize + 1) * width];
-                convert::f16_to_f32(src, o);
+                table_row(table, id as usize, o)?;
             }
             CpuTensor::from_f32(&[ids.len(), width], out)
         })
@@ -245,16 +290,14 @@ impl Device for CpuDevice {
                 "add_gathered_rows: {} ids for {n} rows",
                 ids.len()
             );
-            let t = table.f16()?;
+            let mut row = vec![0f32; width];
             for (o, &id) in x.f32_mut()?.chunks_mut(width).zip(ids) {
                 ensure!(
                     (id as usize) < rows,
                     "add_gathered_rows: id {id} out of range for a table of {rows} rows"
                 );
-                let src = &t[id as usize * width..(id as usize + 1) * width];
-                for (a, b) in o.iter_mut().zip(src) {
-                    *a += b.to_f32();
-                }
+                table_row(table, id as usize, &mut row)?;
+                simd::add_assign(o, &row);
             }
             Ok(())
         })
@@ -353,7 +396,23 @@ impl Device for CpuDevice {
     ) -> Result<CpuTensor> {
         let amx = self.opts.matmul == MatmulMode::Bf16 && amx::available();
         profile::timed(2, || {
-            attention::attention(q, k_cache, v_cache, mask, s, amx)
+            attention::attention(q, k_cache, v_cache, mask, s, amx, None)
+        })
+    }
+
+    fn attention_with_new(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        k_cache: &CpuTensor,
+        v_cache: &CpuTensor,
+        mask: &CpuTensor,
+        s: AttnShape,
+    ) -> Result<CpuTensor> {
+        let amx = self.opts.matmul == MatmulMode::Bf16 && amx::available();
+        profile::timed(2, || {
+            attention::attention(q, k_cache, v_cache, mask, s, amx, Some((k, v)))
         })
     }
 
@@ -377,4 +436,21 @@ impl Device for CpuDevice {
     fn sample(&self, logits: &CpuTensor, how: &Sampling<'_>) -> Result<Vec<u32>> {
         profile::timed(7, || sampling::sample(logits, how))
     }
+}
+
+/// Row `i` of an embedding table (fp16, or compressed along its rows) as f32 into `out`.
+fn table_row(table: &CpuTensor, i: usize, out: &mut [f32]) -> Result<()> {
+    let width = out.len();
+    match &table.data {
+        Storage::F16(t) => convert::f16_to_f32(&t[i * width..(i + 1) * width], out),
+        Storage::Q4 {
+            bytes,
+            group_dim: 0,
+        } => q4::table_row(bytes, Q4Layout::new(&table.shape, 0), i, out),
+        _ => bail!(
+            "an embedding table must be fp16 or compressed along its rows, got {:?}",
+            table.dtype()
+        ),
+    }
+    Ok(())
 }

@@ -183,12 +183,17 @@ fn many_rows(mode: MatmulMode, amx: bool, x: &[f32], n: usize, k: usize, p: &mut
         let wf = p.wide.and_then(|c| super::wide::get(c, w));
         gemm_f32(x, w, wf, n, k, m, out);
     }
-    // bias and ReLU in one pass over the output
-    if bias.is_some() || p.relu {
-        let b = bias.as_deref().unwrap_or(&[]);
-        out.par_chunks_mut(m)
-            .for_each(|row| super::simd::bias_act(row, b, p.relu));
+    add_bias_act(out, m, p.bias, p.relu);
+}
+
+/// Bias and ReLU in one pass over a product's `[n, m]` output (the paths that do not fuse them).
+pub(super) fn add_bias_act(out: &mut [f32], m: usize, bias: Option<&[f16]>, relu: bool) {
+    if bias.is_none() && !relu {
+        return;
     }
+    let b: Vec<f32> = bias.map_or(Vec::new(), |b| b.iter().map(|v| v.to_f32()).collect());
+    out.par_chunks_mut(m)
+        .for_each(|row| super::simd::bias_act(row, &b, relu));
 }
 
 /// The definition, one f32 (f64-free, sequential) dot product per output.
@@ -252,32 +257,53 @@ fn gemm_f32(
         };
         // SAFETY: x covers n*k values, wf mc*k, and the output n*m (asserted in
         // `linear_cached`); this task writes only columns j0..j0+mc, disjoint from the others'.
-        // rhs is the block's W^T read through strides: element (p, j) is wf[j * k + p].
-        unsafe {
-            gemm::gemm(
-                n,
-                mc,
-                k,
-                ptr.ptr().add(j0),
-                1,
-                m as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                wf.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        };
+        unsafe { gemm_wt(x, wf, n, k, mc, ptr, m, j0) };
         super::pool::give_f32(converted);
     });
+}
+
+/// `out[:, j0 .. j0 + mc] = x w^T` on one thread: `x` `[n, k]`, `w` `mc` rows of `k` f32 values
+/// (a block of a weight), `out` `n` rows of `m` values; `w^T` is read through strides (element
+/// (p, j) is `w[j * k + p]`), so the block is never transposed.
+///
+/// # Safety
+/// `out` points to `n * m` values, `j0 + mc <= m`, `x` holds `n * k` and `w` `mc * k` values,
+/// and no other thread writes columns `j0 .. j0 + mc` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_wt(
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    mc: usize,
+    out: SharedOut,
+    m: usize,
+    j0: usize,
+) {
+    // SAFETY: the caller's contract bounds every element the strides reach.
+    unsafe {
+        gemm::gemm(
+            n,
+            mc,
+            k,
+            out.ptr().add(j0),
+            1,
+            m as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// Rows of `W` per rayon task of the matrix-vector path: large contiguous blocks keep each

@@ -8,6 +8,9 @@
 //! - [`tensor`]: [`CpuTensor`] and its [`Storage`];
 //! - [`device`]: [`CpuDevice`], the [`crate::device::Device`] implementation, and its options;
 //! - [`matmul`] (with [`amx`], [`bf16`] and [`wide`]) and [`attention`]: the heavy kernels;
+//! - [`q4_matmul`], [`q4_attention`] (over [`q4`]): the same products and attention with 4-bit
+//!   compressed weights and cache, decoded inside the kernels; [`sparse`]: sparse attention's
+//!   selection;
 //! - [`convert`], [`simd`], [`shared_out`], [`pool`]: their building blocks and buffers;
 //! - [`sampling`]: the next token from the logits; [`profile`]: time per op.
 
@@ -19,12 +22,18 @@ pub mod device;
 pub mod matmul;
 pub mod pool;
 pub mod profile;
+pub mod q4;
+pub mod q4_attention;
+pub mod q4_matmul;
 pub mod sampling;
 pub mod shared_out;
 pub mod simd;
+pub mod sparse;
 pub mod tensor;
 pub mod wide;
 
+#[cfg(test)]
+mod q4_tests;
 #[cfg(test)]
 mod tests;
 

@@ -106,6 +106,58 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x = 1 / x` element by element.
+    pub fn recip(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 1.0 / *v;
+        }
+    }
+}
+
+multiversion! {
+    /// `out = a * b` element by element.
+    pub fn mul(out: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = x * y;
+        }
+    }
+}
+
+multiversion! {
+    /// The two dot products of a row of 4-bit code pairs with `x`: high nibbles (the even row)
+    /// and low nibbles (the odd row), 16 independent accumulators each.
+    pub fn nibble_dots(row: &[u8], x: &[f32]) -> (f32, f32) {
+        let n = row.len().min(x.len());
+        let (mut hi, mut lo) = ([0f32; 16], [0f32; 16]);
+        let (cr, cx) = (row[..n].chunks_exact(16), x[..n].chunks_exact(16));
+        let (rr, rx) = (cr.remainder(), cx.remainder());
+        for (b, v) in cr.zip(cx) {
+            for l in 0..16 {
+                hi[l] += (b[l] >> 4) as f32 * v[l];
+                lo[l] += (b[l] & 0xF) as f32 * v[l];
+            }
+        }
+        let (mut h, mut o): (f32, f32) = (hi.iter().sum(), lo.iter().sum());
+        for (b, v) in rr.iter().zip(rx) {
+            h += (b >> 4) as f32 * v;
+            o += (b & 0xF) as f32 * v;
+        }
+        (h, o)
+    }
+}
+
+multiversion! {
+    /// A row of 4-bit code pairs decoded: `even[c] = hi * inv[c] + min[c]`, `odd` from the low
+    /// nibbles.
+    pub fn decode_nibbles(row: &[u8], inv: &[f32], min: &[f32], even: &mut [f32], odd: &mut [f32]) {
+        for c in 0..row.len() {
+            even[c] = (row[c] >> 4) as f32 * inv[c] + min[c];
+            odd[c] = (row[c] & 0xF) as f32 * inv[c] + min[c];
+        }
+    }
+}
+
+multiversion! {
     /// `a += b`.
     pub fn add_assign(a: &mut [f32], b: &[f32]) {
         for (x, y) in a.iter_mut().zip(b) {

@@ -14,14 +14,14 @@ use super::{amx, attention};
 use crate::device::{Activation, AttnShape, DType, Device, HostSlice, Sampling};
 use crate::generate::Rng;
 
-fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
     (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
 }
 fn rand_f16(n: usize, seed: u64) -> Vec<f16> {
     rand_f32(n, seed).into_iter().map(f16::from_f32).collect()
 }
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let num = a
         .iter()
         .zip(b)

@@ -109,7 +109,7 @@ impl CudaDevice {
 
     /// An uninitialised tensor. Allocation failure carries [`OutOfMemory`].
     pub(super) fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<CudaTensor> {
-        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let bytes = dtype.bytes(shape);
         // SAFETY: uninitialised device bytes; every op writes its output before it is read.
         let buf = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
             if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {

@@ -41,6 +41,8 @@ impl Device for CudaDevice {
 
     hand_over! {
         transfer::upload(data: HostSlice<'_>, shape: &[usize]) -> Result<CudaTensor>;
+        transfer::upload_compressed(bytes: &[u8], shape: &[usize], group_dim: usize)
+            -> Result<CudaTensor>;
         transfer::write(dst: &mut CudaTensor, offset: usize, data: HostSlice<'_>) -> Result<()>;
         transfer::alloc_host(bytes: usize) -> Result<AlignedBuf>;
         transfer::upload_async(
@@ -73,6 +75,10 @@ impl Device for CudaDevice {
         attention::attention(
             q: &CudaTensor, k_cache: &CudaTensor, v_cache: &CudaTensor, mask: &CudaTensor,
             s: AttnShape
+        ) -> Result<CudaTensor>;
+        attention::attention_with_new(
+            q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, k_cache: &CudaTensor,
+            v_cache: &CudaTensor, mask: &CudaTensor, s: AttnShape
         ) -> Result<CudaTensor>;
 
         sampling::sample(logits: &CudaTensor, how: &Sampling<'_>) -> Result<Vec<u32>>;

@@ -16,7 +16,7 @@ impl CudaDevice {
     /// cores), then bias and activation: fused in cuBLASLt's epilogue (cached plan per shape),
     /// or, where cuBLASLt has no algorithm or `allow_lt` is false, cublasGemmEx and the bias
     /// kernel.
-    fn gemm_bias_act(
+    pub(super) fn gemm_bias_act(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
@@ -141,9 +141,12 @@ pub(super) fn linear(
 ) -> Result<CudaTensor> {
     let mut tmp = None;
     let x = dev.as_f16(x, &mut tmp)?;
+    if w.dtype.is_compressed() {
+        return super::q4::linear(dev, x, w, bias, act);
+    }
     ensure!(
         w.dtype == DType::F16,
-        "linear: weights must be F16, got {:?}",
+        "linear: weights must be F16 or compressed, got {:?}",
         w.dtype
     );
     let (n, _) = check_2d(x, "linear input")?;

@@ -14,12 +14,20 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../../../kernels/attention_decode.cu"),
     ),
     (
+        "attention_q4.cu",
+        include_str!("../../../../../kernels/attention_q4.cu"),
+    ),
+    (
         "attention_prefill.cu",
         include_str!("../../../../../kernels/attention_prefill.cu"),
     ),
     (
         "bias_relu.cu",
         include_str!("../../../../../kernels/bias_relu.cu"),
+    ),
+    (
+        "compress.cu",
+        include_str!("../../../../../kernels/compress.cu"),
     ),
     (
         "convert.cu",

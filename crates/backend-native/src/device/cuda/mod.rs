@@ -6,7 +6,7 @@
 //! - [`device`]: [`CudaDevice`] itself (opening the GPU, allocating tensors) and [`tensor`]:
 //!   [`CudaTensor`];
 //! - [`transfer`], [`ops`], [`gemm`], [`attention`], [`sampling`]: the trait's methods by
-//!   concern, each kernel started through [`launch`]'s one helper, and [`device_impl`], which
+//!   concern ([`q4`]: their 4-bit compressed and sparse-attention paths), each kernel started through [`launch`]'s one helper, and [`device_impl`], which
 //!   joins them into the [`crate::device::Device`] trait;
 //! - [`kernels`], [`module`], [`nvrtc`]: the kernel sources and their compilation and loading;
 //! - [`memory`] (pool, pinned buffers, copy streams), [`lt`] (cuBLASLt), [`presence`].
@@ -23,6 +23,7 @@ pub mod module;
 pub mod nvrtc;
 pub mod ops;
 pub mod presence;
+pub mod q4;
 pub mod sampling;
 pub mod tensor;
 pub mod transfer;

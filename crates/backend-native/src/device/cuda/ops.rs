@@ -27,8 +27,9 @@ impl CudaDevice {
                 unsafe { launch!(self, "f32_to_f16", self.grid_stride(n as usize), &o, &i, &n) }?;
                 Ok(tmp.insert(out))
             }
-            DType::U32 => bail!(
-                "expected a floating-point tensor, got U32 of shape {:?}",
+            DType::U32 | DType::Q4 { .. } => bail!(
+                "expected an fp16 or f32 tensor, got {:?} of shape {:?}",
+                t.dtype,
                 t.shape
             ),
         }
@@ -42,11 +43,15 @@ pub(super) fn gather_rows(
 ) -> Result<CudaTensor> {
     let (rows, width) = check_2d(table, "gather_rows table")?;
     ensure!(
-        table.dtype == DType::F16 && ids.dtype == DType::U32,
-        "gather_rows: F16 table and U32 ids expected"
+        (table.dtype == DType::F16 || table.dtype.is_compressed()) && ids.dtype == DType::U32,
+        "gather_rows: F16 or compressed table and U32 ids expected"
     );
     let n = ids.numel();
     let mut out = dev.alloc(DType::F16, &[n, width])?;
+    if table.dtype.is_compressed() {
+        super::q4::gather(dev, &mut out, table, ids, false)?;
+        return Ok(out);
+    }
     let (o, t, i) = (dev.ptr_mut(&mut out), dev.ptr(table), dev.ptr(ids));
     let (nn, w, r) = (n as i32, width as i32, rows as i32);
     // SAFETY: out is [n, width], table [rows, width], ids [n].
@@ -85,6 +90,9 @@ pub(super) fn add_gathered_rows(
         x.dtype == DType::F16 && ids.dtype == DType::U32,
         "add_gathered_rows: F16 x and U32 ids expected"
     );
+    if table.dtype.is_compressed() {
+        return super::q4::gather(dev, x, table, ids, true);
+    }
     let (o, t, i) = (dev.ptr_mut(x), dev.ptr(table), dev.ptr(ids));
     let (nn, w, r) = (n as i32, width as i32, rows as i32);
     // SAFETY: as in gather_rows.

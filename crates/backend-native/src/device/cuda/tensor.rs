@@ -27,6 +27,10 @@ impl DeviceTensor for CudaTensor {
 }
 
 impl CudaTensor {
+    /// Addressable units: elements, or bytes of a compressed tensor.
+    pub(super) fn units(&self) -> usize {
+        self.size_bytes() / self.dtype.size()
+    }
     /// The underlying device buffer (at least `size_bytes()` long), e.g. for
     /// [`super::memory::CopyStreams`].
     pub fn buffer(&self) -> &CudaSlice<u8> {

@@ -2,7 +2,7 @@
 //! asynchronous uploads out of pinned memory on the upload stream with the [`Fence`] that orders
 //! compute behind them, zeroed tensors, and synchronous downloads.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Context, Result};
 use half::f16;
 
 use super::device::{drv, CudaDevice};
@@ -26,6 +26,7 @@ fn host_bytes<'a>(data: &HostSlice<'a>) -> &'a [u8] {
             HostSlice::U32(s) => {
                 std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(*s))
             }
+            HostSlice::Bytes(s) => s,
         }
     }
 }
@@ -50,7 +51,10 @@ pub(super) fn upload(dev: &CudaDevice, data: HostSlice<'_>, shape: &[usize]) -> 
         "upload: shape {shape:?} holds {n} values, got {}",
         data.len()
     );
-    let mut t = dev.alloc(data.dtype(), shape)?;
+    let dtype = data
+        .dtype()
+        .context("upload: compressed bytes go through upload_compressed")?;
+    let mut t = dev.alloc(dtype, shape)?;
     let bytes = host_bytes(&data);
     if !bytes.is_empty() {
         let mut dst = t.buf.slice_mut(0..bytes.len());
@@ -61,6 +65,27 @@ pub(super) fn upload(dev: &CudaDevice, data: HostSlice<'_>, shape: &[usize]) -> 
     Ok(t)
 }
 
+pub(super) fn upload_compressed(
+    dev: &CudaDevice,
+    bytes: &[u8],
+    shape: &[usize],
+    group_dim: usize,
+) -> Result<CudaTensor> {
+    let dtype = DType::Q4 { group_dim };
+    ensure!(
+        bytes.len() == dtype.bytes(shape),
+        "upload_compressed: a tensor of shape {shape:?} grouped along dimension {group_dim} takes {} bytes, got {}",
+        dtype.bytes(shape),
+        bytes.len()
+    );
+    let mut t = dev.alloc(dtype, shape)?;
+    let mut dst = t.buf.slice_mut(0..bytes.len());
+    dev.stream
+        .memcpy_htod(bytes, &mut dst)
+        .map_err(|e| drv(e, "host-to-device copy"))?;
+    Ok(t)
+}
+
 pub(super) fn write(
     dev: &CudaDevice,
     dst: &mut CudaTensor,
@@ -68,16 +93,16 @@ pub(super) fn write(
     data: HostSlice<'_>,
 ) -> Result<()> {
     ensure!(
-        data.dtype() == dst.dtype,
+        data.fits(dst.dtype),
         "write: {:?} data into a {:?} tensor",
         data.dtype(),
         dst.dtype
     );
     ensure!(
-        offset + data.len() <= dst.numel(),
+        offset + data.len() <= dst.units(),
         "write: elements {offset}..{} out of a tensor of {}",
         offset + data.len(),
-        dst.numel()
+        dst.units()
     );
     let bytes = host_bytes(&data);
     let off = offset * dst.dtype.size();
@@ -105,17 +130,13 @@ pub(super) fn upload_async(
     let size = dst.dtype.size();
     let bytes = n * size;
     ensure!(
-        offset + n <= dst.numel() && src_offset + bytes <= src.len(),
+        offset + n <= dst.units() && src_offset + bytes <= src.len(),
         "upload_async: {n} values at {offset} of {} from byte {src_offset} of {}",
-        dst.numel(),
+        dst.units(),
         src.len()
     );
     if src.owner::<memory::PinnedBuffer>().is_none() {
-        let data = match dst.dtype {
-            DType::F16 => HostSlice::F16(src.f16s(src_offset, n)),
-            DType::F32 => HostSlice::F32(src.f32s(src_offset, n)),
-            DType::U32 => bail!("upload_async of a U32 tensor"),
-        };
+        let data = crate::device::host_slice(src, dst.dtype, src_offset, n)?;
         write(dev, dst, offset, data)?;
         return Ok(None);
     }
@@ -178,6 +199,13 @@ pub(super) fn download_f32(dev: &CudaDevice, t: &CudaTensor) -> Result<Vec<f32>>
             .into_iter()
             .map(|x| x as f32)
             .collect()),
+        DType::Q4 { group_dim } => {
+            // decoded on the host by the CPU's decoder: downloads are for tests and checks
+            let mut bytes = vec![0u8; t.size_bytes()];
+            dev.dtoh_bytes(t, 0, &mut bytes)?;
+            let l = crate::compress::Q4Layout::new(&t.shape, group_dim);
+            Ok(crate::compress::decompress(&bytes, l))
+        }
     }
 }
 

@@ -65,9 +65,11 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     copies.push(None);
                     continue;
                 }
-                _ => self.cpool.take(dev, &s.plan.shape, &self.stats)?,
+                _ => self
+                    .cpool
+                    .take(dev, &s.plan.shape, s.plan.dtype, &self.stats)?,
             };
-            let n = s.plan.bytes() / 2;
+            let n = s.plan.bytes() / s.plan.dtype.size();
             let fence = match &s.home {
                 Home::Host(buf) => dev.upload_async(&mut t, 0, buf, 0, n),
                 Home::Disk { offset } => {
@@ -78,7 +80,12 @@ impl<T: DeviceTensor> TieredWeights<T> {
                         .with_context(|| {
                             format!("{} was not read from disk before its upload", s.plan.name)
                         })?;
-                    let f = dev.upload_async(&mut t, 0, &b.buf, *offset - start, n);
+                    let at = *offset - start;
+                    let file = self.files[s.plan.unit]
+                        .as_ref()
+                        .expect("disk tensors have a file");
+                    s.check_read(0, &b.buf.bytes()[at..at + s.plan.bytes()], file.file.path())?;
+                    let f = dev.upload_async(&mut t, 0, &b.buf, at, n);
                     if let Ok(Some(f)) = &f {
                         // copies out of one buffer finish in queue order: the last one covers all
                         b.in_flight = Some(f.clone());
@@ -93,7 +100,7 @@ impl<T: DeviceTensor> TieredWeights<T> {
             fences.extend(fence);
             self.stats.moved(Link::HostToCompute, s.plan.bytes());
             tensors.push(Arc::new(t));
-            copies.push(Some((s.plan.shape.clone(), g)));
+            copies.push(Some(((s.plan.shape.clone(), s.plan.dtype), g)));
         }
         if let Some(d) = disk {
             self.pool.give_back(d.bufs.into_iter().map(|(_, _, b)| b));

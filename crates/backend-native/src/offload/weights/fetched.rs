@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::pool::ComputePool;
+use super::pool::{ComputePool, PoolKey};
 use crate::device::{Device, Fence};
 use crate::model::weights::{AttnWeights, LayerWeights, MlpWeights};
 use crate::offload::stats::MemGuard;
@@ -17,7 +17,7 @@ pub struct Fetched<T> {
     pub(super) fences: Vec<Fence>,
     /// Which tensors are copies from the compute pool (returned to it on drop) and their
     /// memory accounting.
-    pub(super) copies: Vec<Option<(Vec<usize>, MemGuard)>>,
+    pub(super) copies: Vec<Option<(PoolKey, MemGuard)>>,
     pub(super) pool: Arc<ComputePool<T>>,
 }
 
@@ -32,10 +32,10 @@ impl<T> Drop for Fetched<T> {
             return;
         };
         for (t, c) in self.tensors.drain(..).zip(self.copies.drain(..)) {
-            if let Some((shape, g)) = c {
+            if let Some((key, g)) = c {
                 // still shared (a caller kept a clone): let it go instead
                 if let Ok(t) = Arc::try_unwrap(t) {
-                    pool.entry(shape).or_default().push((t, g));
+                    pool.entry(key).or_default().push((t, g));
                 }
             }
         }

@@ -5,6 +5,9 @@ use bench_core::{ModelConfig, Policy};
 
 use bench_core::model::layout::{self, TensorSpec, ATTN_TENSORS};
 
+use crate::compress::shapes::is_compressed_weight;
+use crate::compress::WEIGHT_GROUP_DIM;
+use crate::device::DType;
 use crate::offload::direct::align_up;
 use crate::offload::placement::{place_weights, Tier};
 
@@ -16,11 +19,18 @@ pub struct TensorPlan {
     pub tier: Tier,
     /// The unit whose disk file holds it (its first user).
     pub unit: usize,
+    /// How it is stored on every tier: fp16, or compressed (the policy's compress_weight, for
+    /// tensors of two or more dimensions).
+    pub dtype: DType,
 }
 
 impl TensorPlan {
+    /// Bytes it takes on its tier and moves per fetch.
     pub fn bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * 2
+        self.dtype.bytes(&self.shape)
+    }
+    pub fn compressed(&self) -> bool {
+        self.dtype.is_compressed()
     }
 }
 
@@ -39,7 +49,8 @@ pub struct WeightPlan {
 impl WeightPlan {
     /// FlexLLMGen's placement: the mid-point rule over each placement group (the input
     /// embedding; each layer, or each of its attention and MLP halves with `sep_layer`; the
-    /// output head). A tied lm_head is the input's `embed_tokens` and lives where it does.
+    /// output head), by the tensors' fp16 sizes as FlexLLMGen places them whether compressed or
+    /// not. A tied lm_head is the input's `embed_tokens` and lives where it does.
     pub fn new(cfg: &ModelConfig, policy: &Policy, has_lm_head: bool) -> WeightPlan {
         let mut tensors: Vec<TensorPlan> = Vec::new();
         let mut units = Vec::new();
@@ -49,11 +60,19 @@ impl WeightPlan {
             let mut idx = Vec::new();
             for (TensorSpec { name, shape }, tier) in list.into_iter().zip(tiers) {
                 idx.push(tensors.len());
+                let dtype = if policy.compress_weight && is_compressed_weight(&shape) {
+                    DType::Q4 {
+                        group_dim: WEIGHT_GROUP_DIM,
+                    }
+                } else {
+                    DType::F16
+                };
                 tensors.push(TensorPlan {
                     name,
                     shape,
                     tier,
                     unit,
+                    dtype,
                 });
             }
             idx

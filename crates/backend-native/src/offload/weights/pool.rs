@@ -20,7 +20,10 @@ pub struct PooledBuf {
 
 /// Compute-device buffers of fetched tensors, by shape, kept for the next fetch: refilling a
 /// buffer ([`Device::write`]) costs one copy, a fresh one an allocation, zeroing and a copy.
-pub struct ComputePool<T>(pub(super) Mutex<HashMap<Vec<usize>, Vec<Pooled<T>>>>);
+pub struct ComputePool<T>(pub(super) Mutex<HashMap<PoolKey, Vec<Pooled<T>>>>);
+
+/// What a pooled compute buffer fits: a tensor's shape and storage dtype.
+pub type PoolKey = (Vec<usize>, DType);
 
 /// A pooled compute buffer and its memory accounting.
 type Pooled<T> = (T, MemGuard);
@@ -73,24 +76,26 @@ impl ReadBufPool {
 }
 
 impl<T> ComputePool<T> {
-    /// A compute buffer for an f16 tensor of `shape`: a pooled one or a new one.
+    /// A compute buffer for a tensor of `shape` stored as `dtype` (fp16 or compressed): a
+    /// pooled one or a new one.
     pub(super) fn take<D: Device<Tensor = T>>(
         &self,
         dev: &D,
         shape: &[usize],
+        dtype: DType,
         stats: &Arc<Stats>,
     ) -> Result<(T, MemGuard)> {
         if let Some(b) = self
             .0
             .lock()
             .expect("compute pool lock")
-            .get_mut(shape)
+            .get_mut(&(shape.to_vec(), dtype))
             .and_then(|v| v.pop())
         {
             return Ok(b);
         }
-        let bytes = shape.iter().product::<usize>() * 2;
-        let t = dev.zeros(DType::F16, shape)?;
+        let bytes = dtype.bytes(shape);
+        let t = dev.zeros(dtype, shape)?;
         Ok((t, MemGuard::new(stats, Tier::Compute, bytes)))
     }
 }

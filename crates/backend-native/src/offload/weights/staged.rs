@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use super::fetched::Fetched;
 use super::store::{Home, TieredWeights, STAGE_BUFS};
-use crate::device::{Device, DeviceTensor, HostSlice};
+use crate::device::{host_slice, Device, DeviceTensor};
 use crate::offload::direct::{read_span_staged, AlignedBuf};
 use crate::offload::stats::{Link, MemGuard};
 
@@ -44,15 +44,20 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 Home::Compute(t) => StagedSlot::Resident(t.clone()),
                 Home::Host(buf) => {
                     let t0 = std::time::Instant::now();
-                    let (mut t, g) = self.cpool.take(dev, &s.plan.shape, &self.stats)?;
-                    dev.write(&mut t, 0, HostSlice::F16(buf.f16s(0, s.plan.bytes() / 2)))
+                    let (mut t, g) =
+                        self.cpool
+                            .take(dev, &s.plan.shape, s.plan.dtype, &self.stats)?;
+                    let n = s.plan.bytes() / s.plan.dtype.size();
+                    dev.write(&mut t, 0, host_slice(buf, s.plan.dtype, 0, n)?)
                         .with_context(|| format!("copying {} to {}", s.plan.name, dev.name()))?;
                     self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
                     self.stats.moved(Link::HostToCompute, s.plan.bytes());
                     StagedSlot::Copy(t, g)
                 }
                 Home::Disk { .. } => {
-                    let (t, g) = self.cpool.take(dev, &s.plan.shape, &self.stats)?;
+                    let (t, g) = self
+                        .cpool
+                        .take(dev, &s.plan.shape, s.plan.dtype, &self.stats)?;
                     StagedSlot::Copy(t, g)
                 }
             });
@@ -80,11 +85,17 @@ impl<T: DeviceTensor> TieredWeights<T> {
                         let StagedSlot::Copy(t, _) = &mut slots[slot] else {
                             unreachable!("disk tensors get a compute buffer")
                         };
-                        let vals = chunk.f16s(lo - chunk_at, (hi - lo) / 2);
-                        dev.write(t, (lo - off) / 2, HostSlice::F16(vals))
-                            .with_context(|| {
-                                format!("copying {} to {}", s.plan.name, dev.name())
-                            })?;
+                        s.check_read(
+                            lo - off,
+                            &chunk.bytes()[lo - chunk_at..hi - chunk_at],
+                            f.path(),
+                        )?;
+                        let unit = s.plan.dtype.size();
+                        let vals =
+                            host_slice(chunk, s.plan.dtype, lo - chunk_at, (hi - lo) / unit)?;
+                        dev.write(t, (lo - off) / unit, vals).with_context(|| {
+                            format!("copying {} to {}", s.plan.name, dev.name())
+                        })?;
                         self.stats.moved(Link::HostToCompute, hi - lo);
                     }
                     self.stats.add_xfer_busy(t0.elapsed().as_secs_f64());
@@ -113,7 +124,8 @@ impl<T: DeviceTensor> TieredWeights<T> {
                 }
                 StagedSlot::Copy(t, g) => {
                     tensors.push(Arc::new(t));
-                    copies.push(Some((self.stored[i].plan.shape.clone(), g)));
+                    let p = &self.stored[i].plan;
+                    copies.push(Some(((p.shape.clone(), p.dtype), g)));
                 }
             }
         }

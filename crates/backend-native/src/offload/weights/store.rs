@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use half::f16;
 
 use super::plan::{TensorPlan, WeightPlan};
 use super::pool::{ComputePool, ReadBufPool};
+use crate::compress::stream::for_each_stored_chunk;
+use crate::compress::WEIGHT_GROUP_DIM;
 use crate::device::{Device, DeviceTensor, HostSlice};
 use crate::model::TensorSource;
 use crate::offload::direct::{align_up, AlignedBuf, DirectFile, OffloadDir, ALIGN};
@@ -76,6 +77,8 @@ const STREAM_CHUNK: usize = 4 << 20;
 impl<T: DeviceTensor> TieredWeights<T> {
     /// Puts every tensor of `plan` on its tier: uploads to the compute device, copies into host
     /// memory, or streams chunk by chunk into the unit's file (never the whole tensor in RAM).
+    /// Compressed tensors are compressed here, on their way to the tier, and stay compressed on
+    /// it: nothing decompresses them before the products that read them.
     pub fn build<D: Device<Tensor = T>>(
         dev: &D,
         src: &dyn TensorSource,
@@ -110,10 +113,18 @@ impl<T: DeviceTensor> TieredWeights<T> {
         for (i, t) in plan.tensors.iter().enumerate() {
             let home = match t.tier {
                 Tier::Compute => {
-                    let data = src.load_f16(&t.name, &t.shape)?;
-                    let d = dev
-                        .upload(HostSlice::F16(&data), &t.shape)
-                        .with_context(|| format!("uploading {} to {}", t.name, dev.name()))?;
+                    let d = if t.compressed() {
+                        let mut bytes = Vec::with_capacity(t.bytes());
+                        stored_chunks(src, t, &mut |c| {
+                            bytes.extend_from_slice(c);
+                            Ok(())
+                        })?;
+                        dev.upload_compressed(&bytes, &t.shape, WEIGHT_GROUP_DIM)
+                    } else {
+                        let data = src.load_f16(&t.name, &t.shape)?;
+                        dev.upload(HostSlice::F16(&data), &t.shape)
+                    }
+                    .with_context(|| format!("uploading {} to {}", t.name, dev.name()))?;
                     mem.push(MemGuard::new(stats, Tier::Compute, t.bytes()));
                     Home::Compute(Arc::new(d))
                 }
@@ -128,8 +139,8 @@ impl<T: DeviceTensor> TieredWeights<T> {
                     })?;
                     // chunk by chunk: the tensor never exists twice in RAM
                     let mut at = 0;
-                    src.for_each_chunk(&t.name, &t.shape, STREAM_CHUNK, &mut |c: &[f16]| {
-                        buf.f16s_mut(at * 2, c.len()).copy_from_slice(c);
+                    stored_chunks(src, t, &mut |c| {
+                        buf.bytes_mut()[at..at + c.len()].copy_from_slice(c);
                         at += c.len();
                         Ok(())
                     })?;
@@ -211,6 +222,59 @@ impl<T: DeviceTensor> TieredWeights<T> {
     }
 }
 
+impl<T> Stored<T> {
+    /// Checks bytes `at .. at + chunk.len()` of this tensor, just read from `file`: a compressed
+    /// tensor's scales and mins must be what the quantizer wrote (a corrupted offload file
+    /// would otherwise be decoded into garbage weights without a word). The packed codes take
+    /// every value, so damage to them goes unseen.
+    pub(super) fn check_read(&self, at: usize, chunk: &[u8], file: &std::path::Path) -> Result<()> {
+        if !self.plan.compressed() {
+            return Ok(());
+        }
+        let l = crate::compress::Q4Layout::new(&self.plan.shape, WEIGHT_GROUP_DIM);
+        let (lo, hi) = (l.data_bytes(), l.bytes());
+        let (a, b) = (at.max(lo), (at + chunk.len()).min(hi));
+        if a >= b {
+            return Ok(());
+        }
+        // reads start at aligned offsets and the data block's length is even: no fp16 value is
+        // split between two chunks
+        let first = (a - lo) / 2;
+        if let Some(bad) =
+            crate::compress::layout::check_scales(&chunk[a - at..b - at], first, l.inner)
+        {
+            let what = if (bad / l.inner).is_multiple_of(2) {
+                "scale"
+            } else {
+                "min"
+            };
+            anyhow::bail!(
+                "offload file {} is corrupt: {} (4-bit, shape {:?}) has an impossible {what} in \
+                 group {}, column {}: the offload directory was changed or damaged while this \
+                 run used it; rerun on a healthy disk (--offload-dir; every run writes its files \
+                 afresh)",
+                file.display(),
+                self.plan.name,
+                self.plan.shape,
+                bad / l.inner / 2,
+                bad % l.inner
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Tensor `t`'s bytes as its tiers store them (fp16, or compressed here, once, as the
+/// offloader builds the tiers), chunk by chunk.
+fn stored_chunks(
+    src: &dyn TensorSource,
+    t: &TensorPlan,
+    f: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    for_each_stored_chunk(src, &t.name, &t.shape, t.compressed(), STREAM_CHUNK, f)
+        .with_context(|| format!("reading {} from {}", t.name, src.describe()))
+}
+
 /// Streams tensor `t` from `src` into `file` at `offset` through the aligned buffer `buf`.
 fn stream_to_disk(
     src: &dyn TensorSource,
@@ -219,11 +283,11 @@ fn stream_to_disk(
     offset: usize,
     buf: &mut AlignedBuf,
 ) -> Result<()> {
-    let cap = buf.len() / 2;
-    let mut filled = 0usize; // values in buf
+    let cap = buf.len();
+    let mut filled = 0usize; // bytes in buf
     let mut written = 0usize; // bytes of this tensor already on disk
     let mut flush = |buf: &mut AlignedBuf, filled: &mut usize, last: bool| -> Result<()> {
-        let bytes = *filled * 2;
+        let bytes = *filled;
         let len = if last { align_up(bytes) } else { bytes };
         if len == 0 {
             return Ok(());
@@ -237,11 +301,11 @@ fn stream_to_disk(
         *filled = 0;
         Ok(())
     };
-    src.for_each_chunk(&t.name, &t.shape, STREAM_CHUNK, &mut |chunk: &[f16]| {
+    stored_chunks(src, t, &mut |chunk: &[u8]| {
         let mut c = chunk;
         while !c.is_empty() {
             let take = c.len().min(cap - filled);
-            buf.f16s_mut(filled * 2, take).copy_from_slice(&c[..take]);
+            buf.bytes_mut()[filled..filled + take].copy_from_slice(&c[..take]);
             filled += take;
             c = &c[take..];
             // full buffers are whole multiples of ALIGN: write them as they fill
