@@ -135,6 +135,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     if args.dry_run {
+        resolve_for_preview(&args, &suite, &backends, &mut cases)?;
         if args.json {
             let list: Vec<serde_json::Value> = cases
                 .iter()
@@ -181,6 +182,65 @@ pub fn run(args: Args) -> Result<()> {
         executor.as_mut(),
     ));
     std::process::exit(code);
+}
+
+/// `--dry-run` shows what `auto` resolves to: each unresolved case through its backend's
+/// `resolve`, as the run will (the runners built first, unless `--no-build`). A case nothing
+/// fits is an error here, before anything runs.
+fn resolve_for_preview(
+    args: &Args,
+    suite: &Suite,
+    backends: &[Box<dyn Backend>],
+    cases: &mut [SuiteCase],
+) -> Result<()> {
+    let unresolved: Vec<usize> = (0..cases.len())
+        .filter(|&i| cases[i].case.unresolved())
+        .collect();
+    if unresolved.is_empty() {
+        return Ok(());
+    }
+    if !args.no_build {
+        for step in build_steps(backends, unresolved.iter().map(|&i| &cases[i].case)) {
+            build(&step)?;
+        }
+    }
+    let out = args.out.clone().unwrap_or_else(crate::default_results_dir);
+    let dir = out.join(&suite.name);
+    let scratch = std::env::temp_dir().join(format!("flexbench-dry-run-{}", std::process::id()));
+    let mut failed = Vec::new();
+    for i in unresolved {
+        let sc = &mut cases[i];
+        let id = sc.case.id();
+        let Some(backend) = backend_for(backends, &sc.case.framework) else {
+            continue;
+        };
+        let work_root = match &args.work_dir {
+            Some(w) => w.join(&suite.name),
+            None => dir.join("work"),
+        };
+        let ctx = bench_core::RunContext {
+            project_root: crate::project_root(),
+            case_file: scratch.join(format!("{id}.json")),
+            work_dir: work_root.join(&id),
+            cache_dir: bench_core::dirs::cache_dir(),
+            bin_dir: args.bin_dir.clone().unwrap_or_else(crate::release_bin_dir),
+            python: args.python.clone(),
+        };
+        match backend.resolve(&sc.case, &ctx) {
+            Ok(c) => sc.case = c,
+            Err(e) => failed.push(format!("{}: {e}", sc.origin)),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    if !failed.is_empty() {
+        bail!(
+            "{} case(s) of {} cannot be resolved:\n  {}",
+            failed.len(),
+            suite.name,
+            failed.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 /// The executor `--executor` names, checked as far as it can be before anything runs.
@@ -263,6 +323,7 @@ fn print_table(suite: &Suite, cases: &[SuiteCase]) {
         "batch",
         "placement",
         "reps",
+        "predicted",
         "origin",
     ];
     let rows: Vec<Vec<String>> = cases
@@ -280,37 +341,27 @@ fn print_table(suite: &Suite, cases: &[SuiteCase]) {
                     (None, Some(at)) => format!("check@{at}"),
                     (None, None) => "-".into(),
                 },
-                format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches),
-                c.placement.label(),
+                match &c.auto {
+                    Some(a) if a.gpu_batch_size && a.resolved.is_none() => "auto".into(),
+                    Some(a) if a.gpu_batch_size => {
+                        format!("auto: {}x{}", c.gpu_batch_size, c.num_gpu_batches)
+                    }
+                    _ => format!("{}x{}", c.gpu_batch_size, c.num_gpu_batches),
+                },
+                c.placement_label(),
                 match &c.adaptive_repetitions {
                     Some(a) => format!("auto {}..{} ±{}%", a.min, a.max, a.target_ci * 100.0),
                     None => c.repetitions.to_string(),
                 },
+                c.auto
+                    .as_ref()
+                    .and_then(|a| a.resolved.as_ref()?.predicted)
+                    .map_or("-".into(), |p| format!("{:.2} tok/s", p.total_throughput)),
                 origin.clone(),
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
+    print!("{}", bench_core::table::render(&header, &rows));
     println!("{} case(s) from {}", rows.len(), suite.path.display());
 }
 

@@ -397,3 +397,120 @@ fn compress_cpu_pairs_every_compressed_case_with_its_twin() {
         .iter()
         .any(|c| c.placement.policy().attn_sparsity < 1.0));
 }
+
+#[test]
+fn policy_cpu_compares_auto_with_a_hand_grid() {
+    let s = load("policy_cpu");
+    let cases = s.expand();
+    let auto: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.placement == Placement::Auto)
+        .collect();
+    assert_eq!(auto.len(), 1);
+    assert!(auto[0].unresolved());
+    let hand: Vec<&Case> = cases
+        .iter()
+        .filter(|c| matches!(c.placement, Placement::Policy(_)))
+        .collect();
+    assert!(hand.len() >= 8, "{} hand policies", hand.len());
+    for c in &cases {
+        assert_eq!(c.device, Device::Cpu);
+        let m = c.memory.expect("memory limits force offloading");
+        assert!(m.compute.is_some() && m.host.is_some() && m.disk.is_some());
+        // the limits force offloading: the weights fit neither tier whole, and every hand
+        // policy fits them (the runner refuses one that does not)
+        let cfg = bench_core::model::lookup(&c.model).unwrap();
+        for whole in [[100, 0, 100, 0, 100, 0], [0, 100, 100, 0, 100, 0]] {
+            let all = Case {
+                placement: Placement::Policy(bench_core::Policy::new(whole)),
+                auto: None,
+                ..(*c).clone()
+            };
+            assert!(backend_native::policy::check_declared_limits(&all, &cfg).is_err());
+        }
+        if matches!(c.placement, Placement::Policy(_)) {
+            backend_native::policy::check_declared_limits(c, &cfg).unwrap();
+        }
+        assert_eq!((c.gpu_batch_size, c.num_gpu_batches), (8, 2));
+    }
+}
+
+const AUTO_SUITE: &str = r#"(
+    defaults: (device: cpu, memory: (compute: "2GiB", disk: "1.5TB")),
+    grids: [(
+        models: ["opt-125m"], prompt_lens: [8], gen_lens: [8], frameworks: ["native", "hf"],
+        gpu_batch_sizes: [auto, 4],
+        placements: [gpu],
+        defaults: (memory: (host: "512MiB")),
+    )],
+    cases: [(model: "opt-125m", framework: "native", prompt_len: 8, gen_len: 8,
+             gpu_batch_size: 2, placement: auto, memory: (compute: "1GiB"))],
+)"#;
+
+#[test]
+fn auto_batches_placements_and_memory_limits_parse() {
+    let s = Suite::parse(Path::new("suites/auto.ron"), AUTO_SUITE, &frameworks()).unwrap();
+    let cases = s.expand();
+    assert_eq!(cases.len(), 5);
+    let auto_batch: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.auto.as_ref().is_some_and(|a| a.gpu_batch_size))
+        .collect();
+    assert_eq!(
+        auto_batch.len(),
+        2,
+        "native and hf with gpu_batch_size auto"
+    );
+    for c in &auto_batch {
+        assert!(c.unresolved());
+        let m = c.memory.unwrap();
+        // the grid's host limit over the suite's compute and disk ones
+        assert_eq!(m.compute.unwrap().0, 2 << 30);
+        assert_eq!(m.host.unwrap().0, 512 << 20);
+        assert_eq!(m.disk.unwrap().0, 1_500_000_000_000);
+    }
+    let placed: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.placement == Placement::Auto)
+        .collect();
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].gpu_batch_size, 2);
+    assert_eq!(placed[0].memory.unwrap().compute.unwrap().0, 1 << 30);
+    assert_eq!(placed[0].memory.unwrap().host, None);
+    // the ids differ from the fixed-batch cases' and are stable
+    let again = Suite::parse(Path::new("suites/auto.ron"), AUTO_SUITE, &frameworks()).unwrap();
+    let ids: Vec<String> = cases.iter().map(Case::id).collect();
+    assert_eq!(ids, again.expand().iter().map(Case::id).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_limits_and_auto_for_a_preset_framework_are_refused() {
+    let with =
+        |memory: &str| format!("(\n  defaults: (memory: {memory}),\n  cases: [{GOOD_CASE}],\n)");
+    let e = error_of(&with(r#"(compute: "16")"#));
+    assert!(
+        e.starts_with("suites/bad.ron:2:") && e.contains("no unit"),
+        "{e}"
+    );
+    let e = error_of(&with(r#"(host: "-2GiB")"#));
+    assert!(
+        e.starts_with("suites/bad.ron:2:") && e.contains("negative"),
+        "{e}"
+    );
+    let e = error_of(&with("(disk: 100)"));
+    assert!(e.contains("no unit"), "{e}");
+    let e = error_of(&with(r#"(gpu: "1GiB")"#));
+    assert!(e.contains("gpu"), "{e}");
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE
+            .replace("\"native\"", "\"hf\"")
+            .replace("placement: gpu", "placement: auto")
+    ));
+    assert!(e.contains("not `auto`"), "{e}");
+    let e = error_of(&format!(
+        "(cases: [{}])",
+        GOOD_CASE.replace("gpu_batch_size: 1", "gpu_batch_size: many")
+    ));
+    assert!(e.contains("batch size"), "{e}");
+}

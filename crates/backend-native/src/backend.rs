@@ -54,6 +54,62 @@ impl Backend for NativeBackend {
             .into_iter()
             .collect()
     }
+    /// `auto` is planned by the release runner (`flexbench-native plan --case`): the search is
+    /// fast there, and a profile it calibrates measures the engine that will run the case. It
+    /// uses this machine's profile (calibrating it once), or the one `FLEXBENCH_MACHINE` names.
+    fn resolve(&self, case: &Case, ctx: &RunContext) -> Result<Case, String> {
+        if !case.unresolved() {
+            return Ok(case.clone());
+        }
+        let bin = ctx.bin_dir.join(RUNNER_BIN);
+        if !bin.is_file() {
+            return Err(format!(
+                "planning `auto` needs {}: run `cargo build --release -p backend-native`",
+                bin.display()
+            ));
+        }
+        let file = ctx.case_file.with_extension("unresolved.json");
+        let write = || -> std::io::Result<()> {
+            if let Some(d) = file.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&file, serde_json::to_vec_pretty(case)?)
+        };
+        write().map_err(|e| format!("writing {}: {e}", file.display()))?;
+        let offload = ctx
+            .work_dir
+            .ancestors()
+            .find(|a| a.is_dir())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        let out = Command::new(&bin)
+            .arg("plan")
+            .arg("--case")
+            .arg(&file)
+            .arg("--offload-dir")
+            .arg(&offload)
+            .arg("--json")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("running {} plan: {e}", bin.display()))?;
+        let _ = std::fs::remove_file(&file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let msg = stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.trim_start_matches("flexbench-native: error: "))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(format!("planning auto: {msg}"));
+        }
+        // the calibration notice, when there was one
+        eprint!("{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("the planner printed no plan ({e})"))?;
+        serde_json::from_value(v["case"].clone())
+            .map_err(|e| format!("the planner's case does not parse: {e}"))
+    }
     /// A checkpoint named as a registry model must be that model, or its record would carry
     /// the registry's sizes: refused here, before the runner starts (the runner checks too).
     fn prepare(&self, case: &Case, _ctx: &RunContext) -> anyhow::Result<()> {

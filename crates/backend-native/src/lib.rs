@@ -6,6 +6,7 @@
 //! - [`offload`] and [`schedule`]: weights, KV cache and activations on GPU / CPU / disk tiers
 //!   and the zig-zag block schedule that overlaps their movement with compute;
 //! - [`compress`]: FlexLLMGen's 4-bit group-wise format of weights and KV cache;
+//! - [`policy`]: machine profiles, the cost model and the search behind `placement: auto`;
 //! - [`model`]: OPT configs, weights (safetensors checkpoints or `bench_core::dummy`), the layer
 //!   math, and the [`model::weights::WeightStore`] through which generation reaches weights;
 //! - [`generate`]: left-padded batched generation with a KV cache;
@@ -26,6 +27,7 @@ pub mod generate;
 pub mod huge_alloc;
 pub mod model;
 pub mod offload;
+pub mod policy;
 pub mod runner;
 pub mod schedule;
 

@@ -147,10 +147,45 @@ pub fn is_plain(case: &Case) -> bool {
 pub fn run_case(case: &Case, opts: CpuOptions, offload_dir: Option<&Path>) -> Result<RawResult> {
     case.validate()
         .map_err(|e| anyhow::anyhow!("invalid case: {e}"))?;
+    if case.unresolved() {
+        bail!(
+            "the case leaves `auto` unresolved: the orchestrator plans it before the runner \
+             starts (`flexbench-native plan --case FILE --json` prints it resolved)"
+        );
+    }
     check_runnable(case)?;
-    match case.device {
+    let cfg = crate::policy::case_config(case)?;
+    crate::policy::check_declared_limits(case, &cfg)?;
+    let mut result = match case.device {
         CaseDevice::Cpu => run_case_on(&CpuDevice::new(opts), case, offload_dir),
         CaseDevice::Cuda => run_case_on(&open_cuda()?, case, offload_dir),
+    }?;
+    note_peaks_over_limits(case, &mut result);
+    result.predicted = offload_dir.and_then(|d| crate::policy::prediction_here(case, &cfg, d));
+    Ok(result)
+}
+
+/// Says so in the result when a measured peak went past a declared limit (the plan is meant
+/// to keep every tier within it; this would be a planning error worth a look).
+fn note_peaks_over_limits(case: &Case, result: &mut RawResult) {
+    let Some(limits) = case.memory else {
+        return;
+    };
+    for (tier, limit) in [
+        ("compute", limits.compute),
+        ("host", limits.host),
+        ("disk", limits.disk),
+    ] {
+        let (Some(limit), Some(&peak)) = (limit, result.peak_memory_bytes.get(tier)) else {
+            continue;
+        };
+        if peak > limit.0 {
+            result.notes.push(format!(
+                "measured peak of the {tier} tier {} is over its limit {}",
+                bench_core::memory::human(peak),
+                bench_core::memory::human(limit.0)
+            ));
+        }
     }
 }
 

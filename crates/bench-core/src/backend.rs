@@ -119,6 +119,14 @@ pub trait Backend {
     fn check_case(&self, _case: &Case, _ctx: &RunContext) -> Result<(), String> {
         Ok(())
     }
+    /// Chooses what the case leaves to `auto` ([`Case::auto`]) before it runs, and returns it
+    /// with concrete values and `auto.resolved` set (how, and what is predicted); a case with
+    /// nothing to choose comes back unchanged. The default is the baselines' rule: the largest
+    /// batch that fits the placement's tiers ([`crate::memory::resolve_preset`]); a backend
+    /// with a planner overrides it. `Err` says why nothing fits and what would.
+    fn resolve(&self, case: &Case, ctx: &RunContext) -> Result<Case, String> {
+        crate::memory::resolve_preset(case, &ctx.work_dir)
+    }
     /// What the case will write to disk before and while it runs (the shared checkpoint if it
     /// is not there yet, offload and swap files), checked against the free space before anything
     /// is written. Files in `ctx.work_dir` are removed when the case ends, whatever its outcome.
@@ -204,6 +212,13 @@ impl Frameworks {
         if matches!(case.placement, Placement::Policy(_)) && !takes_policy {
             return Err(format!(
                 "framework `{}` takes a preset placement (gpu, cpu or disk), not a policy",
+                case.framework
+            ));
+        }
+        if case.placement == Placement::Auto && !takes_policy {
+            return Err(format!(
+                "framework `{}` takes a preset placement (gpu, cpu or disk), not `auto` (only a \
+                 backend that runs full policies plans one); `gpu_batch_size: auto` works for it",
                 case.framework
             ));
         }

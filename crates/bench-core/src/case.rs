@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auto::Auto;
 use crate::hash::fnv1a64;
+use crate::memory::MemoryLimits;
 use crate::model;
 
 /// The x86-64 virtual address space (48 bits): no KV cache of a runnable case is larger.
@@ -168,7 +170,8 @@ fn split(gpu: u8, cpu: u8) -> (u8, u8, u8) {
     (gpu, cpu, 100u8.saturating_sub(gpu.saturating_add(cpu)))
 }
 
-/// Placement: a tier preset (how the process-wrapper frameworks are configured) or a full policy.
+/// Placement: a tier preset (how the process-wrapper frameworks are configured), a full policy,
+/// or `auto` (the native engine's planner chooses the policy before the case runs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
@@ -176,14 +179,16 @@ pub enum Placement {
     Cpu,
     Disk,
     Policy(Policy),
+    Auto,
 }
 
 impl Placement {
     /// The policy the native engine runs for this placement. Presets mean: the whole model on the
-    /// tier, cache and activations on the compute device.
+    /// tier, cache and activations on the compute device. An unresolved `auto` has no policy yet
+    /// and gives the all-compute one; runners refuse unresolved cases ([`Case::unresolved`]).
     pub fn policy(&self) -> Policy {
         match self {
-            Placement::Gpu => Policy::new([100, 0, 100, 0, 100, 0]),
+            Placement::Gpu | Placement::Auto => Policy::new([100, 0, 100, 0, 100, 0]),
             Placement::Cpu => Policy::new([0, 100, 100, 0, 100, 0]),
             Placement::Disk => Policy::new([0, 0, 100, 0, 100, 0]),
             Placement::Policy(p) => p.clone(),
@@ -191,7 +196,7 @@ impl Placement {
     }
     pub fn lowest_tier(&self) -> Tier {
         match self {
-            Placement::Gpu => Tier::Gpu,
+            Placement::Gpu | Placement::Auto => Tier::Gpu,
             Placement::Cpu => Tier::Cpu,
             Placement::Disk => Tier::Disk,
             Placement::Policy(p) => p.lowest_tier(),
@@ -203,6 +208,7 @@ impl Placement {
             Placement::Cpu => "cpu".into(),
             Placement::Disk => "disk".into(),
             Placement::Policy(p) => p.label(),
+            Placement::Auto => "auto".into(),
         }
     }
 }
@@ -276,6 +282,13 @@ pub struct Case {
     /// case with `cut_gen_len: N` would, so the report can say how wrong the projection is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_projection_at: Option<usize>,
+    /// The capacity the case may use per tier; unset tiers mean what the machine has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryLimits>,
+    /// What the case leaves to the backend (`placement: auto`, `gpu_batch_size: auto`) and,
+    /// once resolved, how. Unresolved, `placement` is `auto` and the batch fields hold 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<Auto>,
 }
 
 /// `repetitions: auto(min: 3, max: 10, target_ci: 0.05)`: at least `min` repetitions, more
@@ -350,7 +363,7 @@ impl Case {
     /// Stable identity: a hash of the normalized case (the timeout is not part of it), so renaming
     /// a suite or reordering its axes keeps ids.
     pub fn id(&self) -> String {
-        let mut norm = self.clone();
+        let mut norm = self.requested();
         norm.timeout_s = None;
         norm.model = norm
             .model
@@ -363,6 +376,39 @@ impl Case {
         }
         let json = serde_json::to_string(&norm).expect("a case always serializes");
         format!("{:016x}", fnv1a64(json.as_bytes()))
+    }
+
+    /// The case as the suite asked for it: a resolved `auto` case with its choices taken back.
+    pub fn requested(&self) -> Case {
+        let mut c = self.clone();
+        if let Some(a) = &mut c.auto {
+            a.resolved = None;
+            if a.placement {
+                c.placement = Placement::Auto;
+            }
+            if a.gpu_batch_size {
+                c.gpu_batch_size = 1;
+                c.num_gpu_batches = 1;
+            }
+        }
+        c
+    }
+
+    /// Whether something is still left to choose (`auto` not yet resolved): such a case cannot
+    /// run, and runners refuse it.
+    pub fn unresolved(&self) -> bool {
+        self.auto.as_ref().is_some_and(|a| a.resolved.is_none())
+            || self.placement == Placement::Auto
+    }
+
+    /// The placement for tables: `auto` cases say so, with what was chosen once resolved.
+    pub fn placement_label(&self) -> String {
+        match &self.auto {
+            Some(a) if a.placement && a.resolved.is_some() => {
+                format!("auto: {}", self.placement.label())
+            }
+            _ => self.placement.label(),
+        }
     }
 
     /// Checks everything that does not need a backend. The message says what to change.
@@ -477,6 +523,13 @@ impl Case {
         if let Placement::Policy(p) = &self.placement {
             p.validate()?;
         }
+        let auto_placement = self.auto.as_ref().is_some_and(|a| a.placement);
+        if (self.placement == Placement::Auto) != (auto_placement && self.unresolved()) {
+            return Err(
+                "placement auto and the case's `auto.placement` disagree; write `placement: auto`"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -502,6 +555,8 @@ impl Case {
             timeout_s: None,
             adaptive_repetitions: None,
             check_projection_at: None,
+            memory: None,
+            auto: None,
         }
     }
 }
@@ -556,6 +611,39 @@ mod tests {
         assert!(c.validate().is_ok());
         c.placement = Placement::Policy(Policy::new([100, 0, 100, 60, 100, 0]));
         assert!(c.validate().unwrap_err().contains("cache percents"));
+    }
+
+    #[test]
+    fn a_resolved_auto_case_keeps_the_requested_id() {
+        let mut c = case();
+        c.placement = Placement::Auto;
+        c.gpu_batch_size = 1;
+        c.auto = Some(Auto {
+            placement: true,
+            gpu_batch_size: true,
+            resolved: None,
+        });
+        assert!(c.unresolved());
+        assert!(c.validate().is_ok());
+        let id = c.id();
+        let mut r = c.clone();
+        r.placement = Placement::Policy(Policy::new([20, 80, 0, 100, 0, 100]));
+        r.gpu_batch_size = 48;
+        r.num_gpu_batches = 3;
+        r.auto.as_mut().unwrap().resolved = Some(crate::auto::Resolution {
+            by: "test".into(),
+            profile: None,
+            limits: Default::default(),
+            planned_peak: None,
+            predicted: None,
+        });
+        assert!(!r.unresolved());
+        assert!(r.validate().is_ok());
+        assert_eq!(r.id(), id);
+        assert_eq!(r.requested(), c);
+        assert_eq!(r.placement_label(), "auto: 20/80/0/100/0/100");
+        // a plain case's id is what it was before auto existed
+        assert_eq!(case().id(), Case::example("example").requested().id());
     }
 
     #[test]

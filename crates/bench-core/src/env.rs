@@ -149,12 +149,61 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 
 /// Total RAM of this machine (MemTotal).
 pub fn ram_bytes() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// RAM available to a new process without swapping (MemAvailable).
+pub fn available_ram_bytes() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+fn meminfo(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
-            .find(|l| l.starts_with("MemTotal:"))
+            .find(|l| l.starts_with(key))
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .map(|kib| kib * 1024)
     })
+}
+
+/// Free memory of GPU 0 as nvidia-smi reports it, bytes; `None` without a GPU.
+pub fn free_gpu_bytes() -> Option<u64> {
+    if !nvidia_gpu_present() {
+        return None;
+    }
+    let text = output(
+        Command::new("nvidia-smi")
+            .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits"])
+            .arg("--id=0"),
+    )?;
+    let mib: u64 = text.lines().next()?.trim().parse().ok()?;
+    Some(mib << 20)
+}
+
+/// What identifies this machine for a cached measurement of it (a machine profile): the CPU
+/// model and count, the RAM, the GPUs, the host name and the filesystem of `offload_dir`. A
+/// 16-hex-digit hash; a machine whose hardware changes gets a new one.
+pub fn machine_fingerprint(offload_dir: &Path) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .unwrap_or("");
+    let gpus = output(
+        Command::new("nvidia-smi")
+            .arg("--query-gpu=name,memory.total")
+            .arg("--format=csv,noheader"),
+    )
+    .unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let key = format!(
+        "{cpu}|{:?}|{:?}|{gpus}|{}|{:?}",
+        std::thread::available_parallelism().ok().map(|n| n.get()),
+        ram_bytes().map(|b| b >> 30),
+        host.trim(),
+        filesystem(offload_dir).0
+    );
+    format!("{:016x}", crate::hash::fnv1a64(key.as_bytes()))
 }
 
 fn statvfs_free(dir: &Path) -> Option<u64> {

@@ -1,7 +1,8 @@
 //! bench-core: what a flexbench benchmark is, with no framework code. Every framework-specific
 //! answer comes from a [`Backend`]; nothing here names a framework.
 //!
-//! - [`case`]: one benchmark case and its placement policy;
+//! - [`case`]: one benchmark case and its placement policy; [`auto`]: what a case leaves to the
+//!   backend to choose and how it was resolved; [`memory`]: per-tier memory limits and sizes;
 //! - [`model`]: the OPT model registry, size formulas and tensor [`model::layout`];
 //! - [`suite`]: suite files (RON), their validation and expansion into cases;
 //! - [`filter`]: `--filter key=value` selection on the cases' JSON fields;
@@ -15,9 +16,10 @@
 //! - [`env`](mod@env): the environment captured once per run;
 //! - [`store`]: the durable, locked results.jsonl;
 //! - [`run`]: the orchestrator (suite loop, process supervision, outcome classification);
-//! - [`dirs`]: the shared cache directory; [`hash`]: stable hashes; [`testkit`]: helpers for
+//! - [`table`]: plain-text tables; [`dirs`]: the shared cache directory; [`hash`]: stable hashes; [`testkit`]: helpers for
 //!   backends' tests with real runners.
 
+pub mod auto;
 pub mod backend;
 pub mod case;
 pub mod checkpoint;
@@ -27,6 +29,7 @@ pub mod env;
 pub mod filter;
 pub mod hash;
 pub mod inputs;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod prompts;
@@ -37,6 +40,7 @@ pub mod run;
 pub mod stats;
 pub mod store;
 pub mod suite;
+pub mod table;
 pub mod testkit;
 
 pub use backend::{Backend, BuildStep, DiskNeed, Frameworks, RunContext};

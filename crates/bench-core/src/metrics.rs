@@ -97,6 +97,13 @@ pub struct Metrics {
     /// With adaptive repetitions: what ended them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetitions_stop: Option<String>,
+    /// The cost model's predicted total throughput (the resolution of `auto`, else the
+    /// runner's own prediction), and its error against the measured one:
+    /// (predicted - measured) / measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_total_throughput: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_error: Option<f64>,
 }
 
 /// How wrong FlexLLMGen's projection was on one full-length run (medians over repetitions).
@@ -194,7 +201,18 @@ pub fn compute(case: &Case, raw: &RawResult) -> Result<Metrics> {
         Some(cut) => Some(projection_check(case, raw, cut)?),
         None => None,
     };
+    let predicted = case
+        .auto
+        .as_ref()
+        .and_then(|a| a.resolved.as_ref()?.predicted)
+        .or(raw.predicted)
+        .map(|p| p.total_throughput);
+    let total = med(|r| r.total_throughput);
     Ok(Metrics {
+        predicted_total_throughput: predicted,
+        prediction_error: predicted
+            .filter(|_| total > 0.0)
+            .map(|p| (p - total) / total),
         ttft_s: Some(med(|r| r.prefill_latency_s)),
         prefill_throughput_ci95: stats::ci95_of_mean(&of(|r| r.prefill_throughput)),
         decode_throughput_ci95: stats::ci95_of_mean(&of(|r| r.decode_throughput)),
@@ -231,6 +249,8 @@ fn projection_check(case: &Case, raw: &RawResult, cut: usize) -> Result<Projecti
     let as_cut = Case {
         cut_gen_len: Some(cut),
         check_projection_at: None,
+        memory: None,
+        auto: None,
         ..case.clone()
     };
     let (mut projected, mut measured) = (Vec::new(), Vec::new());

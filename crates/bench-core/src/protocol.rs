@@ -53,6 +53,10 @@ pub struct RawResult {
     /// without a GPU").
     #[serde(default)]
     pub notes: Vec<String>,
+    /// A cost model's figures for this case's policy and batch, when the runner has one (the
+    /// native engine with a machine profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<crate::auto::Prediction>,
 }
 
 impl RawResult {

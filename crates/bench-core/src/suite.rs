@@ -32,7 +32,9 @@
 //! - `defaults` (also per grid): `device` (cuda | cpu), `weights` (dummy | checkpoint("dir")),
 //!   `warmup`, `repetitions` (a count, or `auto(min: 3, max: 10, target_ci: 0.05)`: repeat until
 //!   the 95% interval of the total throughput is within ±target_ci of its median), `timeout_s`
-//!   (1 s to 30 days), `num_nodes`, `num_gpus_per_node`, `num_gpu_batches`;
+//!   (1 s to 30 days), `num_nodes`, `num_gpus_per_node`, `num_gpu_batches`, `memory`
+//!   (`(compute: "16GiB", host: "200GiB", disk: "1.5TB")`: the capacity a case may use per tier,
+//!   each optional, sizes with their unit; a grid's or case's tiers override the suite's one by one);
 //! - grid: `name`, `models`, `prompt_lens`, `gen_lens`, `frameworks`, `placements`,
 //!   `gpu_batch_sizes`, `cut_gen_len` ({model: steps}), `cells`, `defaults`;
 //! - cell: `framework`, `model`, `prompt_len` (the lookup keys; left out = any), `gpu_batch_size`,
@@ -43,9 +45,13 @@
 //!   `device` (a case is removed when all the given keys match; an exclude matching nothing is an
 //!   error).
 //!
-//! Placements: `gpu`, `cpu`, `disk` (presets: the whole model on that tier), or
+//! Placements: `gpu`, `cpu`, `disk` (presets: the whole model on that tier),
 //! `policy(percent: (wg, wc, cg, cc, ag, ac), overlap: .., sep_layer: .., pin_weight: ..,
-//! cpu_attention: .., attn_sparsity: .., compress_weight: .., compress_cache: ..)`.
+//! cpu_attention: .., attn_sparsity: .., compress_weight: .., compress_cache: ..)`, or `auto`
+//! (frameworks that take policies: the planner chooses one from the machine profile and the
+//! case's `memory` limits). Batch sizes (`gpu_batch_sizes`, a cell's or case's
+//! `gpu_batch_size`) may be `auto` too: the native planner chooses the batch and its GPU
+//! batches, the baselines take the largest batch that fits the placement's tiers.
 //!
 //! Grid expansion: for every (model, prompt_len, gen_len, framework) in that order, the first cell
 //! whose given keys (framework, model, prompt_len) match supplies the batch size, placement,
@@ -59,8 +65,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 
+use crate::auto::Auto;
 use crate::backend::Frameworks;
 use crate::case::{AdaptiveRepetitions, Case, Device, Placement, Weights};
+use crate::memory::MemoryLimits;
 use crate::model;
 
 /// File extension of suite files.
@@ -95,6 +103,12 @@ impl Suite {
 
     /// Parses and validates suite text; `path` names the file in errors and gives the suite name.
     pub fn parse(path: &Path, text: &str, frameworks: &Frameworks) -> Result<Suite> {
+        check_batch_words(text).map_err(|(line, col, word)| {
+            anyhow::anyhow!(
+                "{}:{line}:{col}: `{word}` is not a batch size\n  fix: write a number or auto",
+                path.display()
+            )
+        })?;
         let parsed = KNOWN_FRAMEWORKS.with(|k| {
             *k.borrow_mut() = frameworks.clone();
             let parsed = ron_options().from_str::<SuiteFile>(text);
@@ -306,6 +320,7 @@ struct Defaults {
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
     num_gpu_batches: Option<usize>,
+    memory: Option<MemoryLimits>,
 }
 
 impl Defaults {
@@ -320,6 +335,10 @@ impl Defaults {
             num_nodes: self.num_nodes.or(base.num_nodes),
             num_gpus_per_node: self.num_gpus_per_node.or(base.num_gpus_per_node),
             num_gpu_batches: self.num_gpu_batches.or(base.num_gpu_batches),
+            memory: match (self.memory, base.memory) {
+                (Some(m), Some(b)) => Some(m.over(&b)),
+                (m, b) => m.or(b),
+            },
         }
     }
 }
@@ -337,7 +356,7 @@ struct Grid {
     #[serde(default)]
     placements: Vec<CheckedPlacement>,
     #[serde(default)]
-    gpu_batch_sizes: Vec<usize>,
+    gpu_batch_sizes: Vec<BatchSpec>,
     /// Decode steps actually run, per model; other models run the full gen_len.
     #[serde(default)]
     cut_gen_len: BTreeMap<ModelName, CutGenLen>,
@@ -355,7 +374,7 @@ struct Cell {
     framework: Option<FrameworkName>,
     model: Option<ModelName>,
     prompt_len: Option<usize>,
-    gpu_batch_size: Option<usize>,
+    gpu_batch_size: Option<BatchSpec>,
     num_gpu_batches: Option<usize>,
     placement: Option<CheckedPlacement>,
     cut_gen_len: Option<CutGenLen>,
@@ -377,7 +396,7 @@ struct CaseSpec {
     prompt_len: usize,
     gen_len: usize,
     cut_gen_len: Option<CutGenLen>,
-    gpu_batch_size: usize,
+    gpu_batch_size: BatchSpec,
     num_gpu_batches: Option<usize>,
     placement: CheckedPlacement,
     device: Option<Device>,
@@ -387,6 +406,7 @@ struct CaseSpec {
     timeout_s: Option<TimeoutSecs>,
     num_nodes: Option<usize>,
     num_gpus_per_node: Option<usize>,
+    memory: Option<MemoryLimits>,
 }
 
 /// Removes every expanded case matching all the keys given.
@@ -537,6 +557,131 @@ impl RepetitionsSpec {
     }
 }
 
+/// The bare words after `gpu_batch_size:` and in `gpu_batch_sizes: [...]` must be `auto`: ron
+/// gives a deserializer a bare word without its name, so they are checked in the text. `Err`:
+/// (line, column, word) of the first other word.
+fn check_batch_words(text: &str) -> Result<(), (usize, usize, String)> {
+    let b = text.as_bytes();
+    let pos = |i: usize| {
+        let line = text[..i].matches('\n').count() + 1;
+        let col = i - text[..i].rfind('\n').map_or(0, |n| n + 1) + 1;
+        (line, col)
+    };
+    let word_at = |i: usize| -> Option<&str> {
+        let end = b[i..]
+            .iter()
+            .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+            .map_or(b.len(), |n| i + n);
+        (end > i && b[i].is_ascii_alphabetic()).then(|| &text[i..end])
+    };
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && (b[i] as char).is_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut from = 0;
+    while let Some(off) = text[from..].find("gpu_batch_size") {
+        let start = from + off;
+        let mut i = start + "gpu_batch_size".len();
+        let list = b.get(i) == Some(&b's');
+        if list {
+            i += 1;
+        }
+        from = i;
+        i = skip_ws(i);
+        if b.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(i + 1);
+        let mut check = |i: usize| match word_at(i) {
+            Some(w) if w != "auto" => {
+                let (l, c) = pos(i);
+                Err((l, c, w.to_string()))
+            }
+            _ => Ok(()),
+        };
+        if !list {
+            check(i)?;
+            continue;
+        }
+        if b.get(i) != Some(&b'[') {
+            continue;
+        }
+        i += 1;
+        while i < b.len() && b[i] != b']' {
+            i = skip_ws(i);
+            check(i)?;
+            while i < b.len() && b[i] != b',' && b[i] != b']' {
+                i += 1;
+            }
+            if i < b.len() && b[i] == b',' {
+                i += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `gpu_batch_size:` as written: a count, or `auto` (the backend chooses it before the case runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchSpec {
+    Fixed(usize),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for BatchSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BatchSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a batch size, or auto")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<BatchSpec, E> {
+                usize::try_from(n)
+                    .map(BatchSpec::Fixed)
+                    .map_err(|_| E::custom(format!("batch size {n} is too large")))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<BatchSpec, E> {
+                Err(E::custom(format!("batch size {n} is negative")))
+            }
+            // ron hands a bare word over as a unit, without its name: `check_batch_words`
+            // has made sure the word is `auto` before parsing
+            fn visit_unit<E: de::Error>(self) -> Result<BatchSpec, E> {
+                Ok(BatchSpec::Auto)
+            }
+            // ron hands a bare identifier over as a unit variant or a string
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BatchSpec, E> {
+                if v == "auto" {
+                    Ok(BatchSpec::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}` is not a batch size: write a number or auto"
+                    )))
+                }
+            }
+            fn visit_enum<A: de::EnumAccess<'de>>(self, a: A) -> Result<BatchSpec, A::Error> {
+                use serde::de::VariantAccess;
+                let (name, v): (String, _) = a.variant()?;
+                v.unit_variant()?;
+                self.visit_str(&name)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for BatchSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchSpec::Fixed(n) => write!(f, "{n}"),
+            BatchSpec::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 /// A per-case timeout in seconds, checked where it is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimeoutSecs(u64);
@@ -587,13 +732,15 @@ struct Shape<'a> {
     prompt_len: usize,
     gen_len: usize,
     cut: Option<usize>,
-    gpu_batch_size: usize,
+    gpu_batch_size: BatchSpec,
     placement: Placement,
 }
 
 /// The case of a shape, with built-in values for what neither the case, its grid nor the suite's
 /// defaults set.
 fn resolve_case(d: &Defaults, s: Shape) -> Case {
+    let auto_batch = s.gpu_batch_size == BatchSpec::Auto;
+    let auto_placement = s.placement == Placement::Auto;
     let mut case = Case {
         model: s.model.to_string(),
         framework: s.framework.to_string(),
@@ -601,8 +748,16 @@ fn resolve_case(d: &Defaults, s: Shape) -> Case {
         gen_len: s.gen_len,
         // Cutting at the full length is the same as not cutting (and keeps the id).
         cut_gen_len: s.cut.filter(|&c| c != s.gen_len),
-        gpu_batch_size: s.gpu_batch_size,
-        num_gpu_batches: d.num_gpu_batches.unwrap_or(1),
+        gpu_batch_size: match s.gpu_batch_size {
+            BatchSpec::Fixed(n) => n,
+            BatchSpec::Auto => 1,
+        },
+        // an auto batch is chosen with its number of GPU batches
+        num_gpu_batches: if auto_batch {
+            1
+        } else {
+            d.num_gpu_batches.unwrap_or(1)
+        },
         placement: s.placement,
         device: d.device.unwrap_or(Device::Cuda),
         weights: d.weights.clone().unwrap_or(Weights::Dummy),
@@ -613,6 +768,12 @@ fn resolve_case(d: &Defaults, s: Shape) -> Case {
         adaptive_repetitions: None,
         check_projection_at: None,
         timeout_s: d.timeout_s.map(|t| t.0),
+        memory: d.memory,
+        auto: (auto_batch || auto_placement).then(|| Auto {
+            placement: auto_placement,
+            gpu_batch_size: auto_batch,
+            resolved: None,
+        }),
     };
     d.repetitions
         .unwrap_or(RepetitionsSpec::Fixed(1))
@@ -647,6 +808,7 @@ impl SuiteFile {
                 num_nodes: spec.num_nodes,
                 num_gpus_per_node: spec.num_gpus_per_node,
                 num_gpu_batches: spec.num_gpu_batches,
+                memory: spec.memory,
             }
             .over(&self.defaults);
             let case = resolve_case(
@@ -790,7 +952,7 @@ impl SuiteFile {
                                 fw.0, model.0
                             ))
                         };
-                        let batches: Vec<usize> = match cell.and_then(|c| c.gpu_batch_size) {
+                        let batches: Vec<BatchSpec> = match cell.and_then(|c| c.gpu_batch_size) {
                             Some(b) => vec![b],
                             None if !grid.gpu_batch_sizes.is_empty() => grid.gpu_batch_sizes.clone(),
                             None => bail!(

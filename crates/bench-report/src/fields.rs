@@ -113,7 +113,7 @@ pub const FIELDS: &[Field] = &[
         text(c(r).device.as_str())
     }),
     case(Some("placement"), Some("placement"), |r| {
-        text(c(r).placement.label())
+        text(c(r).placement_label())
     }),
     case(Some("tier"), None, |r| {
         text(c(r).placement.lowest_tier().as_str())
@@ -236,6 +236,24 @@ pub const FIELDS: &[Field] = &[
         opt(
             r.metrics.as_ref().and_then(|m| m.repetitions_stop.clone()),
             text,
+        )
+    }),
+    measure(
+        Some("predicted_total_throughput"),
+        Some("predicted tok/s"),
+        |r| {
+            opt(
+                r.metrics
+                    .as_ref()
+                    .and_then(|m| m.predicted_total_throughput),
+                Cell::Num,
+            )
+        },
+    ),
+    measure(Some("prediction_error"), Some("pred. error"), |r| {
+        opt(
+            r.metrics.as_ref().and_then(|m| m.prediction_error),
+            Cell::Share,
         )
     }),
     measure(Some("ttft_s"), Some("ttft s"), |r| {

@@ -2,8 +2,8 @@
 //! ([`markdown`]), report.csv ([`csv`]) and SVG plots ([`plots`], drawn by [`svg`]), all reading
 //! one table of fields ([`fields`]), plus the token agreement between frameworks ([`agreement`]),
 //! the comparison with another run ([`compare`]: ratios, their intervals, verdicts, the
-//! regression gate, environment drift), and compressed cases beside uncompressed ones
-//! ([`compression`]).
+//! regression gate, environment drift), compressed cases beside uncompressed ones
+//! ([`compression`]), and the cost model's predictions beside the measurements ([`prediction`]).
 //!
 //! Every case appears (its latest record); failures show as OOM / TIMEOUT / ..., never dropped.
 
@@ -14,6 +14,7 @@ pub mod csv;
 pub mod fields;
 pub mod markdown;
 pub mod plots;
+pub mod prediction;
 pub mod svg;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -100,7 +100,7 @@ pub fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<&O
             if !models.contains(&c.model) {
                 models.push(c.model.clone());
             }
-            let row = format!("{} {}", c.framework, c.placement.label());
+            let row = format!("{} {}", c.framework, c.placement_label());
             if !rows.contains(&row) {
                 rows.push(row);
             }
@@ -117,7 +117,7 @@ pub fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<&O
                         .filter(|r| {
                             let c = &r.case.case;
                             &c.model == m
-                                && format!("{} {}", c.framework, c.placement.label()) == *row
+                                && format!("{} {}", c.framework, c.placement_label()) == *row
                         })
                         .collect();
                     pivot_cell(&in_cell)
@@ -155,6 +155,7 @@ pub fn markdown(name: &str, recs: &[Record], envs: &[String], compare: Option<&O
     }
 
     s.push_str(&projection_section(recs));
+    s.push_str(&crate::prediction::section(recs));
     if let Some(other) = compare {
         s.push_str(&comparison_section(name, recs, &varying, other));
     }
@@ -195,7 +196,7 @@ fn projection_section(recs: &[Record]) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:+.1}% |",
             c.framework,
             c.device.as_str(),
-            md_escape(&c.placement.label()),
+            md_escape(&c.placement_label()),
             c.model,
             c.batch_size(),
             c.prompt_len,

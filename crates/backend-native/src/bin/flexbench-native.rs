@@ -4,6 +4,7 @@
 //! - `generate`: greedy continuations of token-id prompts from a checkpoint;
 //! - `score`: teacher-forced negative log-likelihood and perplexity of token-id sequences;
 //! - `floor`: this machine's matrix-product rate and memory bandwidth;
+//! - `calibrate`, `plan`: the machine profile, and the cost model's best (or given) policy;
 //! - `disk-speed`, `compress-speed`: the speed benchmarks of `scripts/`.
 
 use std::path::PathBuf;
@@ -327,6 +328,15 @@ enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Measure the rates the cost model needs (products and attention at a model's shapes,
+    /// host<->compute copies, O_DIRECT disk reads and writes) into this machine's profile,
+    /// cached per machine; `plan` and `placement: auto` use it.
+    Calibrate(backend_native::policy::cli::CalibrateArgs),
+    /// The policy and batch of highest predicted throughput for a model and shape within the
+    /// memory limits, with the runners-up; or, with --percent, the prediction of that policy.
+    /// For this machine (its profile, calibrated if none is cached) or a named one
+    /// (--machine flexllmgen-t4, the paper's T4 with FlexLLMGen's fitted constants).
+    Plan(backend_native::policy::cli::PlanArgs),
 }
 
 fn print_tokens(tokens: &[Vec<u32>], json: bool) {
@@ -399,12 +409,19 @@ fn run(cli: Cli) -> Result<()> {
         | Cmd::DiskSpeed { device, .. }
         | Cmd::CompressSpeed { device, .. }
         | Cmd::Floor { device } => device.clone(),
+        Cmd::Calibrate(_) | Cmd::Plan(_) => DeviceArgs {
+            matmul: Matmul::F32,
+            kv_dtype: KvDtype::F16,
+            threads: None,
+        },
     };
     on_pool(&device, || run_on_pool(cli))?
 }
 
 fn run_on_pool(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Calibrate(a) => backend_native::policy::cli::run_calibrate(&a),
+        Cmd::Plan(a) => backend_native::policy::cli::run_plan(&a),
         Cmd::RunCase {
             case,
             offload_dir,

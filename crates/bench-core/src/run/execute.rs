@@ -132,6 +132,15 @@ impl CaseRunner<'_> {
         if let Err(why) = backend.check_case(&case, &ctx) {
             return Ok(Some(record(Outcome::Unavailable, why)));
         }
+        // `auto` is chosen here, before anything is written: the record carries what was chosen
+        // (and predicted) under the id of what the suite asked for.
+        let case = match backend.resolve(&case, &ctx) {
+            Ok(c) => c,
+            Err(why) => return Ok(Some(record(Outcome::Error, why))),
+        };
+        let record = |outcome: Outcome, detail: String| {
+            bare_record(&case, outcome, detail, started_at, self.env_id)
+        };
         if let Err(why) = crate::backend::check_disk_needs(&backend.disk_needs(&case, &ctx)) {
             return Ok(Some(record(Outcome::Unavailable, why)));
         }

@@ -18,7 +18,7 @@ pub fn describe(c: &Case) -> String {
         c.gen_len,
         c.gpu_batch_size,
         c.num_gpu_batches,
-        c.placement.label()
+        c.placement_label()
     )
 }
 
