@@ -285,22 +285,28 @@ pub fn machine_capacity(device: Device, offload_dir: &std::path::Path) -> Capaci
 /// A declared limit wins even over what the machine has (a run over it fails as the machine
 /// would: that is the user's call).
 pub fn effective_limits(case: &Case, offload_dir: &std::path::Path) -> Capacity {
-    let mut m = machine_capacity(case.device, offload_dir);
-    let l = case.memory.unwrap_or_default();
-    if let Some(c) = l.compute {
-        m.tiers.compute = c.0;
+    with_declared(
+        machine_capacity(case.device, offload_dir),
+        &case.memory.unwrap_or_default(),
+    )
+}
+
+/// `base` with the tiers `declared` sets replaced; with both compute and host declared the user
+/// has said how the RAM splits, so no shared-RAM bound is left.
+pub fn with_declared(mut base: Capacity, declared: &MemoryLimits) -> Capacity {
+    if let Some(c) = declared.compute {
+        base.tiers.compute = c.0;
     }
-    if let Some(h) = l.host {
-        m.tiers.host = h.0;
+    if let Some(h) = declared.host {
+        base.tiers.host = h.0;
     }
-    if let Some(d) = l.disk {
-        m.tiers.disk = d.0;
+    if let Some(d) = declared.disk {
+        base.tiers.disk = d.0;
     }
-    if l.compute.is_some() && l.host.is_some() {
-        // both declared: the user has said how the RAM splits
-        m.shared_ram = None;
+    if declared.compute.is_some() && declared.host.is_some() {
+        base.shared_ram = None;
     }
-    m
+    base
 }
 
 /// What a preset placement (gpu, cpu, disk: the whole model on that tier, the KV cache and

@@ -594,7 +594,7 @@ fn check_batch_words(text: &str) -> Result<(), (usize, usize, String)> {
             continue;
         }
         i = skip_ws(i + 1);
-        let mut check = |i: usize| match word_at(i) {
+        let check = |i: usize| match word_at(i) {
             Some(w) if w != "auto" => {
                 let (l, c) = pos(i);
                 Err((l, c, w.to_string()))
@@ -769,7 +769,7 @@ fn resolve_case(d: &Defaults, s: Shape) -> Case {
         check_projection_at: None,
         timeout_s: d.timeout_s.map(|t| t.0),
         memory: d.memory,
-        auto: (auto_batch || auto_placement).then(|| Auto {
+        auto: (auto_batch || auto_placement).then_some(Auto {
             placement: auto_placement,
             gpu_batch_size: auto_batch,
             resolved: None,

@@ -198,26 +198,14 @@ fn limits_for(
     device: CaseDevice,
     offload_dir: &Path,
 ) -> Capacity {
-    let mut cap = match named {
+    let base = match named {
         Some(p) => Capacity {
             tiers: p.capacity,
             shared_ram: None,
         },
         None => bench_core::memory::machine_capacity(device, offload_dir),
     };
-    if let Some(c) = declared.compute {
-        cap.tiers.compute = c.0;
-    }
-    if let Some(h) = declared.host {
-        cap.tiers.host = h.0;
-    }
-    if let Some(d) = declared.disk {
-        cap.tiers.disk = d.0;
-    }
-    if declared.compute.is_some() && declared.host.is_some() {
-        cap.shared_ram = None;
-    }
-    cap
+    bench_core::memory::with_declared(base, declared)
 }
 
 fn default_offload_dir(given: &Option<PathBuf>) -> PathBuf {

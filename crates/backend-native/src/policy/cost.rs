@@ -16,6 +16,9 @@
 //!   layer for all GPU batches; the disk share of the cache is read every step.
 //! - overlapped (`overlap: true`): a layer takes the longest of its disk (reads + writes, one
 //!   device), host-to-compute, compute-to-host and compute times; not overlapped, their sum.
+//!   On the CPU device the copies between tiers are made by the cores that compute, so they add
+//!   to the compute time.
+//!
 //! The input embedding and the output head are one more unit per token, costed the same way.
 //! Total time = L x prefill layer + head + (gen_len - 1) x (L x decode layer + head).
 //!

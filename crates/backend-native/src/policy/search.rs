@@ -361,7 +361,9 @@ mod tests {
     #[test]
     fn paper_policies_on_the_t4() {
         let p = MachineProfile::flexllmgen_t4();
-        let cases: [(&str, [u8; 6], usize, usize, bool, f64, f64); 3] = [
+        // (model, percent, gbs, GPU batches, cpu attention, lowest and highest accepted)
+        type PaperCase = (&'static str, [u8; 6], usize, usize, bool, f64, f64);
+        let cases: [PaperCase; 3] = [
             (
                 "opt-6.7b",
                 [100, 0, 100, 0, 100, 0],
