@@ -9,27 +9,14 @@ use bench_core::Record;
 
 use crate::fields::{md_escape, num};
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 /// The median |predicted - measured| / measured over `recs` with a prediction.
 pub fn median_abs_error(recs: &[Record]) -> Option<f64> {
-    median(
-        recs.iter()
-            .filter_map(|r| r.metrics.as_ref()?.prediction_error)
-            .map(f64::abs)
-            .collect(),
-    )
+    let errors: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r.metrics.as_ref()?.prediction_error)
+        .map(f64::abs)
+        .collect();
+    bench_core::stats::median(&errors)
 }
 
 fn is_auto(r: &Record) -> bool {

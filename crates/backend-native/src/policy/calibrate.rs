@@ -216,31 +216,17 @@ impl<D: Device> AttnDev for Dev<'_, D> {
         let mut kc = dev.alloc_kv(batch, heads, max_len, head_dim)?;
         let mut vc = dev.alloc_kv(batch, heads, max_len, head_dim)?;
         let shape = AttnShape::new(batch, heads, head_dim, past, new);
+        // `rows` rows of pseudo-random values, seeded apart
+        let rows =
+            |n: usize, seed: usize| dev.upload(HostSlice::F32(&values(n * h, seed)), &[n, h]);
         if past > 0 {
             // a filled cache: the measured step attends to real keys
             let fill = AttnShape::new(batch, heads, head_dim, 0, past);
-            let k = dev.upload(
-                HostSlice::F32(&values(batch * past * h, 3)),
-                &[batch * past, h],
-            )?;
-            let v = dev.upload(
-                HostSlice::F32(&values(batch * past * h, 4)),
-                &[batch * past, h],
-            )?;
+            let (k, v) = (rows(batch * past, 3)?, rows(batch * past, 4)?);
             dev.append_kv(&mut kc, &mut vc, &k, &v, fill)?;
         }
-        let q = dev.upload(
-            HostSlice::F32(&values(batch * new * h, 5)),
-            &[batch * new, h],
-        )?;
-        let k = dev.upload(
-            HostSlice::F32(&values(batch * new * h, 6)),
-            &[batch * new, h],
-        )?;
-        let v = dev.upload(
-            HostSlice::F32(&values(batch * new * h, 7)),
-            &[batch * new, h],
-        )?;
+        let q = rows(batch * new, 5)?;
+        let (k, v) = (rows(batch * new, 6)?, rows(batch * new, 7)?);
         dev.append_kv(&mut kc, &mut vc, &k, &v, shape)?;
         let mask = dev.upload(
             HostSlice::U32(&vec![1u32; batch * max_len]),

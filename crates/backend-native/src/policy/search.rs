@@ -153,10 +153,13 @@ pub fn search(
     // Costs every policy of `policies` (placed weights `ws`) over the batch list. Peaks grow
     // with both the GPU batch size and their number, so once (g, k) does not fit, no (g', k')
     // with g' >= g and k' >= k is costed.
-    let run = |policies: &[Policy], ws: &WeightSplit, board: &mut Board| {
+    let run = |policies: &[Policy],
+               ws: &WeightSplit,
+               batch_list: &[(usize, usize)],
+               board: &mut Board| {
         for pol in policies {
             let mut too_big: Vec<(usize, usize)> = Vec::new();
-            for &(gbs, k) in &batch_list {
+            for &(gbs, k) in batch_list {
                 if too_big.iter().any(|&(g, kk)| gbs >= g && k >= kk) {
                     continue;
                 }
@@ -180,14 +183,19 @@ pub fn search(
     };
     if !space.search_policy {
         let ws = WeightSplit::of(&w.cfg, &space.base);
-        run(std::slice::from_ref(&space.base), &ws, &mut board);
+        run(
+            std::slice::from_ref(&space.base),
+            &ws,
+            &batch_list,
+            &mut board,
+        );
     } else {
         for (wg, wc) in weight_grid(10) {
             let mut probe = space.base.clone();
             probe.percent[0] = wg;
             probe.percent[1] = wc;
             let ws = WeightSplit::of(&w.cfg, &probe);
-            run(&inner_policies(space, wg, wc), &ws, &mut board);
+            run(&inner_policies(space, wg, wc), &ws, &batch_list, &mut board);
         }
         // refine the weights of the best in steps of 1 around it, its other choices kept
         if let Some(best) = board.best.first().cloned() {
@@ -206,22 +214,7 @@ pub fn search(
                     pol.percent[0] = wg;
                     pol.percent[1] = wc;
                     let ws = WeightSplit::of(&w.cfg, &pol);
-                    for &(gbs, k) in &near {
-                        let c = Candidate {
-                            policy: pol.clone(),
-                            gpu_batch_size: gbs,
-                            num_gpu_batches: k,
-                        };
-                        let e = estimate(p, w, &ws, &c);
-                        if cap.exceeded(&e.peak).is_none() {
-                            board.offer(Scored {
-                                candidate: c,
-                                estimate: e,
-                            });
-                        } else {
-                            board.evaluated += 1;
-                        }
-                    }
+                    run(std::slice::from_ref(&pol), &ws, &near, &mut board);
                 }
             }
         }
