@@ -215,6 +215,64 @@ mod tests {
     use bench_core::record::{IdentifiedCase, Outcome, SCHEMA};
     use bench_core::{Case, Device, Placement, RawResult};
 
+    #[test]
+    fn the_cost_model_section_sets_predictions_beside_measurements() {
+        use bench_core::auto::{Auto, Prediction, Resolution};
+        let pol = |p: [u8; 6]| Placement::Policy(bench_core::Policy::new(p));
+        let with_prediction = |mut r: Record, predicted: f64| {
+            let m = r.metrics.as_mut().unwrap();
+            m.predicted_total_throughput = Some(predicted);
+            m.prediction_error = Some((predicted - m.total_throughput) / m.total_throughput);
+            r
+        };
+        let hand = rec(
+            "opt-1.3b",
+            "native",
+            pol([0, 0, 100, 0, 100, 0]),
+            4,
+            Outcome::Ok,
+            0.5,
+        );
+        let t = hand.metrics.as_ref().unwrap().total_throughput;
+        let hand = with_prediction(hand, t * 1.2);
+        let mut auto = rec(
+            "opt-1.3b",
+            "native",
+            pol([20, 0, 100, 0, 100, 0]),
+            4,
+            Outcome::Ok,
+            0.4,
+        );
+        auto.case.case.auto = Some(Auto {
+            placement: true,
+            gpu_batch_size: false,
+            resolved: Some(Resolution {
+                by: "test".into(),
+                profile: None,
+                limits: Default::default(),
+                planned_peak: None,
+                predicted: Some(Prediction {
+                    prefill_latency_s: 0.0,
+                    decode_latency_s: 0.0,
+                    total_throughput: 0.0,
+                }),
+            }),
+        });
+        let ta = auto.metrics.as_ref().unwrap().total_throughput;
+        let auto = with_prediction(auto, ta * 0.9);
+        let recs = vec![hand, auto];
+        // |+20%| and |-10%|: the median of two is their mean
+        let e = crate::prediction::median_abs_error(&recs).unwrap();
+        assert!((e - 0.15).abs() < 1e-9, "{e}");
+        let md = crate::prediction::section(&recs);
+        assert!(md.contains("| auto: 20/0/100/0/100/0 | 4x1 |"), "{md}");
+        assert!(md.contains("+20.0%") && md.contains("-10.0%"), "{md}");
+        assert!(md.contains("Median |error| over 2 case(s): 15.0%"), "{md}");
+        // auto ran faster steps than the hand policy: its ratio is over 1
+        assert!(md.contains(&format!("ratio {:.3}", ta / t)), "{md}");
+        assert!(crate::prediction::section(&recs[..0]).is_empty());
+    }
+
     fn rec(
         model: &str,
         fw: &str,
